@@ -1,0 +1,161 @@
+"""Benchmarks of the suite's hot paths: ``python -m benchmarks [--quick]``.
+
+(a) preprocessing (decode + reorient + window + resize + write the cache) against a plain nibabel
+    decode of the same files, one process each; target at most 1.3x.
+(b) cached random-slice loading through the training Dataset (no augmentation), one worker;
+    target at least 10,000 slices/s.
+(c) the baseline LightningModule's train step under a Lightning Trainer against a plain PyTorch
+    loop with the same model, batches, optimizer and scheduler; target at most 1.05x.
+
+Ratios are measured within one run, alternating the two sides and keeping each side's best
+repeat, because these machines are noisy. The last line printed is a JSON object of the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from datamodules.cache import CachedVolume, PreprocessSettings, build_cache
+from datamodules.dataset import SliceDataset
+from datamodules.nifti import discover
+from datamodules.phantom import write_phantom_dataset
+from lightning_modules import BaselineUNet
+
+
+def best_of(repeats: int, *functions) -> list[float]:
+    """Run the functions alternately ``repeats`` times; the best wall time of each."""
+    best = [float("inf")] * len(functions)
+    for _ in range(repeats):
+        for i, function in enumerate(functions):
+            start = time.perf_counter()
+            function()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
+
+
+def bench_preprocess(root: Path, work: Path, repeats: int) -> dict:
+    pairs = discover(root)
+    settings = PreprocessSettings(image_size=256)
+
+    def decode():
+        for files in pairs:
+            np.asanyarray(nib.load(files.image).dataobj)
+            np.asanyarray(nib.load(files.label).dataobj)
+
+    def preprocess():
+        shutil.rmtree(work / "cache", ignore_errors=True)
+        build_cache(pairs, work / "cache", settings, workers=1, progress=False)
+
+    decode_s, preprocess_s = best_of(repeats, decode, preprocess)
+    return {"volumes": len(pairs), "decode_s": decode_s, "preprocess_s": preprocess_s, "ratio": preprocess_s / decode_s}
+
+
+def bench_loading(work: Path, samples: int) -> dict:
+    volumes = [CachedVolume(entry) for entry in sorted((work / "cache").iterdir())]
+    dataset = SliceDataset(volumes, range(len(volumes)), [np.arange(v.num_slices) for v in volumes])
+    order = np.random.default_rng(0).integers(0, len(dataset), samples)
+    for i in order[:200]:  # open the memory maps and warm the page cache, as a worker does after its first batch
+        dataset[i]
+    start = time.perf_counter()
+    for i in order:
+        dataset[i]
+    elapsed = time.perf_counter() - start
+    return {"samples": samples, "seconds": elapsed, "slices_per_s": samples / elapsed}
+
+
+class StepTimer(pl.Callback):
+    """Wall time from the start of batch ``skip`` to the end of the last batch (loop overhead included)."""
+
+    def __init__(self, skip: int):
+        self.skip, self.start, self.end = skip, None, None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx == self.skip:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.end = time.perf_counter()
+
+
+def bench_train_step(steps: int, warmup: int, batch_size: int, size: int, repeats: int) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(steps + warmup):
+        image = torch.rand(batch_size, 1, size, size, generator=generator)
+        batches.append({"image": image, "mask": (image > 0.6).float()})
+
+    def make_module():
+        torch.manual_seed(0)
+        return BaselineUNet(lr=1e-3, scheduler="cosine_warm_restarts", restart_period=1)
+
+    def plain_loop():
+        module = make_module()
+        optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=len(batches))
+        module.train()
+        for index, batch in enumerate(batches):
+            if index == warmup:
+                start = time.perf_counter()
+            loss = module.dice_loss(module(batch["image"])["seg"], batch["mask"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        return time.perf_counter() - start
+
+    def lightning_loop():
+        timer = StepTimer(warmup)
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[timer],
+        )
+        trainer.fit(make_module(), train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+        return timer.end - timer.start
+
+    plain, lightning = float("inf"), float("inf")
+    for _ in range(repeats):
+        plain = min(plain, plain_loop())
+        lightning = min(lightning, lightning_loop())
+    return {"steps": steps, "batch": f"{batch_size}x1x{size}x{size}", "plain_s": plain, "lightning_s": lightning, "ratio": lightning / plain}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller data and fewer repeats (a smoke run, noisier)")
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        shape = (256, 256, 16) if args.quick else (512, 512, 48)
+        write_phantom_dataset(work / "data", volumes=2 if args.quick else 4, seed=0, shape=shape, spacing=(0.8, 0.8, 2.5))
+        pre = bench_preprocess(work / "data", work, repeats=1 if args.quick else 3)
+        load = bench_loading(work, samples=2000 if args.quick else 20000)
+    step = bench_train_step(steps=3 if args.quick else 12, warmup=2, batch_size=6, size=128 if args.quick else 256, repeats=1 if args.quick else 2)
+
+    rows = [
+        ("(a) preprocess vs plain decode", f"{pre['volumes']} vols {shape[0]}x{shape[1]}x{shape[2]}", f"{pre['preprocess_s']:.2f} s vs {pre['decode_s']:.2f} s", f"{pre['ratio']:.2f}x", "<= 1.3x"),
+        ("(b) cached random slices", f"{load['samples']} samples, 1 worker", f"{load['slices_per_s']:,.0f} slices/s", "", ">= 10,000/s"),
+        ("(c) Lightning step vs plain loop", f"{step['steps']} steps of {step['batch']}", f"{step['lightning_s']:.2f} s vs {step['plain_s']:.2f} s", f"{step['ratio']:.3f}x", "<= 1.05x"),
+    ]
+    print(f"\n{'benchmark':34s} {'workload':30s} {'measured':24s} {'ratio':8s} target")
+    for row in rows:
+        print(f"{row[0]:34s} {row[1]:30s} {row[2]:24s} {row[3]:8s} {row[4]}")
+    print(json.dumps({
+        "preprocess_vs_decode": round(pre["ratio"], 3),
+        "cached_slices_per_s": round(load["slices_per_s"], 1),
+        "step_vs_plain_loop": round(step["ratio"], 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()

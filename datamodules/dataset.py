@@ -1,0 +1,108 @@
+"""Axial-slice dataset over cached volumes, and the training augmentation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from monai import transforms as mt
+from torch.utils.data import Dataset
+
+from .cache import CachedVolume
+
+# Target name -> the label-map channels it produces. LiTS lesions lie inside the liver, so liver = labels 1 and 2.
+TARGETS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], ...]] = {
+    "liver": (lambda labels: labels >= 1,),
+    "lesion": (lambda labels: labels == 2,),
+    "both": (lambda labels: labels >= 1, lambda labels: labels == 2),
+}
+
+
+def target_channels(labels: np.ndarray, target: str) -> np.ndarray:
+    """Label map (..., H, W) in {0, 1, 2} -> bool target mask (C, ..., H, W) for ``target``."""
+    return np.stack([channel(labels) for channel in TARGETS[target]])
+
+
+def training_augmentation(flip_prob: float = 0.5, rotate_degrees: float = 15.0, zoom_range: Sequence[float] = (0.9, 1.1), prob: float = 0.5) -> mt.Compose:
+    """Random flips, rotation and zoom in the axial plane (the mask-mining paper), applied to image and mask together."""
+    keys = ("image", "mask")
+    return mt.Compose(
+        [
+            mt.RandFlipd(keys, prob=flip_prob, spatial_axis=0),
+            mt.RandFlipd(keys, prob=flip_prob, spatial_axis=1),
+            mt.RandRotated(keys, range_x=math.radians(rotate_degrees), prob=prob, mode=("bilinear", "nearest"), padding_mode="border"),
+            mt.RandZoomd(keys, min_zoom=zoom_range[0], max_zoom=zoom_range[1], prob=prob, mode=("bilinear", "nearest"), padding_mode="edge"),
+        ]
+    ).set_random_state(seed=0)
+
+
+class SliceDataset(Dataset):
+    """One sample per (volume, axial slice).
+
+    Each sample is a dict:
+
+    ================  ====================  ===============================================
+    key               value                 meaning
+    ================  ====================  ===============================================
+    ``image``         float32 (K, S, S)     the slice and ``context_slices`` on each side
+    ``mask``          float32 (C, S, S)     target mask(s), 0/1
+    ``label``         float32 ()            slice class: 1 if the mask has foreground
+    ``volume_index``  int64 ()              index of the volume in the data module
+    ``slice_index``   int64 ()              axial index in the volume
+    ``volume``        str                   volume id
+    ================  ====================  ===============================================
+
+    K = 2 * context_slices + 1; neighbours beyond the volume's ends repeat the edge slice.
+    """
+
+    def __init__(
+        self,
+        volumes: Sequence[CachedVolume],
+        volume_indices: Sequence[int],
+        slices: Sequence[np.ndarray],
+        target: str = "liver",
+        context_slices: int = 0,
+        transform: Callable | None = None,
+    ):
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
+        self.volumes = list(volumes)
+        self.volume_indices = list(volume_indices)
+        self.index = np.concatenate(
+            [np.stack([np.full(len(s), position), np.asarray(s)], 1) for position, s in enumerate(slices)] or [np.zeros((0, 2))]
+        ).astype(np.int64)
+        self.target = target
+        self.context_slices = context_slices
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def slice_labels(self) -> np.ndarray:
+        """Class label of every sample before augmentation (for balanced sampling), without reading images."""
+        return np.array(
+            [bool(target_channels(self.volumes[p].label[z], self.target).any()) for p, z in self.index], dtype=bool
+        )
+
+    def __getitem__(self, i: int) -> dict:
+        position, z = self.index[i]
+        volume = self.volumes[position]
+        if self.context_slices:
+            neighbours = np.clip(np.arange(z - self.context_slices, z + self.context_slices + 1), 0, volume.num_slices - 1)
+            image = volume.image[neighbours]
+        else:
+            image = volume.image[z : z + 1]
+        sample = {
+            "image": torch.from_numpy(image.astype(np.float32)),
+            "mask": torch.from_numpy(target_channels(volume.label[z], self.target).astype(np.float32)),
+        }
+        if self.transform is not None:
+            sample = self.transform(sample)
+            sample = {k: torch.as_tensor(v).as_subclass(torch.Tensor) for k, v in sample.items()}
+        sample["label"] = (sample["mask"] > 0.5).any().float()
+        sample["volume_index"] = self.volume_indices[position]
+        sample["slice_index"] = int(z)
+        sample["volume"] = volume.volume_id
+        return sample

@@ -1,0 +1,246 @@
+"""Synthetic, deterministic, LiTS-like abdominal CT phantom: the embedded default dataset.
+
+Every command of the suite can run on a fresh machine without downloads: ``write_phantom_dataset``
+writes ``volume-<i>.nii.gz`` / ``segmentation-<i>.nii.gz`` pairs that look like LiTS on disk.
+
+Conventions
+-----------
+``make_phantom_volume`` returns arrays in nibabel's canonical RAS+ voxel frame: saved with a positive
+diagonal affine, ``nib.as_closest_canonical`` leaves them unchanged. In RAS+ (nibabel's
+``ornt2axcodes``: default labels ``(('L','R'), ('P','A'), ('I','S'))`` name the negative and positive
+end of each axis) world +x points to the patient's Right, +y Anterior, +z Superior. Hence the liver
+(patient's right) lies at HIGH axis-0 indices, the spleen at low ones, the spine at low axis-1 indices
+and the top slices (high axis-2 index) are superior. The real LiTS-layout sample in tests/data agrees.
+On disk the arrays are stored flipped along x and y with an LPS affine (``aff2axcodes`` == L, P, S),
+as many LiTS files are; a loader that reorients with ``as_closest_canonical`` recovers them exactly.
+
+Anatomy model
+-------------
+Anatomy is specified in mm for the reference field of view 384 x 384 x 240 mm (the default shape
+times the default spacing) and scaled to the actual field of view, so small test volumes still show
+the whole abdomen; spacing only enters the affine. Structures are analytic shapes on a coordinate
+grid (elliptic cylinders, ellipsoids) whose boundaries are perturbed by smooth random fields, painted
+in order: air, body (subcutaneous fat, muscle wall, bowel-like interior with fat and gas pockets),
+paraspinal and psoas muscles, vertebra, ribs, aorta/IVC, kidneys in perirenal fat, stomach, spleen,
+liver, hypodense lesions. Spleen, kidneys, vessels and muscle share the liver's HU range, so a HU
+window alone cannot segment the liver (best window Dice ~0.4-0.6); position and shape can.
+Finally CT-like noise is added and the image is slightly blurred in-plane (partial volume, noise
+correlation). The label is exactly liver (1) and lesions (2), as in LiTS.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+PHANTOM_VERSION = 1
+
+_REF_FOV_MM = (384.0, 384.0, 240.0)
+AIR, FAT, GAS = -1000.0, -100.0, -900.0
+_BLUR_SIGMA = (0.6, 0.6, 0.0)  # in-plane voxels; CT reconstruction kernels blur in-plane only
+
+
+def _axes(shape):
+    """Voxel-centre coordinates (reference mm, FOV-centred) as broadcastable (X,1,1), (1,Y,1), (1,1,Z)."""
+    out = []
+    for axis, (n, fov) in enumerate(zip(shape, _REF_FOV_MM)):
+        c = ((np.arange(n) + 0.5) / n - 0.5) * fov
+        out.append(c.astype(np.float32).reshape([-1 if a == axis else 1 for a in range(3)]))
+    return out
+
+
+def _smooth_field(rng, shape, cells, width=0.7):
+    """Unit-variance smooth random field: white noise on a coarse grid of ``cells`` interpolated with
+    separable Gaussian kernels. Three small matrix products, far cheaper than a full-size gaussian_filter."""
+    field = rng.standard_normal(cells).astype(np.float32)
+    for axis, (n, c) in enumerate(zip(shape, cells)):
+        t = (np.arange(n) + 0.5) / n * c - 0.5
+        w = np.exp(-0.5 * ((t[:, None] - np.arange(c)[None, :]) / width) ** 2)
+        w /= np.sqrt((w**2).sum(1, keepdims=True))  # unit variance everywhere, borders included
+        field = np.moveaxis(np.tensordot(w.astype(np.float32), field, axes=(1, axis)), 0, axis)
+    return np.ascontiguousarray(field)
+
+
+def _ellipse(x, y, centre, radii, z=None):
+    """Normalised radius (< 1 inside) of an ellipse / elliptic cylinder, or of an ellipsoid when z is given."""
+    r2 = ((x - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2
+    if z is not None:
+        r2 = r2 + ((z - centre[2]) / radii[2]) ** 2
+    return np.sqrt(r2)
+
+
+def _noise_std_after_blur():
+    """Factor by which the in-plane blur shrinks white noise's standard deviation."""
+    delta = np.zeros(31)
+    delta[15] = 1.0
+    k = ndimage.gaussian_filter1d(delta, _BLUR_SIGMA[0])
+    return float(np.sum(k**2))  # per axis sqrt(sum k^2); two blurred axes
+
+
+def make_phantom_volume(seed: int, shape: tuple[int, int, int] = (192, 192, 48),
+                        spacing: tuple[float, float, float] = (2.0, 2.0, 5.0)) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(hu, label)`` in the canonical RAS+ voxel frame (axis 0 -> patient's Right, axis 1 ->
+    Anterior, axis 2 -> Superior). ``hu`` is int16 Hounsfield units, ``label`` uint8 (0 background,
+    1 liver, 2 lesion inside the liver). Deterministic per ``seed``. ``spacing`` does not change the
+    anatomy (it is scaled to the field of view); it is accepted for API symmetry with the writer."""
+    del spacing
+    rng = np.random.default_rng(seed)
+    u = rng.uniform
+    shape = tuple(int(n) for n in shape)
+    x, y, z = _axes(shape)
+    hu = np.full(shape, AIR, np.float32)
+    paint = lambda mask, value: np.copyto(hu, value, where=mask)  # noqa: E731 - broadcasts both
+
+    # Body: elliptic cylinder whose semi-axes vary slowly along z; fat rim, muscle wall, cavity.
+    bx, by, ax0, ay0 = u(-8, 8), u(-15, 5), u(150, 170), u(110, 130)
+    ax = ax0 * (1 + 0.04 * np.sin(z / u(50, 80) + u(0, 6.3)))
+    ay = ay0 * (1 + 0.04 * np.sin(z / u(50, 80) + u(0, 6.3)))
+    depth = (1 - _ellipse(x, y, (bx, by), (ax, ay))) * np.sqrt(ax * ay)  # ~ mm under the skin
+    fat_mm, wall_mm = u(12, 28), u(8, 14)
+    paint(depth > 0, FAT + u(-10, 10))
+    paint(depth > fat_mm, u(40, 50))
+    cavity = depth > fat_mm + wall_mm
+
+    # Interior: mottled soft tissue / bowel with mesenteric fat pockets and scattered gas.
+    soft = u(15, 30) + 12 * _smooth_field(rng, shape, (20, 20, 10))
+    np.copyto(soft, FAT, where=_smooth_field(rng, shape, (14, 14, 8)) > 1.0)
+    np.copyto(soft, GAS, where=_smooth_field(rng, shape, (24, 24, 10)) > 2.3)
+    paint(cavity, soft)
+    del soft
+    organ_shape = np.clip(_smooth_field(rng, shape, (8, 8, 6)), -2, 2)  # perturbs organ boundaries
+    texture = np.clip(_smooth_field(rng, shape, (16, 16, 8)), -2.5, 2.5)  # organ parenchyma texture
+
+    # Spine and back muscles (constant along z); vertebral body centre ~70 mm in front of the back skin.
+    vx, vy, vrx, vry = bx, by - ay0 + u(65, 80), u(20, 24), u(16, 19)
+    canal_y = vy - vry - 8
+    for side in (-1, 1):
+        paint((_ellipse(x, y, (vx + side * 35, canal_y - 15), (28, 22)) < 1) & (depth > fat_mm / 2), u(45, 55))
+        psoas_r = 6 + 16 * np.clip(-z / 120 + 0.3, 0, 1)  # psoas thickens inferiorly
+        paint(_ellipse(x, y, (vx + side * (vrx + psoas_r * 0.8), vy + 5), (psoas_r, psoas_r)) < 1, u(40, 50))
+    body = _ellipse(x, y, (vx, vy), (vrx, vry))
+    paint(body < 1, u(250, 350))  # cancellous bone
+    paint((body < 1) & (body > 0.87), u(600, 700))  # cortical shell
+    canal = _ellipse(x, y, (vx, canal_y), (8, 8))
+    arch = (_ellipse(x, y, (vx, canal_y), (16, 14)) < 1) & (y < vy - vry)
+    paint(arch | (_ellipse(x, y, (vx, canal_y - 25), (5, 14)) < 1), u(450, 600))
+    paint(canal < 1, u(5, 20))
+
+    # Ribs: intermittent bright arcs just inside the muscle wall over the upper abdomen.
+    angle = np.arctan2(y - by, x - bx)
+    liver_z = u(0, 20)
+    ribs = (np.abs(depth - fat_mm - wall_mm * 0.5) < 4) & (np.sin(7 * angle + z / 12) > 0.55)
+    paint(ribs & (np.abs(angle - np.pi / 2) > 0.6) & (z > liver_z - 40), u(400, 600))  # gap at the front midline
+
+    # Great vessels in front of the spine: aorta (patient's left), IVC (right). Unenhanced, ~40-60 HU.
+    paint(_ellipse(x, y, (vx - u(12, 20), vy + vry + 14), (12, 12)) < 1, u(40, 60))
+    paint(_ellipse(x, y, (vx + u(18, 26), vy + vry + 12), (13, 10)) < 1, u(40, 55))
+
+    # Kidneys in perirenal fat, posterior either side of the spine; the right one sits lower.
+    kz_right = u(-65, -40)
+    for side, kz in ((1, kz_right), (-1, kz_right + u(10, 25))):
+        c, r = (vx + side * u(60, 72), vy + u(0, 10), kz), (u(26, 32), u(22, 27), u(50, 60))
+        paint(_ellipse(x, y, c, [1.35 * v for v in r], z) < 1 + 0.1 * organ_shape, FAT)
+        paint(_ellipse(x, y, c, r, z) < 1 + 0.05 * organ_shape, u(30, 50) + 5 * texture)
+        sinus = (c[0] - side * 0.45 * r[0], c[1] + 3, kz)  # renal sinus opens medially
+        paint(_ellipse(x, y, sinus, [0.4 * v for v in r], z) < 1, u(-80, -40))
+
+    # Stomach (left, anterior, upper): fluid with a wall and an anterior gas cap (patient is supine).
+    sc, sr = (bx - u(40, 60), by + u(25, 45), liver_z + u(10, 30)), (u(40, 55), u(30, 40), u(40, 55))
+    stomach = _ellipse(x, y, sc, sr, z) / (1 + 0.1 * organ_shape)
+    paint(stomach < 1, u(35, 45))
+    paint(stomach < 0.88, u(10, 20))
+    paint((stomach < 0.88) & (y > sc[1] + 0.45 * sr[1]), GAS)
+    del stomach
+
+    # Spleen: left posterolateral, overlapping the upper liver's z range.
+    spc = (bx - ax0 + u(50, 65), by - u(15, 40), liver_z + u(20, 40))
+    spleen = _ellipse(x, y, spc, (u(22, 30), u(45, 60), u(45, 60)), z) < 1 + 0.15 * organ_shape
+    paint(spleen & cavity, u(48, 58) + 4 * texture)
+
+    # Liver: big right lobe plus a thinner left lobe reaching across the midline anteriorly.
+    right = _ellipse(x, y, (bx + u(0.35, 0.5) * ax0, by + u(0.0, 0.15) * ay0, liver_z), (u(80, 95), u(72, 85), u(60, 72)), z)
+    left = _ellipse(x, y, (bx - u(0.0, 0.2) * ax0, by + u(0.35, 0.5) * ay0, liver_z + u(10, 25)), (u(55, 75), u(28, 38), u(35, 45)), z)
+    score = np.minimum(right, left) - 0.15 * organ_shape  # < 1 inside
+    del right, left
+    keep_out = _ellipse(x, y, (vx, vy + 10), (50, 45)) > 1  # spine and aorta stay outside
+    liver = (score < 1) & (depth > fat_mm + wall_mm + 2) & keep_out & (np.abs(z) < 100)
+    liver_hu = u(55, 65)
+    paint(liver, liver_hu + u(6, 10) * texture / 2)
+    label = liver.astype(np.uint8)
+
+    # Lesions: 0-4 hypodense, roughly spherical, centred deep inside the liver.
+    deep = np.flatnonzero(liver & (score < 0.7))
+    for _ in range(int(rng.integers(0, 5)) if deep.size else 0):
+        i, j, k = np.unravel_index(rng.choice(deep), shape)
+        lesion = _ellipse(x, y, (x[i, 0, 0], y[0, j, 0], z[0, 0, k]), [u(5, 20)] * 3, z) < 1 + 0.15 * texture
+        lesion &= liver
+        paint(lesion, liver_hu - u(20, 40) + 3 * texture)
+        label[lesion] = 2
+
+    # CT noise (white, then correlated by the in-plane blur, which also mimics partial volume).
+    sigma = u(10, 15) / _noise_std_after_blur()
+    hu += sigma * rng.standard_normal(shape, dtype=np.float32)
+    hu = ndimage.gaussian_filter(hu, _BLUR_SIGMA, mode="nearest")
+    return np.clip(np.rint(hu), -1024, 3071).astype(np.int16), label
+
+
+def _lps_affine(seed, shape, spacing):
+    """Affine of the LPS-stored arrays (x and y flipped) with a realistic scanner origin."""
+    rng = np.random.default_rng((seed, 1))  # independent stream: the origin never alters the image
+    sx, sy, sz = (float(s) for s in spacing)
+    affine = np.diag([-sx, -sy, sz, 1.0])
+    # Stored voxel (0, 0, 0) is the patient's right-posterior corner, as DICOM LPS origins imply.
+    affine[:3, 3] = (sx * (shape[0] - 1) / 2 + rng.uniform(-20, 20),
+                     sy * (shape[1] - 1) / 2 + rng.uniform(50, 200),
+                     -rng.uniform(300, 700))
+    return affine
+
+
+def _save_atomic(data, affine, spacing, path: pathlib.Path):
+    """Write a NIfTI to a hidden temporary name in the same folder, then os.replace() it into place."""
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    img.header.set_zooms(tuple(float(s) for s in spacing))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.nii.gz")
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_phantom_dataset(out_dir: str | os.PathLike, volumes: int = 12, seed: int = 0,
+                          shape=(192, 192, 48), spacing=(2.0, 2.0, 5.0), progress: bool = False) -> list[pathlib.Path]:
+    """Write volumes as LiTS layout: out_dir/volume-<i>.nii.gz and out_dir/segmentation-<i>.nii.gz, i = 0..volumes-1.
+    Volume i uses seed (seed * 100003 + i) so datasets are deterministic per seed. Returns the list of volume paths.
+    Skips a pair that already exists completely (idempotent); writes each file to a temporary name in out_dir and
+    os.replace()s it into place so a killed run never leaves a half-written .nii.gz under the final name.
+    progress=True shows a tqdm bar."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    indices = range(int(volumes))
+    if progress:
+        from tqdm import tqdm
+
+        indices = tqdm(indices, desc="phantom volumes", unit="vol")
+    paths = []
+    for i in indices:
+        vol_path, seg_path = out / f"volume-{i}.nii.gz", out / f"segmentation-{i}.nii.gz"
+        paths.append(vol_path)
+        if vol_path.is_file() and seg_path.is_file():
+            continue
+        vol_seed = seed * 100003 + i
+        hu, label = make_phantom_volume(vol_seed, shape, spacing)
+        affine = _lps_affine(vol_seed, shape, spacing)
+        # Segmentation first: a pair counts as complete only once its volume exists.
+        _save_atomic(label[::-1, ::-1, :].copy(), affine, spacing, seg_path)
+        _save_atomic(hu[::-1, ::-1, :].copy(), affine, spacing, vol_path)
+    return paths

@@ -1,0 +1,200 @@
+"""The ``lits`` command: LightningCLI over the suite's modules and the LiTS DataModule.
+
+    lits fit --config experiments/quickstart.yaml [--config more.yaml] [--key=value ...]
+    lits validate|test --config ... --ckpt_path RUN/checkpoints/best.ckpt
+    lits preprocess --data.root DIR [--data.cache_dir DIR]
+    lits synth --out DIR [--volumes N --seed S]
+
+Every run gets a folder ``<trainer.default_root_dir>/<name>/version_<n>`` holding ``config.yaml``
+(the resolved config), ``metrics.json`` (the final figures), CSV logs, checkpoints, per-volume
+tables and overlay figures; W&B logs there too (offline without an API key or network).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlparse
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
+
+from datamodules import DataError, LiTSDataModule
+from lightning_modules import BaseTask
+
+RUN_VERSION_ENV = "LITS_RUN_VERSION"  # shared with DDP worker processes, which inherit the environment
+
+
+class LitsTrainer(pl.Trainer):
+    def preprocess(self, model: pl.LightningModule, datamodule: LiTSDataModule) -> None:
+        """Check the data and build the preprocessing cache, without training."""
+        datamodule.prepare_data()
+
+
+class ConfigToLoggers(SaveConfigCallback):
+    """Saves config.yaml in the run folder and sends the whole resolved config to W&B."""
+
+    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.config.update(self.config.clone().as_dict(), allow_val_change=True)
+
+
+def configure_wandb_mode() -> None:
+    """Offline unless an API key and the W&B host are reachable; an explicit WANDB_MODE always wins."""
+    if "WANDB_MODE" in os.environ:
+        return
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in _read(Path.home() / ".netrc")
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    if has_key:
+        try:
+            socket.create_connection((host, 443), timeout=3).close()
+            return
+        except OSError:
+            warnings.warn(f"W&B host {host} unreachable: logging offline (sync later with `wandb sync`)")
+    os.environ["WANDB_MODE"] = "offline"
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def _next_version(folder: Path) -> str:
+    existing = [int(p.name.split("_")[1]) for p in folder.glob("version_*") if p.name.split("_")[1].isdigit()]
+    return f"version_{max(existing, default=-1) + 1}"
+
+
+class LitsCLI(LightningCLI):
+    def __init__(self, args=None, run: bool = True):
+        super().__init__(
+            BaseTask,
+            LiTSDataModule,
+            trainer_class=LitsTrainer,
+            subclass_mode_model=True,
+            save_config_callback=ConfigToLoggers,
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=42,
+            args=args,
+            run=run,
+        )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "preprocess": {"model", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--name", type=Optional[str], default=None, help="Run name (default: the last --config file's name)")
+        parser.add_argument("--wandb_project", type=str, default="lits-suite", help="W&B project")
+
+    # -- run folder and loggers ------------------------------------------------------------------
+    def _run_name(self) -> str:
+        config = self._get(self.config, "config") or []
+        name = self._get(self.config, "name")
+        return name or (Path(str(config[-1])).stem if config else "lits")
+
+    def instantiate_trainer(self, **kwargs) -> pl.Trainer:
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        metric, mode = self.model.monitor
+        self.trainer_defaults["callbacks"] = [
+            ModelCheckpoint(monitor=metric, mode=mode, save_last=True, filename="best", auto_insert_metric_name=False),
+        ]
+        if trainer_config.get("logger") in (None, True):
+            name = self._run_name()
+            root = Path(trainer_config.get("default_root_dir") or "runs")
+            version = os.environ.setdefault(RUN_VERSION_ENV, _next_version(root / name))
+            csv_logger = CSVLogger(root, name=name, version=version)
+            wandb_logger = WandbLogger(
+                project=self._get(self.config, "wandb_project"),
+                name=f"{name}/{version}",
+                group=name,
+                save_dir=csv_logger.log_dir,
+                log_model=False,
+            )
+            kwargs["logger"] = [csv_logger, wandb_logger]
+            self.trainer_defaults["callbacks"].append(LearningRateMonitor())
+            Path(csv_logger.log_dir).mkdir(parents=True, exist_ok=True)
+        return super().instantiate_trainer(**kwargs)
+
+    # -- checks and data before any work ---------------------------------------------------------
+    def _check_and_prepare(self) -> None:
+        data = self.datamodule.hparams
+        model = self.model.hparams
+        expected_in = 2 * data.context_slices + 1
+        if "in_channels" in model and model.in_channels != expected_in:
+            raise DataError(f"--model.init_args.in_channels={model.in_channels} but --data.context_slices={data.context_slices} gives {expected_in} input channels; make them agree")
+        if "out_channels" in model and model.out_channels < self.datamodule.num_target_channels:
+            raise DataError(f"--model.init_args.out_channels={model.out_channels} is too few for --data.target={data.target}; set it to {self.datamodule.num_target_channels}")
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # DDP workers find the cache ready
+            self.datamodule.prepare_data()
+
+    before_fit = before_validate = before_test = _check_and_prepare
+
+    # -- final figures ---------------------------------------------------------------------------
+    def _write_metrics(self, results: dict, **extra) -> None:
+        folder = Path(self.trainer.log_dir)  # a collective call in DDP: every rank makes it
+        if not self.trainer.is_global_zero:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        figures = {k: float(v) for k, v in sorted(results.items())}
+        extra |= {"world_size": self.trainer.world_size}
+        (folder / "metrics.json").write_text(json.dumps({**figures, **extra}, indent=2) + "\n")
+        print(f"\nFinal figures -> {folder / 'metrics.json'}")
+        for key, value in figures.items():
+            print(f"  {key:24s} {value:.4f}")
+
+    def after_fit(self) -> None:
+        if self.trainer.interrupted:
+            return
+        best = self.trainer.checkpoint_callback.best_model_path or None
+        results = self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)[0]
+        if self.datamodule.splits.get("test"):
+            results |= self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)[0]
+        self._write_metrics(results, best_checkpoint=best, epochs=self.trainer.current_epoch)
+
+    def after_validate(self) -> None:
+        self._write_metrics(dict(self.trainer.callback_metrics), checkpoint=self._get(self.config, "ckpt_path"))
+
+    def after_test(self) -> None:
+        self._write_metrics(dict(self.trainer.callback_metrics), checkpoint=self._get(self.config, "ckpt_path"))
+
+
+def synth_main(argv: list[str]) -> None:
+    from datamodules.phantom import write_phantom_dataset
+
+    parser = argparse.ArgumentParser(prog="lits synth", description="Write the synthetic LiTS-like phantom dataset (LiTS layout).")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--volumes", type=int, default=17, help="number of volumes (default 17, CMU-Net's 10/2/5 split)")
+    parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
+    parser.add_argument("--shape", type=int, nargs=3, default=(192, 192, 48), metavar=("X", "Y", "Z"), help="voxels per volume")
+    parser.add_argument("--spacing", type=float, nargs=3, default=(2.0, 2.0, 5.0), metavar=("SX", "SY", "SZ"), help="voxel spacing in mm")
+    args = parser.parse_args(argv)
+    paths = write_phantom_dataset(args.out, args.volumes, args.seed, tuple(args.shape), tuple(args.spacing), progress=True)
+    print(f"wrote {len(paths)} phantom volumes with masks to {args.out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and argv[0] == "synth":
+            synth_main(argv[1:])
+            return
+        configure_wandb_mode()
+        LitsCLI(args=None if argv is sys.argv[1:] or argv == sys.argv[1:] else argv)
+    except DataError as error:
+        print(f"lits: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

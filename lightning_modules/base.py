@@ -1,0 +1,108 @@
+"""BaseTask: the one LightningModule that owns steps, logging and optimisation (torchgeo's BaseTask pattern).
+
+A training strategy is a subclass that overrides small hooks:
+
+==========================  ============================================================
+hook                        responsibility
+==========================  ============================================================
+``configure_models``        build ``self.model`` (the suite's one ``UNet`` backbone)
+``configure_losses``        build the loss modules
+``configure_metrics``       build the metric collectors (torchmetrics, DDP-safe)
+``compute_losses``          model outputs + batch -> dict of loss terms with ``"loss"``
+``update_metrics``          feed one evaluation batch to the collectors
+``compute_metrics``         epoch end: collectors -> dict of figures (``{stage}/{name}``)
+==========================  ============================================================
+
+``__init__`` signatures of the subclasses are the experiment config schema (LightningCLI): every
+hyperparameter is a primitive, saved once here by ``save_hyperparameters`` so that
+``load_from_checkpoint`` rebuilds the model.
+"""
+
+from __future__ import annotations
+
+import torch
+import pytorch_lightning as pl
+from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts, StepLR
+
+SCHEDULERS = ("cosine_warm_restarts", "step", "none")
+
+
+class BaseTask(pl.LightningModule):
+    #: metric and mode that select the best checkpoint
+    monitor: tuple[str, str] = ("val/loss", "min")
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Collects the arguments of the subclass's __init__ (all hyperparameters live there).
+        self.save_hyperparameters()
+        if self.hparams.get("scheduler", "none") not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.hparams.scheduler!r}")
+        self.configure_models()
+        self.configure_losses()
+        self.configure_metrics()
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def configure_models(self) -> None:
+        raise NotImplementedError
+
+    def configure_losses(self) -> None:
+        raise NotImplementedError
+
+    def configure_metrics(self) -> None:
+        pass
+
+    def compute_losses(self, outputs: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def update_metrics(self, stage: str, outputs: dict[str, torch.Tensor], batch: dict) -> None:
+        pass
+
+    def compute_metrics(self, stage: str) -> dict[str, float]:
+        return {}
+
+    # -- steps -----------------------------------------------------------------------------------
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model(image)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        losses = self.compute_losses(self(batch["image"]), batch)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(batch["image"]))
+        return losses["loss"]
+
+    def _evaluation_step(self, batch: dict, stage: str) -> None:
+        outputs = self(batch["image"])
+        losses = self.compute_losses(outputs, batch)
+        self.log_dict({f"{stage}/{k}": v for k, v in losses.items()}, sync_dist=True, batch_size=len(batch["image"]))
+        self.update_metrics(stage, outputs, batch)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluation_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluation_step(batch, "test")
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        # Figures are computed from states already gathered over ranks, so every rank holds the same value.
+        self.log_dict(self.compute_metrics(stage), prog_bar=stage == "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
+
+    # -- optimisation ------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        h = self.hparams
+        optimizer = torch.optim.Adam(self.parameters(), lr=h.lr, weight_decay=h.weight_decay)
+        if h.scheduler == "none":
+            return optimizer
+        if h.scheduler == "step":
+            scheduler = {"scheduler": StepLR(optimizer, step_size=h.step_size, gamma=h.step_gamma), "interval": "epoch"}
+        else:
+            # Stepped per batch so the cosine is smooth; one period = restart_period epochs.
+            epochs = max(1, self.trainer.max_epochs or 1)
+            steps_per_epoch = max(1, int(self.trainer.estimated_stepping_batches) // epochs)
+            period = max(1, h.restart_period * steps_per_epoch)
+            scheduler = {"scheduler": CosineAnnealingWarmRestarts(optimizer, T_0=period, eta_min=h.min_lr), "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}

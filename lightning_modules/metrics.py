@@ -1,0 +1,276 @@
+"""Segmentation metrics: per-slice and per-volume Dice and Hausdorff distance, DDP-safe slice collection.
+
+Conventions (all figures the suite reports follow them):
+
+* Masks are binary and channel-first, ``C`` target channels (``C=1`` liver or lesion, ``C=2`` liver+lesion).
+  Every metric is computed per channel, then averaged over the channels (unweighted).
+* Dice is MONAI's ``compute_dice`` (``include_background=True``, ``ignore_empty=False``):
+  ``2|P & T| / (|P| + |T|)``; prediction and target both empty -> 1.0; exactly one empty -> 0.0.
+* Hausdorff is MONAI's ``compute_hausdorff_distance`` with its defaults: euclidean distance between the
+  mask edges (``mask XOR binary_erosion(mask)``, computed on the masks' cropped bounding box), symmetric
+  (``directed=False``). The ``p``-th percentile variant (hd95) is MONAI's: the percentile of each
+  direction's surface distances (``torch.quantile``, linear interpolation), then the max of both directions.
+  Empty masks, where MONAI returns NaN or inf, are handled here and never reach MONAI:
+  both empty -> 0.0; exactly one empty -> the diagonal of the field of view, the worst distance possible
+  inside the image: ``sqrt(H^2 + W^2)`` pixels for a slice (spacing 1), and
+  ``sqrt((Z*sz)^2 + (H*sy)^2 + (W*sx)^2)`` mm for a (C, Z, H, W) volume of spacing ``(sz, sy, sx)``,
+  where ``Z`` counts the slices compared. No NaN or inf ever reaches an aggregate.
+* Slice metrics are taken at the training resolution on ``probs >= threshold``. For volumes, the slice
+  probabilities are stored quantised to uint8 (``round(255 p)``, error <= 0.5/255; at threshold 0.5 it
+  flips no training-resolution pixel: ``p >= 0.5`` <=> ``round(255 p) >= 128``), upsampled in-plane to
+  the original resolution by bilinear interpolation (``align_corners=False``), thresholded (``>=``),
+  reduced to their largest 3D connected component on chosen channels, and compared in mm with the
+  evaluated slices of the ground truth.
+  The evaluated slices are stacked as if adjacent: z-distances are exact only for contiguous slices
+  (a warning is issued otherwise).
+* Largest connected component: 26-connectivity (MONAI's default for 3D, full connectivity) via
+  ``scipy.ndimage.label``; MONAI's ``get_largest_connected_component_mask`` needs scikit-image, which is not
+  a dependency of the suite. Ties between equally large components keep the first in raster order.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.metrics import compute_dice, compute_hausdorff_distance
+from scipy import ndimage
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+RECORD_KEYS = ("volume_index", "slice_index", "dice", "hausdorff_px", "probs_u8")
+VOLUME_KEYS = ("dice_volume", "hd95_volume_mm", "hd_volume_mm")
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _as_bool_tensor(mask: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """CPU bool tensor; refuses label maps (values other than 0/1) rather than silently merging labels."""
+    if isinstance(mask, np.ndarray):
+        mask = np.ascontiguousarray(mask)  # torch refuses negative strides (e.g. flipped NIfTI arrays)
+    tensor = torch.as_tensor(mask).detach().cpu()
+    if tensor.dtype != torch.bool:
+        if not bool(((tensor == 0) | (tensor == 1)).all()):
+            raise ValueError("binary masks must be bool or contain only 0 and 1")
+        tensor = tensor != 0
+    return tensor
+
+
+def _dice_per_channel(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, C, ...) bool -> (B, C) Dice; ``ignore_empty=False`` gives exactly the empty-mask convention."""
+    return compute_dice(pred, target, include_background=True, ignore_empty=False).float()
+
+
+def _hausdorff(
+    pred: torch.Tensor, target: torch.Tensor, diagonal: float, spacing: list[float] | None, percentile: float | None
+) -> float:
+    """Hausdorff between two bool spatial masks (one channel), with the empty-mask convention."""
+    pred_any, target_any = bool(pred.any()), bool(target.any())
+    if not pred_any and not target_any:
+        return 0.0
+    if pred_any != target_any:
+        return diagonal
+    with warnings.catch_warnings():
+        # MONAI 1.5+ passes its own deprecated `always_return_as_numpy` internally; harmless, only noise.
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+        # include_background=True: MONAI would otherwise drop our (only) channel 0.
+        hd = compute_hausdorff_distance(
+            pred[None, None], target[None, None], include_background=True, percentile=percentile, spacing=spacing
+        )
+    return float(hd)
+
+
+def _check_pair(pred: torch.Tensor, target: torch.Tensor, ndim: int) -> None:
+    if pred.shape != target.shape or pred.ndim != ndim:
+        raise ValueError(f"expected pred and target of the same {ndim}-D shape, got {pred.shape}, {target.shape}")
+
+
+# -- public functions ------------------------------------------------------------------------------
+def slice_dice_hausdorff(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-slice Dice and Hausdorff (100th percentile, pixels), each averaged over channels.
+
+    Args:
+        pred, target: bool (B, C, H, W).
+    Returns:
+        ``(dice, hausdorff_px)``, float32 (B,) on ``pred``'s device.
+    """
+    device = pred.device
+    pred, target = _as_bool_tensor(pred), _as_bool_tensor(target)  # MONAI's CPU path (KD-tree) is exact
+    _check_pair(pred, target, 4)
+    batch, channels, height, width = pred.shape
+    diagonal = math.hypot(height, width)
+    dice = _dice_per_channel(pred, target).mean(dim=1)
+    hd = torch.tensor(
+        [[_hausdorff(pred[b, c], target[b, c], diagonal, None, None) for c in range(channels)] for b in range(batch)],
+        dtype=torch.float32,
+    ).reshape(batch, channels)
+    return dice.to(device), hd.mean(dim=1).to(device)
+
+
+def volume_dice_hausdorff(
+    pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray, spacing: tuple[float, float, float]
+) -> dict[str, float]:
+    """Dice, hd95 and Hausdorff (mm) of bool (C, Z, H, W) masks of spacing ``(sz, sy, sx)`` mm.
+
+    Returns ``{'dice_volume', 'hd95_volume_mm', 'hd_volume_mm'}``, each averaged over channels.
+    """
+    pred, target = _as_bool_tensor(pred), _as_bool_tensor(target)
+    _check_pair(pred, target, 4)
+    spacing = [float(s) for s in spacing]
+    if len(spacing) != 3:
+        raise ValueError(f"spacing must be (sz, sy, sx), got {spacing}")
+    diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(pred.shape[1:], spacing)))
+    channels = range(pred.shape[0])
+    return {
+        "dice_volume": float(_dice_per_channel(pred[None], target[None]).mean()),
+        "hd95_volume_mm": float(np.mean([_hausdorff(pred[c], target[c], diagonal, spacing, 95) for c in channels])),
+        "hd_volume_mm": float(np.mean([_hausdorff(pred[c], target[c], diagonal, spacing, None) for c in channels])),
+    }
+
+
+def _largest_component_3d(mask: np.ndarray) -> np.ndarray:
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))  # 26-connectivity
+    if count <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0  # background
+    return labels == int(np.argmax(sizes))  # argmax: first (raster order) of equally large components
+
+
+def largest_connected_component(mask: torch.Tensor | np.ndarray, channels: Sequence[int]) -> torch.Tensor | np.ndarray:
+    """Keep only the largest 3D connected component of the listed channels of a bool (C, Z, H, W) mask.
+
+    Other channels are untouched; an empty channel stays empty. Returns the input's type (and device).
+    """
+    is_tensor = isinstance(mask, torch.Tensor)
+    array = mask.detach().cpu().numpy() if is_tensor else np.asarray(mask)
+    if array.ndim != 4:
+        raise ValueError(f"expected a (C, Z, H, W) mask, got shape {array.shape}")
+    out = array.astype(bool, copy=True)
+    for c in channels:
+        out[c] = _largest_component_3d(out[c])
+    return torch.from_numpy(out).to(mask.device) if is_tensor else out
+
+
+# -- DDP-safe slice collection ---------------------------------------------------------------------
+class SliceRecords(Metric):
+    """Per evaluated slice: volume index, slice index, Dice, Hausdorff (px) and the foreground probabilities
+    quantised to uint8 at the training resolution, so volumes can be reassembled after the epoch even when a
+    volume's slices were spread over DDP ranks. States are lists gathered with ``dist_reduce_fx='cat'``.
+
+    Under DDP every rank must call ``update`` at least once before ``compute`` (Lightning's
+    DistributedSampler guarantees it by padding): torchmetrics replaces an empty rank's state by a 1-D
+    float tensor, which cannot be concatenated with the others.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for key in RECORD_KEYS:
+            self.add_state(key, default=[], dist_reduce_fx="cat")
+
+    def update(
+        self,
+        probs: torch.Tensor,
+        target: torch.Tensor,
+        volume_index: torch.Tensor,
+        slice_index: torch.Tensor,
+        threshold: float = 0.5,
+    ) -> None:
+        """probs float (B, C, H, W) in [0, 1]; target bool or {0, 1} (B, C, H, W); indices long (B,)."""
+        probs = probs.detach()
+        if probs.ndim != 4 or not bool(((probs >= 0) & (probs <= 1)).all()):
+            raise ValueError("probs must be (B, C, H, W) probabilities in [0, 1] (not logits, no NaN)")
+        volume_index, slice_index = torch.as_tensor(volume_index).reshape(-1), torch.as_tensor(slice_index).reshape(-1)
+        if not len(volume_index) == len(slice_index) == len(probs):
+            raise ValueError("volume_index and slice_index must give one index per slice of the batch")
+        dice, hd = slice_dice_hausdorff(probs >= threshold, _as_bool_tensor(target))
+        device = probs.device  # states live on the metric's device so NCCL can gather them
+        self.volume_index.append(volume_index.to(device=device, dtype=torch.long))
+        self.slice_index.append(slice_index.to(device=device, dtype=torch.long))
+        self.dice.append(dice.to(device))
+        self.hausdorff_px.append(hd.to(device))
+        self.probs_u8.append(torch.round(probs.float() * 255).to(torch.uint8))
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """Records sorted by (volume_index, slice_index), one per slice (DistributedSampler padding repeats
+        samples). With no records, empty tensors (``probs_u8`` of shape (0, 0, 0, 0))."""
+        if isinstance(self.volume_index, list) and len(self.volume_index) == 0:
+            empty = {key: torch.zeros(0, dtype=torch.long, device=self.device) for key in RECORD_KEYS[:2]}
+            empty |= {key: torch.zeros(0, dtype=torch.float32, device=self.device) for key in RECORD_KEYS[2:4]}
+            return empty | {"probs_u8": torch.zeros((0, 0, 0, 0), dtype=torch.uint8, device=self.device)}
+        records = {key: dim_zero_cat(getattr(self, key)) for key in RECORD_KEYS}
+        volumes, slices = records["volume_index"], records["slice_index"]
+        if not all(len(v) == len(volumes) for v in records.values()):
+            raise RuntimeError("SliceRecords states have inconsistent lengths")
+        # Lexicographic sort with two stable sorts; the first of duplicate slices is kept (they are identical
+        # predictions of the same sample).
+        order = torch.argsort(slices, stable=True)
+        order = order[torch.argsort(volumes[order], stable=True)]
+        v, s = volumes[order], slices[order]
+        first = torch.ones_like(v, dtype=torch.bool)
+        first[1:] = (v[1:] != v[:-1]) | (s[1:] != s[:-1])
+        keep = order[first]
+        return {key: value[keep] for key, value in records.items()}
+
+
+# -- epoch summaries -------------------------------------------------------------------------------
+def summarize_slices(records: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean Dice and Hausdorff (px) over the slices of ``SliceRecords.compute()``."""
+    if len(records["dice"]) == 0:
+        raise ValueError("no slice records to summarise")
+    return {
+        "dice_slice": float(records["dice"].double().mean()),
+        "hd_slice_px": float(records["hausdorff_px"].double().mean()),
+    }
+
+
+def _reassemble(probs_u8: torch.Tensor, size: tuple[int, int], threshold: float) -> torch.Tensor:
+    """(Z, C, h, w) uint8 probabilities -> bool (C, Z, H0, W0) at the original in-plane size."""
+    probs = probs_u8.cpu().float() / 255  # CPU: bit-reproducible interpolation whatever the accelerator
+    if tuple(probs.shape[-2:]) != tuple(size):
+        probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
+    return (probs >= threshold).permute(1, 0, 2, 3).contiguous()
+
+
+def summarize_volumes(
+    records: dict[str, torch.Tensor],
+    load_target: Callable[[int], tuple[np.ndarray, tuple[float, float, float]]],
+    largest_component_channels: Sequence[int] = (0,),
+    threshold: float = 0.5,
+    return_per_volume: bool = False,
+) -> dict[str, float] | tuple[dict[str, float], dict[int, dict[str, float]]]:
+    """Per-volume Dice, hd95 and Hausdorff (mm) at the original resolution, averaged over volumes.
+
+    ``load_target(v)`` returns ``(target_full bool (C, Z0, H0, W0), (sz, sy, sx) mm)``; only the evaluated
+    slices ``target_full[:, slice_indices]`` are compared, so partially evaluated volumes compare like for like.
+    """
+    volume_index = records["volume_index"].cpu()
+    if len(volume_index) == 0:
+        raise ValueError("no slice records to summarise")
+    slice_index, probs_u8 = records["slice_index"].cpu(), records["probs_u8"]
+    per_volume: dict[int, dict[str, float]] = {}
+    for v in torch.unique(volume_index).tolist():
+        rows = torch.nonzero(volume_index == v).flatten()
+        rows = rows[torch.argsort(slice_index[rows], stable=True)]
+        slices = slice_index[rows]
+        if len(slices) > 1 and bool((slices[1:] == slices[:-1]).any()):
+            raise ValueError(f"volume {v}: duplicated slice records (use SliceRecords.compute())")
+        if len(slices) > 1 and bool((slices[1:] - slices[:-1] != 1).any()):
+            warnings.warn(f"volume {v}: evaluated slices are not contiguous; z-distances treat them as adjacent")
+        target_full, spacing = load_target(int(v))
+        target = _as_bool_tensor(target_full)[:, slices]
+        volume_probs = probs_u8[rows.to(probs_u8.device)]
+        if target.shape[0] != volume_probs.shape[1]:
+            raise ValueError(f"volume {v}: {volume_probs.shape[1]} predicted channels, {target.shape[0]} in target")
+        pred = _reassemble(volume_probs, tuple(target.shape[-2:]), threshold)
+        pred = largest_connected_component(pred, largest_component_channels)
+        per_volume[int(v)] = volume_dice_hausdorff(pred, target, spacing)
+    means = {key: float(np.mean([figures[key] for figures in per_volume.values()])) for key in VOLUME_KEYS}
+    return (means, per_volume) if return_per_volume else means

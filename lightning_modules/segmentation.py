@@ -1,0 +1,134 @@
+"""SegmentationTask: the U-Net backbone plus the suite's segmentation metrics, shared by every segmenting strategy.
+
+Metrics (validation and test, logged as ``{stage}/{name}``):
+
+* ``dice_slice``, ``hd_slice_px``: mean over slices at the training resolution (the CMU-Net convention);
+* ``dice_volume``, ``hd95_volume_mm``, ``hd_volume_mm``: each volume reassembled from its slices at
+  its original in-plane resolution, optionally reduced to its largest connected component (liver
+  channel), compared in mm; averaged over volumes.
+
+Per-slice predictions are collected in a torchmetrics state gathered over DDP ranks and
+de-duplicated, so the figures are exact whatever the number of devices. See
+``lightning_modules.metrics`` for the empty-mask conventions.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .backbone import UNet
+from .base import BaseTask
+from .figures import overlay_figure, save_figure
+from .metrics import SliceRecords, summarize_slices, summarize_volumes
+
+STAGES = ("val", "test")
+
+
+class SegmentationTask(BaseTask):
+    """Segmentation on the CMU-Net U-Net. Subclasses define the loss.
+
+    Args:
+        in_channels: input channels (``2 * data.context_slices + 1``).
+        out_channels: segmentation channels (1 for liver or lesion, 2 for ``data.target: both``).
+        base_channels: first block width (16 in the paper; doubles per block up to 256).
+        norm: ``instance`` (paper) or ``batch``.
+        lr: Adam learning rate.
+        weight_decay: Adam L2 penalty.
+        scheduler: ``cosine_warm_restarts`` (CMU-Net), ``step`` (mask mining) or ``none``.
+        restart_period: epochs between cosine warm restarts.
+        min_lr: cosine floor.
+        step_size, step_gamma: StepLR period (epochs) and factor.
+        threshold: probability threshold for a foreground pixel.
+        largest_component: keep only the largest 3D connected component of the liver channel for
+            per-volume metrics (mask mining's evaluation; lesions are never reduced).
+        num_overlays: slices drawn in the prediction overlay figure (0 disables it).
+    """
+
+    monitor = ("val/dice_volume", "max")
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        base_channels: int = 16,
+        norm: str = "instance",
+        lr: float = 0.01,
+        weight_decay: float = 0.0,
+        scheduler: str = "cosine_warm_restarts",
+        restart_period: int = 10,
+        min_lr: float = 0.0,
+        step_size: int = 30,
+        step_gamma: float = 0.1,
+        threshold: float = 0.5,
+        largest_component: bool = True,
+        num_overlays: int = 4,
+    ) -> None:
+        super().__init__()
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def configure_models(self) -> None:
+        h = self.hparams
+        self.model = UNet(h.in_channels, h.out_channels, h.base_channels, h.norm)
+
+    def configure_metrics(self) -> None:
+        self.records = nn.ModuleDict({stage: SliceRecords() for stage in STAGES})
+        self._overlay_samples: dict[str, list] = {stage: [] for stage in STAGES}
+
+    def foreground_probability(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-pixel foreground probability (B, C, H, W) that the metrics threshold."""
+        return torch.sigmoid(outputs["seg"])
+
+    def update_metrics(self, stage: str, outputs: dict[str, torch.Tensor], batch: dict) -> None:
+        probs = self.foreground_probability(outputs).float()
+        target = batch["mask"] > 0.5
+        self.records[stage].update(probs, target, batch["volume_index"], batch["slice_index"], self.hparams.threshold)
+        self._keep_overlay_samples(stage, batch, probs)
+
+    def compute_metrics(self, stage: str) -> dict[str, float]:
+        records = self.records[stage].compute()
+        self.records[stage].reset()
+        if len(records["volume_index"]) == 0:
+            return {}
+        datamodule = self.trainer.datamodule
+        lcc_channels = (0,) if self.hparams.largest_component and datamodule.hparams.target != "lesion" else ()
+        volumes, per_volume = summarize_volumes(
+            records, datamodule.eval_target, lcc_channels, self.hparams.threshold, return_per_volume=True
+        )
+        figures = {**summarize_slices(records), **volumes}
+        self._write_reports(stage, per_volume)
+        return {f"{stage}/{k}": v for k, v in figures.items()}
+
+    # -- reports ---------------------------------------------------------------------------------
+    def _keep_overlay_samples(self, stage: str, batch: dict, probs: torch.Tensor) -> None:
+        """Keep the first few slices with foreground for the overlay figure (rank 0 only, a few KB)."""
+        kept = self._overlay_samples[stage]
+        if self.global_rank != 0 or len(kept) >= self.hparams.num_overlays:
+            return
+        for i in torch.nonzero(batch["mask"].flatten(1).amax(1) > 0.5).flatten().tolist():
+            if len(kept) < self.hparams.num_overlays:
+                title = f"{batch['volume'][i]} z={int(batch['slice_index'][i])}"
+                image = batch["image"][i, batch["image"].shape[1] // 2].cpu()
+                kept.append((title, image, batch["mask"][i, 0].cpu() > 0.5, probs[i, 0].cpu() >= self.hparams.threshold))
+
+    def _write_reports(self, stage: str, per_volume: dict[int, dict[str, float]]) -> None:
+        samples, self._overlay_samples[stage] = self._overlay_samples[stage], []
+        if self.trainer.sanity_checking:
+            return
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective call: every rank makes it
+        if not self.trainer.is_global_zero:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        volumes = self.trainer.datamodule.volumes
+        with open(folder / f"{stage}_per_volume.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            names = sorted(next(iter(per_volume.values()), {}))
+            writer.writerow(["volume", *names])
+            for index, figures in sorted(per_volume.items()):
+                writer.writerow([volumes[index].volume_id, *(f"{figures[n]:.6g}" for n in names)])
+        if samples:
+            figure = overlay_figure(samples, f"{stage} predictions, epoch {self.current_epoch}")
+            save_figure(figure, folder / f"{stage}_overlays.png", self.loggers, f"{stage}/overlays", self.global_step)

@@ -1,0 +1,22 @@
+"""Shared fixtures: tiny synthetic LiTS folders written as real NIfTI, made in seconds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.synthetic import tiny_volume, write_pair
+
+os.environ.setdefault("WANDB_MODE", "disabled")  # tests never talk to W&B unless a test asks
+REAL_CT = Path(__file__).parent / "data" / "real-ct-sample"
+
+
+@pytest.fixture
+def tiny_lits(tmp_path) -> Path:
+    """Six tiny volumes (32x32x10, 1.5x1.5x4 mm) in LiTS layout."""
+    root = tmp_path / "lits"
+    for i in range(6):
+        write_pair(root, str(i), *tiny_volume(i))
+    return root

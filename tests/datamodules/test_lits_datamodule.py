@@ -1,0 +1,91 @@
+"""The LiTS DataModule on tiny volumes: samples, splits by volume, options, augmentation, and the phantom default."""
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules import DataError, LiTSDataModule
+
+
+def make(root, tmp_path, **kwargs):
+    options = dict(root=str(root), cache_dir=str(tmp_path / "cache"), split=[3, 1, 2], image_size=16, batch_size=4, num_workers=0)
+    datamodule = LiTSDataModule(**(options | kwargs))
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule
+
+
+def test_samples_and_class_labels(tiny_lits, tmp_path):
+    datamodule = make(tiny_lits, tmp_path, augment=True)
+    for name, dataset in datamodule.datasets.items():
+        for i in range(len(dataset)):
+            sample = dataset[i]
+            assert sample["image"].shape == (1, 16, 16) and sample["mask"].shape == (1, 16, 16)
+            assert sample["label"].item() == float(sample["mask"].bool().any())  # CMU-Net's C = max(Y)
+            assert set(sample["mask"].unique().tolist()) <= {0.0, 1.0}
+    # top and bottom slices of these volumes have no liver, middle ones do
+    labels = [datamodule.datasets["test"][i]["label"].item() for i in range(len(datamodule.datasets["test"]))]
+    assert 0 < sum(labels) < len(labels)
+
+
+def test_splits_are_by_volume(tiny_lits, tmp_path):
+    datamodule = make(tiny_lits, tmp_path)
+    seen = {name: {s["volume"] for s in ds} for name, ds in datamodule.datasets.items()}
+    assert seen == {name: set(ids) for name, ids in datamodule.splits.items()}
+    assert not (seen["train"] & seen["val"] or seen["train"] & seen["test"] or seen["val"] & seen["test"])
+    # evaluation splits cover every slice of their volumes
+    assert len(datamodule.datasets["test"]) == 2 * 10
+
+
+def test_targets_context_and_foreground_margin(tiny_lits, tmp_path):
+    datamodule = make(tiny_lits, tmp_path, target="both", context_slices=2, foreground_margin=0, augment=False)
+    sample = datamodule.datasets["train"][0]
+    assert sample["image"].shape == (5, 16, 16) and sample["mask"].shape == (2, 16, 16)
+    # lesion channel is inside the liver channel
+    assert torch.all(sample["mask"][1] <= sample["mask"][0])
+    # margin 0 keeps only slices with liver in training
+    assert all(s["label"] == 1 for s in datamodule.datasets["train"])
+    assert datamodule.num_target_channels == 2
+    # neighbours: channel 2 is the slice itself
+    position, z = datamodule.datasets["train"].index[0]
+    volume = datamodule.datasets["train"].volumes[position]
+    np.testing.assert_array_equal(sample["image"][2].numpy(), volume.image[z].astype(np.float32))
+
+
+def test_eval_target_is_at_original_resolution(tiny_lits, tmp_path):
+    datamodule = make(tiny_lits, tmp_path)
+    target, spacing = datamodule.eval_target(0)
+    assert target.shape == (1, 10, 32, 32) and target.dtype == bool
+    assert spacing == (4.0, 1.5, 1.5)
+
+
+def test_positive_fraction_sampler(tiny_lits, tmp_path):
+    datamodule = make(tiny_lits, tmp_path, positive_fraction=0.9, augment=False, batch_size=64)
+    torch.manual_seed(0)
+    labels = torch.cat([batch["label"] for _ in range(10) for batch in datamodule.train_dataloader()])
+    assert 0.82 < labels.mean().item() < 0.97
+
+
+def test_batches_collate(tiny_lits, tmp_path):
+    datamodule = make(tiny_lits, tmp_path)
+    batch = next(iter(datamodule.val_dataloader()))
+    assert batch["image"].shape == (4, 1, 16, 16) and batch["volume_index"].dtype == torch.int64
+    assert isinstance(batch["volume"], list)
+
+
+def test_split_larger_than_dataset_fails_before_preprocessing(tiny_lits, tmp_path):
+    datamodule = LiTSDataModule(root=str(tiny_lits), cache_dir=str(tmp_path / "cache"), split=[10, 2, 5], image_size=16)
+    with pytest.raises(DataError, match="asks for 17 volumes .* has 6"):
+        datamodule.prepare_data()
+    assert not (tmp_path / "cache" / "preprocessed").exists()
+
+
+def test_phantom_is_the_default(tmp_path):
+    datamodule = LiTSDataModule(
+        cache_dir=str(tmp_path), split=[2, 1, 1], phantom_volumes=4, phantom_shape=(48, 48, 12), image_size=32, num_workers=0
+    )
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    assert sorted(p.name for p in datamodule.data_root.iterdir() if p.name.startswith("volume-")) == [f"volume-{i}.nii.gz" for i in range(4)]
+    assert sum(len(v) for v in datamodule.splits.values()) == 4
+    assert datamodule.datasets["train"][0]["image"].shape == (1, 32, 32)

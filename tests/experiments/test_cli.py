@@ -1,0 +1,108 @@
+"""End to end through the `lits` command: fit then test from a YAML, DDP equality, synth, preprocess, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.synthetic import tiny_volume, write_pair
+
+
+def lits(*args, cwd, check=True, env=None):
+    environment = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
+    environment.pop("LITS_RUN_VERSION", None)
+    result = subprocess.run([sys.executable, "-m", "experiments.cli", *args], cwd=cwd, capture_output=True, text=True, env=environment, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"lits {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    for i in range(5):
+        write_pair(folder / "data", str(i), *tiny_volume(i, shape=(40, 40, 9)))
+    config = {
+        "seed_everything": 7,
+        "model": {"class_path": "lightning_modules.BaselineUNet", "init_args": {"lr": 0.003, "base_channels": 4, "restart_period": 1}},
+        "data": {"root": str(folder / "data"), "cache_dir": str(folder / "cache"), "split": [1, 1, 3], "image_size": 32,
+                 "batch_size": 4, "num_workers": 0, "preprocess_workers": 1},
+        "trainer": {"max_epochs": 2, "accelerator": "cpu", "devices": 1, "default_root_dir": str(folder / "runs"),
+                    "enable_progress_bar": False, "log_every_n_steps": 1},
+    }
+    (folder / "tiny.yaml").write_text(yaml.safe_dump(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fitted(workspace):
+    lits("fit", "--config", "tiny.yaml", "--trainer.max_epochs=2", cwd=workspace)
+    return workspace / "runs" / "tiny" / "version_0"
+
+
+def test_fit_writes_metrics_config_and_checkpoints(fitted):
+    metrics = json.loads((fitted / "metrics.json").read_text())
+    for stage in ("val", "test"):
+        for name in ("dice_slice", "hd_slice_px", "dice_volume", "hd95_volume_mm", "hd_volume_mm"):
+            value = metrics[f"{stage}/{name}"]
+            assert value == value and value >= 0  # not NaN
+    assert metrics["epochs"] == 2
+    assert Path(metrics["best_checkpoint"]).name == "best.ckpt"
+    assert (fitted / "checkpoints" / "last.ckpt").exists()
+    config = yaml.safe_load((fitted / "config.yaml").read_text())
+    assert config["trainer"]["max_epochs"] == 2 and config["model"]["class_path"] == "lightning_modules.BaselineUNet"
+    assert (fitted / "test_per_volume.csv").read_text().count("\n") == 4  # header + 3 test volumes
+    assert (fitted / "metrics.csv").exists()
+
+
+def test_test_subcommand_reproduces_fit_figures_and_ddp_matches(fitted, workspace):
+    best = json.loads((fitted / "metrics.json").read_text())["best_checkpoint"]
+    lits("test", "--config", "tiny.yaml", f"--ckpt_path={best}", "--name=single", cwd=workspace)
+    lits("test", "--config", "tiny.yaml", f"--ckpt_path={best}", "--name=ddp",
+         "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accelerator=cpu", cwd=workspace)
+    fit = json.loads((fitted / "metrics.json").read_text())
+    single = json.loads((workspace / "runs" / "single" / "version_0" / "metrics.json").read_text())
+    ddp = json.loads((workspace / "runs" / "ddp" / "version_0" / "metrics.json").read_text())
+    # 3 test volumes x 9 slices = 27 slices: ranks interleave slices of every volume, and the sampler pads one
+    assert (single["world_size"], ddp["world_size"]) == (1, 2)
+    names = [k for k in single if k.startswith("test/") and k != "test/loss"]
+    assert len(names) == 5
+    for name in names:
+        assert single[name] == pytest.approx(fit[name], abs=1e-6), name
+        assert ddp[name] == pytest.approx(single[name], abs=1e-6), name
+
+
+def test_synth_and_preprocess(tmp_path):
+    lits("synth", "--out", "phantom", "--volumes", "2", "--shape", "48", "48", "12", cwd=tmp_path)
+    assert sorted(p.name for p in (tmp_path / "phantom").iterdir()) == ["segmentation-0.nii.gz", "segmentation-1.nii.gz", "volume-0.nii.gz", "volume-1.nii.gz"]
+    lits("preprocess", "--data.root=phantom", "--data.cache_dir=cache", "--data.split=[1,1,0]", "--data.image_size=32",
+         "--model=lightning_modules.BaselineUNet", "--trainer.default_root_dir=runs", cwd=tmp_path)
+    entries = list((tmp_path / "cache" / "preprocessed").glob("*/*/meta.json"))
+    assert len(entries) == 2
+
+
+@pytest.mark.parametrize(
+    "make_bad, message",
+    [
+        (lambda root: (root / "segmentation-1.nii.gz").unlink(), "volume-1.nii.gz: volume has no segmentation"),
+        (lambda root: (root / "volume-1.nii.gz").write_bytes((root / "volume-1.nii.gz").read_bytes()[:300]), "volume-1.nii.gz: "),
+        (lambda root: write_pair(root, "1", tiny_volume(1)[0], tiny_volume(1)[1] * 3), "segmentation-1.nii.gz: label values"),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(tmp_path, make_bad, message):
+    root = tmp_path / "data"
+    for i in range(3):
+        write_pair(root, str(i), *tiny_volume(i))
+    make_bad(root)
+    result = lits("fit", "--model=lightning_modules.BaselineUNet", f"--data.root={root}", f"--data.cache_dir={tmp_path / 'cache'}",
+                  "--data.split=[1,1,1]", "--data.image_size=32", f"--trainer.default_root_dir={tmp_path / 'runs'}", cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("lits: error:")]
+    assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
+    assert not list((tmp_path / "cache").rglob(".tmp-*"))
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ckpt"))

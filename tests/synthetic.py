@@ -1,0 +1,37 @@
+"""Tiny synthetic LiTS-like volumes for tests, written as real NIfTI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+def tiny_volume(seed: int, shape=(32, 32, 10)) -> tuple[np.ndarray, np.ndarray]:
+    """A small canonical (RAS) volume: body at 0 HU, a liver ellipsoid at 60 HU on the right, a lesion inside.
+
+    The first and last two slices have no liver.
+    """
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
+    hu = np.full(shape, -1000.0, dtype=np.float32)
+    hu[((x - shape[0] / 2) / (shape[0] * 0.45)) ** 2 + ((y - shape[1] / 2) / (shape[1] * 0.4)) ** 2 < 1] = 0
+    cx, cy = shape[0] * (0.62 + 0.05 * rng.random()), shape[1] * 0.5
+    liver = ((x - cx) / (shape[0] * 0.22)) ** 2 + ((y - cy) / (shape[1] * 0.25)) ** 2 + ((z - shape[2] / 2) / (shape[2] * 0.32)) ** 2 < 1
+    label = liver.astype(np.uint8)
+    lesion = ((x - cx) ** 2 + (y - cy) ** 2 + (z - shape[2] / 2) ** 2) < 4
+    label[lesion & liver] = 2
+    hu[liver] = 60
+    hu[label == 2] = 20
+    hu += rng.normal(0, 5, shape).astype(np.float32)
+    return hu.astype(np.int16), label
+
+
+def write_pair(folder: Path, volume_id: str, hu: np.ndarray, label: np.ndarray, affine: np.ndarray | None = None) -> tuple[Path, Path]:
+    affine = np.diag([1.5, 1.5, 4.0, 1.0]) if affine is None else affine
+    folder.mkdir(parents=True, exist_ok=True)
+    image_path, label_path = folder / f"volume-{volume_id}.nii.gz", folder / f"segmentation-{volume_id}.nii.gz"
+    nib.save(nib.Nifti1Image(hu, affine), image_path)
+    nib.save(nib.Nifti1Image(label, affine), label_path)
+    return image_path, label_path
