@@ -83,7 +83,8 @@ class BaseTask(pl.LightningModule):
 
     def _log_epoch_metrics(self, stage: str) -> None:
         # Figures are computed from states already gathered over ranks, so every rank holds the same value.
-        self.log_dict(self.compute_metrics(stage), prog_bar=stage == "val")
+        for name, value in self.compute_metrics(stage).items():
+            self.log(name, value, prog_bar=name == self.monitor[0])
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_metrics("val")

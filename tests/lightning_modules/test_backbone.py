@@ -9,8 +9,8 @@ CASES = [
     ({}, (2, 1, 64, 64), {"seg": (2, 1, 64, 64)}),
     ({"in_channels": 3, "out_channels": 2}, (1, 3, 32, 48), {"seg": (1, 2, 32, 48)}),
     ({"num_classes": 1}, (2, 1, 32, 32), {"seg": (2, 1, 32, 32), "cls": (2, 1)}),
-    ({"decoder": False, "num_classes": 2}, (3, 1, 16, 16), {"cls": (3, 2)}),
-    ({"base_channels": 8, "norm": "batch"}, (2, 1, 16, 16), {"seg": (2, 1, 16, 16)}),
+    ({"decoder": False, "num_classes": 2}, (3, 1, 32, 32), {"cls": (3, 2)}),
+    ({"base_channels": 8, "norm": "batch"}, (2, 1, 32, 32), {"seg": (2, 1, 32, 32)}),
 ]
 
 
