@@ -7,7 +7,8 @@ file               array                content
 =================  ===================  ==================================================
 ``image.npy``      float16 (Z, S, S)    HU clipped to the window, scaled to [0, 1], resized
 ``label.npy``      uint8 (Z, S, S)      full label map (0/1/2), nearest-neighbour resized
-``label_full.npz`` uint8 (Z, H, W)      full label map at the original in-plane resolution
+``label_box.npy``  uint8                full label map at the original resolution, cropped
+                                        to its bounding box (``meta.json``'s ``label_box``)
 ``meta.json``      -                    spacing, shapes, and the fingerprint of inputs+settings
 =================  ===================  ==================================================
 
@@ -39,7 +40,7 @@ from tqdm.auto import tqdm
 
 from .nifti import VolumeFiles, load_pair
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -64,36 +65,73 @@ def fingerprint(files: VolumeFiles, settings: PreprocessSettings) -> dict:
 
 
 def to_display(array: np.ndarray) -> np.ndarray:
-    """Canonical (X, Y, Z) -> display (Z, rows, cols): rows anterior->posterior, columns patient right->left."""
-    return np.ascontiguousarray(array[::-1, ::-1, :].transpose(2, 1, 0))
+    """Canonical (X, Y, Z) -> display (Z, rows, cols), rows anterior->posterior, columns patient right->left (a view)."""
+    return array[::-1, ::-1, :].transpose(2, 1, 0)
 
 
-def resize_slices(slices: np.ndarray, size: int, mode: str) -> np.ndarray:
-    """Resize a (Z, H, W) stack in-plane to (Z, size, size); bilinear with antialiasing, or nearest for labels."""
-    tensor = torch.from_numpy(np.ascontiguousarray(slices))[:, None]
-    if mode == "nearest":
-        resized = F.interpolate(tensor.float(), size=(size, size), mode="nearest-exact").to(tensor.dtype)
+def window(hu: np.ndarray, settings: PreprocessSettings) -> np.ndarray:
+    """Clip HU to the window and scale to [0, 1], in one float32 pass plus two in-place ones."""
+    image = np.empty(hu.shape, dtype=np.float32)  # C-contiguous even when ``hu`` is a strided view
+    np.clip(hu, settings.hu_min, settings.hu_max, out=image, casting="unsafe")
+    image -= settings.hu_min
+    image *= 1.0 / (settings.hu_max - settings.hu_min)
+    return image
+
+
+def resize_image(slices: np.ndarray, size: int) -> np.ndarray:
+    """(Z, H, W) float32 -> float16 (Z, size, size).
+
+    Downsampling averages the source pixels under each output pixel ('area', an exact 2x2 mean for
+    LiTS' 512 -> 256), which is antialiased and cheap; upsampling is bilinear.
+    """
+    tensor = torch.from_numpy(slices)[:, None]
+    height, width = slices.shape[1:]
+    if height % size == 0 and width % size == 0:
+        resized = F.avg_pool2d(tensor, kernel_size=(height // size, width // size))
+    elif size <= min(height, width):
+        resized = F.interpolate(tensor, size=(size, size), mode="area")
     else:
-        resized = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return resized[:, 0].numpy()
+        resized = F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)
+    return resized[:, 0].half().numpy()
+
+
+def resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
+    """(Z, H, W) label map -> (Z, size, size) by nearest neighbour, the same pixels torch's 'nearest-exact' picks."""
+    height, width = labels.shape[1:]
+    if height % size == 0 and width % size == 0:  # an integer factor k picks every k-th pixel from k // 2
+        step_y, step_x = height // size, width // size
+        return np.ascontiguousarray(labels[:, step_y // 2 :: step_y, step_x // 2 :: step_x])
+    rows = np.minimum(((np.arange(size) + 0.5) * labels.shape[1] / size).astype(np.int64), labels.shape[1] - 1)
+    cols = np.minimum(((np.arange(size) + 0.5) * labels.shape[2] / size).astype(np.int64), labels.shape[2] - 1)
+    return np.ascontiguousarray(labels[:, rows][:, :, cols])
+
+
+def foreground_box(labels: np.ndarray) -> list[list[int]]:
+    """[start, stop) per axis of the non-zero labels (empty boxes for an empty map)."""
+    box = []
+    for axis in range(labels.ndim):
+        present = np.flatnonzero(labels.any(axis=tuple(a for a in range(labels.ndim) if a != axis)))
+        box.append([int(present[0]), int(present[-1]) + 1] if present.size else [0, 0])
+    return box
 
 
 def preprocess_volume(files: VolumeFiles, settings: PreprocessSettings, entry: Path) -> None:
     """Read one pair, window, resize and write its cache entry atomically at ``entry``."""
-    torch.set_num_threads(1)  # parallelism is over volumes
     hu, labels, (sx, sy, sz) = load_pair(files)
     hu, labels = to_display(hu), to_display(labels)
-    image = (np.clip(hu, settings.hu_min, settings.hu_max) - settings.hu_min) / (settings.hu_max - settings.hu_min)
+    # The full-resolution labels are kept only inside their bounding box: a liver fills a few percent of a CT.
+    box = foreground_box(labels)
     tmp = entry.parent / f".tmp-{entry.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        np.save(tmp / "image.npy", resize_slices(image, settings.image_size, "bilinear").astype(np.float16))
-        np.save(tmp / "label.npy", resize_slices(labels, settings.image_size, "nearest"))
-        np.savez_compressed(tmp / "label_full.npz", label=labels)
+        np.save(tmp / "image.npy", resize_image(window(hu, settings), settings.image_size))
+        np.save(tmp / "label.npy", resize_labels(labels, settings.image_size))
+        np.save(tmp / "label_box.npy", labels[tuple(slice(a, b) for a, b in box)])
         meta = {
             "volume_id": files.volume_id,
             "spacing": [sz, sy, sx],
             "full_shape": list(labels.shape),
+            "label_box": box,
             "fingerprint": fingerprint(files, settings),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -138,7 +176,8 @@ def build_cache(
                 preprocess_volume(files, settings, entry)
                 bar.update()
         else:
-            with ProcessPoolExecutor(workers) as pool:
+            # one thread per worker: the parallelism is over volumes
+            with ProcessPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
                 futures = [pool.submit(preprocess_volume, f, settings, e) for f, e in todo]
                 try:
                     for future in as_completed(futures):
@@ -173,8 +212,10 @@ class CachedVolume:
         return self.meta["full_shape"][0]
 
     def label_full(self) -> np.ndarray:
-        with np.load(self.entry / "label_full.npz") as archive:
-            return archive["label"]
+        """The label map at the original resolution, (Z, H, W) uint8."""
+        labels = np.zeros(self.meta["full_shape"], dtype=np.uint8)
+        labels[tuple(slice(a, b) for a, b in self.meta["label_box"])] = np.load(self.entry / "label_box.npy")
+        return labels
 
     def __getstate__(self):
         # Memory maps are reopened in each DataLoader worker instead of being pickled.

@@ -12,17 +12,19 @@ from torch.utils.data import Dataset
 
 from .cache import CachedVolume
 
-# Target name -> the label-map channels it produces. LiTS lesions lie inside the liver, so liver = labels 1 and 2.
-TARGETS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], ...]] = {
-    "liver": (lambda labels: labels >= 1,),
-    "lesion": (lambda labels: labels == 2,),
-    "both": (lambda labels: labels >= 1, lambda labels: labels == 2),
+# Target name -> label map (..., H, W) in {0, 1, 2} -> bool channels (C, ..., H, W).
+# LiTS lesions lie inside the liver, so liver = labels 1 and 2.
+TARGETS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "liver": lambda labels: (labels >= 1)[None],
+    "lesion": lambda labels: (labels == 2)[None],
+    "both": lambda labels: np.stack([labels >= 1, labels == 2]),
 }
+_CLASS_LABELS = (torch.tensor(0.0), torch.tensor(1.0))  # shared, collate copies them into the batch
 
 
 def target_channels(labels: np.ndarray, target: str) -> np.ndarray:
     """Label map (..., H, W) in {0, 1, 2} -> bool target mask (C, ..., H, W) for ``target``."""
-    return np.stack([channel(labels) for channel in TARGETS[target]])
+    return TARGETS[target](labels)
 
 
 def training_augmentation(flip_prob: float = 0.5, rotate_degrees: float = 15.0, zoom_range: Sequence[float] = (0.9, 1.1), prob: float = 0.5) -> mt.Compose:
@@ -94,14 +96,19 @@ class SliceDataset(Dataset):
             image = volume.image[neighbours]
         else:
             image = volume.image[z : z + 1]
+        labels = np.array(volume.label[z])
+        mask = target_channels(labels, self.target)
         sample = {
-            "image": torch.from_numpy(image.astype(np.float32)),
-            "mask": torch.from_numpy(target_channels(volume.label[z], self.target).astype(np.float32)),
+            # float16 -> float32 in torch, bool -> float32 in numpy: the fast side of each conversion
+            "image": torch.from_numpy(np.array(image)).float(),
+            "mask": torch.from_numpy(mask.astype(np.float32)),
         }
-        if self.transform is not None:
-            sample = self.transform(sample)
-            sample = {k: torch.as_tensor(v).as_subclass(torch.Tensor) for k, v in sample.items()}
-        sample["label"] = (sample["mask"] > 0.5).any().float()
+        if self.transform is None:
+            label = bool(mask.any())
+        else:
+            sample = {k: torch.as_tensor(v).as_subclass(torch.Tensor) for k, v in self.transform(sample).items()}
+            label = bool((sample["mask"] > 0.5).any())  # after augmentation, so that label == mask.any() always
+        sample["label"] = _CLASS_LABELS[label]
         sample["volume_index"] = self.volume_indices[position]
         sample["slice_index"] = int(z)
         sample["volume"] = volume.volume_id

@@ -131,21 +131,28 @@ def _read(image: nib.Nifti1Image, path: Path) -> np.ndarray:
         raise DataError(f"{path}: truncated or corrupt data ({type(error).__name__}: {error}); re-download or re-export it") from None
 
 
+def _check_labels(labels: np.ndarray, path: Path) -> None:
+    # Range checks are single vectorised passes; np.unique (a sort) only runs to word the error.
+    valid = labels.max() <= max(LABELS) and (labels.dtype.kind == "u" or labels.min() >= 0)
+    if valid and labels.dtype.kind == "f":
+        valid = bool(np.all(labels == np.round(labels)))
+    if not valid:
+        values = np.unique(labels)
+        bad = [v.item() for v in values if v not in LABELS][:5]
+        raise DataError(f"{path}: label values {bad} outside {{0 background, 1 liver, 2 lesion}}; map the labels to LiTS' convention")
+
+
 def load_pair(files: VolumeFiles) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """Read a pair in canonical RAS+ orientation.
 
-    Returns ``(hu, label, spacing)``: float32 Hounsfield units (X, Y, Z), uint8 labels (X, Y, Z) in
-    {0, 1, 2}, and voxel spacing (sx, sy, sz) in mm along those axes.
+    Returns ``(hu, label, spacing)``: Hounsfield units (X, Y, Z) as stored (integers, or floats
+    when the header scales them), uint8 labels (X, Y, Z) in {0, 1, 2}, and voxel spacing
+    (sx, sy, sz) in mm along those axes. The arrays may be strided views (no copies are made).
     """
     image, label = check_pair(files)
     image, label = nib.as_closest_canonical(image), nib.as_closest_canonical(label)
-    hu = _read(image, files.image).astype(np.float32, copy=False)
+    hu = _read(image, files.image)
     labels = _read(label, files.label)
-    values = np.unique(labels)
-    if not np.isin(values, LABELS).all():
-        bad = [v.item() for v in values if v not in LABELS][:5]
-        raise DataError(
-            f"{files.label}: label values {bad} outside {{0 background, 1 liver, 2 lesion}}; map the labels to LiTS' convention"
-        )
+    _check_labels(labels, files.label)
     spacing = tuple(float(s) for s in image.header.get_zooms()[:3])
-    return hu, labels.astype(np.uint8), spacing
+    return hu, labels.astype(np.uint8, copy=False), spacing

@@ -84,3 +84,18 @@ def test_bad_volume_in_a_worker_fails_with_its_one_line_error(tiny_lits, tmp_pat
         build_cache(discover(tiny_lits), tmp_path / "cache", SETTINGS, workers=2, progress=False)
     assert not (tmp_path / "cache" / "3").exists()
     assert not list((tmp_path / "cache").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("size", [8, 12, 32])
+def test_resizing_matches_torch_reference(size):
+    import torch
+    import torch.nn.functional as F
+
+    labels = np.random.default_rng(0).integers(0, 3, (2, 16, 16)).astype(np.uint8)
+    expected = F.interpolate(torch.from_numpy(labels)[:, None].float(), size=(size, size), mode="nearest-exact")[:, 0]
+    np.testing.assert_array_equal(cache.resize_labels(labels, size), expected.to(torch.uint8).numpy())
+    image = np.random.default_rng(1).random((2, 16, 16)).astype(np.float32)
+    resized = cache.resize_image(image, size).astype(np.float32)
+    assert resized.shape == (2, size, size)
+    if size == 8:  # an integer factor averages each 2x2 block exactly
+        np.testing.assert_allclose(resized, image.reshape(2, 8, 2, 8, 2).mean((2, 4)), atol=1e-3)
