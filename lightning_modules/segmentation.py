@@ -76,7 +76,7 @@ class SegmentationTask(BaseTask):
 
     def configure_metrics(self) -> None:
         self.records = nn.ModuleDict({stage: SliceRecords() for stage in STAGES})
-        self._overlay_samples: dict[str, list] = {stage: [] for stage in STAGES}
+        self._overlay_samples: dict[str, dict] = {stage: {} for stage in STAGES}
 
     def foreground_probability(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-pixel foreground probability (B, C, H, W) that the metrics threshold."""
@@ -104,18 +104,20 @@ class SegmentationTask(BaseTask):
 
     # -- reports ---------------------------------------------------------------------------------
     def _keep_overlay_samples(self, stage: str, batch: dict, probs: torch.Tensor) -> None:
-        """Keep the first few slices with foreground for the overlay figure (rank 0 only, a few KB)."""
+        """Keep, for up to ``num_overlays`` volumes, the slice with the most liver seen so far (rank 0 only)."""
         kept = self._overlay_samples[stage]
-        if self.global_rank != 0 or len(kept) >= self.hparams.num_overlays:
+        if self.global_rank != 0 or not self.hparams.num_overlays:
             return
-        for i in torch.nonzero(batch["mask"].flatten(1).amax(1) > 0.5).flatten().tolist():
-            if len(kept) < self.hparams.num_overlays:
-                title = f"{batch['volume'][i]} z={int(batch['slice_index'][i])}"
-                image = batch["image"][i, batch["image"].shape[1] // 2].cpu()
-                kept.append((title, image, batch["mask"][i, 0].cpu() > 0.5, probs[i, 0].cpu() >= self.hparams.threshold))
+        areas = batch["mask"][:, 0].flatten(1).sum(1)
+        for i in torch.nonzero(areas).flatten().tolist():
+            volume, area = batch["volume"][i], float(areas[i])
+            if (volume not in kept and len(kept) < self.hparams.num_overlays) or (volume in kept and area > kept[volume][0]):
+                image = batch["image"][i, batch["image"].shape[1] // 2].detach().cpu().clone()
+                kept[volume] = (area, f"{volume} z={int(batch['slice_index'][i])}", image,
+                                batch["mask"][i, 0].cpu() > 0.5, probs[i, 0].cpu() >= self.hparams.threshold)
 
     def _write_reports(self, stage: str, per_volume: dict[int, dict[str, float]]) -> None:
-        samples, self._overlay_samples[stage] = self._overlay_samples[stage], []
+        samples, self._overlay_samples[stage] = [s[1:] for s in self._overlay_samples[stage].values()], {}
         if self.trainer.sanity_checking:
             return
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective call: every rank makes it
@@ -130,5 +132,6 @@ class SegmentationTask(BaseTask):
             for index, figures in sorted(per_volume.items()):
                 writer.writerow([volumes[index].volume_id, *(f"{figures[n]:.6g}" for n in names)])
         if samples:
-            figure = overlay_figure(samples, f"{stage} predictions, epoch {self.current_epoch}")
+            title = f"validation predictions, epoch {self.current_epoch}" if stage == "val" else "test predictions"
+            figure = overlay_figure(samples, title)
             save_figure(figure, folder / f"{stage}_overlays.png", self.loggers, f"{stage}/overlays", self.global_step)

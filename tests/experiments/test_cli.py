@@ -57,6 +57,7 @@ def test_fit_writes_metrics_config_and_checkpoints(fitted):
     assert config["trainer"]["max_epochs"] == 2 and config["model"]["class_path"] == "lightning_modules.BaselineUNet"
     assert (fitted / "test_per_volume.csv").read_text().count("\n") == 4  # header + 3 test volumes
     assert (fitted / "metrics.csv").exists()
+    assert (fitted / "test_overlays.png").stat().st_size > 10_000 and (fitted / "val_overlays.png").exists()
 
 
 def test_test_subcommand_reproduces_fit_figures_and_ddp_matches(fitted, workspace):
