@@ -85,13 +85,15 @@ class LitsCLI(LightningCLI):
             save_config_callback=ConfigToLoggers,
             save_config_kwargs={"overwrite": True},
             seed_everything_default=42,
+            parser_kwargs={"description": "Liver segmentation experiments (CMU-Net, mask mining). Also: `lits synth --out DIR` writes the synthetic phantom."},
             args=args,
             run=run,
         )
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "preprocess": {"model", "datamodule"}}
+        commands = {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+        return {**commands, "preprocess": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--name", type=Optional[str], default=None, help="Run name (default: the last --config file's name)")
