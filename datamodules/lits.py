@@ -112,7 +112,11 @@ class LiTSDataModule(pl.LightningDataModule):
 
     # -- Lightning hooks -----------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Generate the phantom if needed, check every file, and build or refresh the cache (rank 0 only)."""
+        """Generate the phantom if needed, check every file and the split, and build or refresh the cache (rank 0 only)."""
+        self.prepare(check_split=True)
+
+    def prepare(self, check_split: bool = True) -> None:
+        """``prepare_data``; ``check_split=False`` builds the cache of every volume whatever the split asks."""
         if self.hparams.root is None:
             write_phantom_dataset(
                 self.data_root,
@@ -123,7 +127,8 @@ class LiTSDataModule(pl.LightningDataModule):
                 progress=True,
             )
         pairs = discover(self.data_root)
-        self._split([p.volume_id for p in pairs])  # a bad split fails before any preprocessing
+        if check_split:
+            self._split([p.volume_id for p in pairs])  # a bad split fails before any preprocessing
         build_cache(pairs, self.entries_dir, self.settings, workers=self.hparams.preprocess_workers)
 
     def _split(self, volume_ids: list[str]) -> dict[str, list[str]]:

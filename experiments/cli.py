@@ -36,7 +36,8 @@ RUN_VERSION_ENV = "LITS_RUN_VERSION"  # shared with DDP worker processes, which 
 class LitsTrainer(pl.Trainer):
     def preprocess(self, model: pl.LightningModule, datamodule: LiTSDataModule) -> None:
         """Check the data and build the preprocessing cache, without training."""
-        datamodule.prepare_data()
+        datamodule.prepare(check_split=False)
+        print(f"cache ready: {datamodule.data_root} -> {datamodule.entries_dir}")
 
 
 class ConfigToLoggers(SaveConfigCallback):
@@ -98,6 +99,7 @@ class LitsCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--name", type=Optional[str], default=None, help="Run name (default: the last --config file's name)")
         parser.add_argument("--wandb_project", type=str, default="lits-suite", help="W&B project")
+        parser.set_defaults({"model": {"class_path": "lightning_modules.BaselineUNet"}})
 
     # -- run folder and loggers ------------------------------------------------------------------
     def _run_name(self) -> str:
@@ -111,7 +113,9 @@ class LitsCLI(LightningCLI):
         self.trainer_defaults["callbacks"] = [
             ModelCheckpoint(monitor=metric, mode=mode, save_last=True, filename="best", auto_insert_metric_name=False),
         ]
-        if trainer_config.get("logger") in (None, True):
+        if self.subcommand == "preprocess":
+            kwargs["logger"] = False  # nothing to log, and no run folder
+        elif trainer_config.get("logger") in (None, True):
             name = self._run_name()
             root = Path(trainer_config.get("default_root_dir") or "runs")
             version = os.environ.setdefault(RUN_VERSION_ENV, _next_version(root / name))
