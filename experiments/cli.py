@@ -4,6 +4,7 @@
     lits validate|test --config ... --ckpt_path RUN/checkpoints/best.ckpt
     lits preprocess --data.root DIR [--data.cache_dir DIR]
     lits synth --out DIR [--volumes N --seed S]
+    lits run experiments/pu_net.yaml [--key=value ...]     (multi-stage, see experiments/stages.py)
 
 Every run gets a folder ``<trainer.default_root_dir>/<name>/version_<n>`` holding ``config.yaml``
 (the resolved config), ``metrics.json`` (the final figures), CSV logs, checkpoints, per-volume
@@ -99,6 +100,7 @@ class LitsCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--name", type=Optional[str], default=None, help="Run name (default: the last --config file's name)")
         parser.add_argument("--wandb_project", type=str, default="lits-suite", help="W&B project")
+        parser.add_argument("--run_dir", type=Optional[str], default=None, help="Exact run folder (default: <default_root_dir>/<name>/version_<n>)")
         parser.set_defaults({"model": {"class_path": "lightning_modules.BaselineUNet"}})
 
     # -- run folder and loggers ------------------------------------------------------------------
@@ -117,12 +119,16 @@ class LitsCLI(LightningCLI):
             kwargs["logger"] = False  # nothing to log, and no run folder
         elif trainer_config.get("logger") in (None, True):
             name = self._run_name()
-            root = Path(trainer_config.get("default_root_dir") or "runs")
-            version = os.environ.setdefault(RUN_VERSION_ENV, _next_version(root / name))
-            csv_logger = CSVLogger(root, name=name, version=version)
+            run_dir = self._get(self.config, "run_dir")
+            if run_dir:  # a fixed folder, e.g. a stage of `lits run`, which resumes in place
+                csv_logger, title = CSVLogger(run_dir, name="", version=""), str(run_dir)
+            else:
+                root = Path(trainer_config.get("default_root_dir") or "runs")
+                version = os.environ.setdefault(RUN_VERSION_ENV, _next_version(root / name))
+                csv_logger, title = CSVLogger(root, name=name, version=version), f"{name}/{version}"
             wandb_logger = WandbLogger(
                 project=self._get(self.config, "wandb_project"),
-                name=f"{name}/{version}",
+                name=title,
                 group=name,
                 save_dir=csv_logger.log_dir,
                 log_model=False,
@@ -194,6 +200,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if argv and argv[0] == "synth":
             synth_main(argv[1:])
+            return
+        if argv and argv[0] == "run":
+            from experiments.stages import run_main
+
+            configure_wandb_mode()
+            run_main(argv[1:])
             return
         configure_wandb_mode()
         LitsCLI(args=None if argv is sys.argv[1:] or argv == sys.argv[1:] else argv)

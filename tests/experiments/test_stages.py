@@ -1,0 +1,76 @@
+"""`lits run`: stages in order, weights handed over, overrides reach every stage, and a killed run resumes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from datamodules import DataError
+from experiments.stages import load_experiment, normalise_overrides
+from tests.synthetic import tiny_volume, write_pair
+
+
+def lits(*args, cwd):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env.pop("LITS_RUN_VERSION", None)
+    result = subprocess.run([sys.executable, "-m", "experiments.cli", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture
+def experiment(tmp_path):
+    for i in range(3):
+        write_pair(tmp_path / "data", str(i), *tiny_volume(i, shape=(32, 32, 6)))
+    base = {
+        "model": {"class_path": "lightning_modules.BaselineUNet", "init_args": {"base_channels": 4}},
+        "data": {"root": "data", "cache_dir": "cache", "split": [1, 1, 1], "image_size": 32, "batch_size": 4,
+                 "num_workers": 0, "preprocess_workers": 1},
+        "trainer": {"max_epochs": 1, "accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False},
+    }
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    spec = {"name": "two", "stages": [{"name": "first", "config": "base.yaml"},
+                                      {"name": "second", "config": ["base.yaml"], "args": ["--model.init_args.lr=0.002"]}]}
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(spec))
+    return tmp_path
+
+
+def test_stages_run_in_order_and_a_killed_run_resumes(experiment):
+    out = lits("run", "two.yaml", "--trainer.default_root_dir", "out", "--trainer.max_epochs=2", cwd=experiment)
+    run = experiment / "out" / "two"
+    final = json.loads((run / "metrics.json").read_text())
+    assert set(final["stages"]) == {"first", "second"} and "test/dice_volume" in final
+    for stage in ("first", "second"):
+        config = yaml.safe_load((run / stage / "config.yaml").read_text())
+        assert config["trainer"]["max_epochs"] == 2  # the override reached every stage
+    assert yaml.safe_load((run / "second" / "config.yaml").read_text())["model"]["init_args"]["lr"] == 0.002
+    assert out.stdout.index("stage 1/2 first") < out.stdout.index("stage 2/2 second")
+
+    # simulate a kill during stage 2 after its first epoch: no metrics.json, a last.ckpt from epoch 1
+    first_stamp = (run / "first" / "metrics.json").stat().st_mtime_ns
+    (run / "second" / "metrics.json").unlink()
+    (run / "metrics.json").unlink()
+    out = lits("run", "two.yaml", "--trainer.default_root_dir=out", "--trainer.max_epochs=3", cwd=experiment)
+    assert "stage 1/2 first: finished earlier, skipped" in out.stdout
+    assert "stage 2/2 second (resuming from last.ckpt)" in out.stdout
+    assert (run / "first" / "metrics.json").stat().st_mtime_ns == first_stamp
+    assert "Restoring states from the checkpoint path" in out.stdout + out.stderr  # continued, not restarted
+    assert json.loads((run / "second" / "metrics.json").read_text())["epochs"] == 3
+
+
+def test_overrides_are_normalised():
+    assert normalise_overrides(["--data.root", "x", "--trainer.max_epochs=2", "--flag"]) == ["--data.root=x", "--trainer.max_epochs=2", "--flag"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"stages": []}, "no `stages:` list"),
+    ({"stages": [{"name": "a", "config": "missing.yaml"}]}, "missing.yaml not found"),
+    ({"stages": [{"name": "a", "config": []}, {"name": "b", "weights_from": "c", "weights_arg": "x"}]}, "must be an earlier stage"),
+])
+def test_bad_experiment_files(tmp_path, spec, message):
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(DataError, match=message):
+        load_experiment(tmp_path / "bad.yaml")
