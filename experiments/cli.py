@@ -5,6 +5,7 @@
     lits preprocess --data.root DIR [--data.cache_dir DIR]
     lits synth --out DIR [--volumes N --seed S]
     lits run experiments/pu_net.yaml [--key=value ...]     (multi-stage, see experiments/stages.py)
+    lits study experiments/studies/quickstart.yaml [--key=value ...]   (see experiments/study.py)
 
 Every run gets a folder ``<trainer.default_root_dir>/<name>/version_<n>`` holding ``config.yaml``
 (the resolved config), ``metrics.json`` (the final figures), CSV logs, checkpoints, per-volume
@@ -29,7 +30,7 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from datamodules import DataError, LiTSDataModule
-from lightning_modules import BaseTask
+from lightning_modules import BaseTask, CheckpointError
 
 RUN_VERSION_ENV = "LITS_RUN_VERSION"  # shared with DDP worker processes, which inherit the environment
 
@@ -201,15 +202,16 @@ def main(argv: list[str] | None = None) -> None:
         if argv and argv[0] == "synth":
             synth_main(argv[1:])
             return
-        if argv and argv[0] == "run":
+        if argv and argv[0] in ("run", "study"):
             from experiments.stages import run_main
+            from experiments.study import study_main
 
             configure_wandb_mode()
-            run_main(argv[1:])
+            (run_main if argv[0] == "run" else study_main)(argv[1:])
             return
         configure_wandb_mode()
         LitsCLI(args=None if argv is sys.argv[1:] or argv == sys.argv[1:] else argv)
-    except DataError as error:
+    except (DataError, CheckpointError) as error:
         print(f"lits: error: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -64,9 +64,11 @@ def load_experiment(path: str | Path) -> tuple[str, list[dict]]:
     if not path.is_file():
         raise DataError(f"experiment file {path} not found; pass a YAML with a `stages:` list, e.g. experiments/pu_net.yaml")
     spec = yaml.safe_load(path.read_text()) or {}
+    if "stages" not in spec and "model" in spec:  # a plain `lits fit` config is a one-stage experiment
+        spec = {"stages": [{"name": "fit", "config": str(path)}]}
     stages = spec.get("stages")
     if not isinstance(stages, list) or not stages:
-        raise DataError(f"{path}: no `stages:` list; a single-stage experiment runs with `lits fit --config {path}`")
+        raise DataError(f"{path}: no `stages:` list (nor a `model:` of a plain `lits fit` config)")
     seen: list[str] = []
     for stage in stages:
         name = stage.get("name")
@@ -95,10 +97,11 @@ def stage_command(stage: dict, folder: Path, run_folder: Path, overrides: list[s
     return command
 
 
-def run_experiment(path: str | Path, argv: list[str]) -> Path:
+def run_experiment(path: str | Path, argv: list[str], run_folder: Path | None = None) -> Path:
+    """Run (or resume) every stage; ``run_folder`` defaults to ``<trainer.default_root_dir>/<name>``."""
     name, stages = load_experiment(path)
     overrides = normalise_overrides(argv)
-    run_folder = Path(override_value(overrides, "trainer.default_root_dir") or "runs") / name
+    run_folder = run_folder or Path(override_value(overrides, "trainer.default_root_dir") or "runs") / name
     run_folder.mkdir(parents=True, exist_ok=True)
     for index, stage in enumerate(stages, 1):
         folder = run_folder / stage["name"]

@@ -3,6 +3,19 @@
 from .backbone import UNet
 from .base import BaseTask
 from .baseline import BaselineUNet
+from .classification import CheckpointError
+from .cmunet import CMUNet
+from .encoder_pretraining import EncoderPretraining
+from .pretrained_unet import PretrainedUNet
 from .segmentation import SegmentationTask
 
-__all__ = ["UNet", "BaseTask", "SegmentationTask", "BaselineUNet"]
+__all__ = [
+    "UNet",
+    "BaseTask",
+    "SegmentationTask",
+    "BaselineUNet",
+    "EncoderPretraining",
+    "PretrainedUNet",
+    "CMUNet",
+    "CheckpointError",
+]

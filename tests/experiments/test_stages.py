@@ -67,6 +67,7 @@ def test_overrides_are_normalised():
 
 @pytest.mark.parametrize("spec, message", [
     ({"stages": []}, "no `stages:` list"),
+    ({"trainer": {}}, "no `stages:` list"),
     ({"stages": [{"name": "a", "config": "missing.yaml"}]}, "missing.yaml not found"),
     ({"stages": [{"name": "a", "config": []}, {"name": "b", "weights_from": "c", "weights_arg": "x"}]}, "must be an earlier stage"),
 ])

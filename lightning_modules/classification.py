@@ -1,0 +1,124 @@
+"""Pieces shared by the tasks that classify slices (liver present or not, CMU-Net's C = max(Y)).
+
+* ``focal_loss``: MONAI's sigmoid focal loss, with ``alpha`` named as the paper names it;
+* ``classification_metrics`` / ``update_classification`` / ``compute_classification``: binary
+  accuracy, AUROC and F1 as torchmetrics states, so the figures are exact under DDP;
+* ``load_encoder_weights``: the two-stage recipe's weight transfer from a pretraining checkpoint into
+  a U-Net, failing with one line (``CheckpointError``) when the checkpoint does not fit.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from monai.losses import FocalLoss
+from torchmetrics import MetricCollection
+from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score
+
+from .backbone import UNet
+
+
+class CheckpointError(ValueError):
+    """A pretrained-weights checkpoint that cannot initialise this model; the message is one line."""
+
+
+# -- loss ------------------------------------------------------------------------------------------
+def focal_loss(alpha: float, gamma: float) -> FocalLoss:
+    """Sigmoid focal loss on (B, 1) logits, mean over the batch.
+
+    ``alpha`` weights the positive slices and ``1 - alpha`` the negative ones: MONAI's
+    ``sigmoid_focal_loss`` multiplies each term by ``target * alpha + (1 - target) * (1 - alpha)``.
+    The paper's "weights 0.8 and 0.2 for positive and negative examples" is therefore ``alpha=0.8``.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"focal alpha (weight of positive slices) must be in [0, 1], got {alpha}")
+    return FocalLoss(gamma=gamma, alpha=alpha, use_softmax=False, reduction="mean")
+
+
+def slice_labels(batch: dict, like: torch.Tensor) -> torch.Tensor:
+    """The batch's slice labels (B,) shaped and typed like the (B, 1) classification logits."""
+    return batch["label"].reshape(like.shape).to(like.dtype)
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+def classification_metrics(stage: str) -> MetricCollection:
+    """Binary accuracy, AUROC and F1 of one stage, computed as ``{stage}/accuracy`` etc."""
+    return MetricCollection(
+        {"accuracy": BinaryAccuracy(), "auroc": BinaryAUROC(), "f1": BinaryF1Score()}, prefix=f"{stage}/"
+    )
+
+
+def update_classification(metrics: MetricCollection, logits: torch.Tensor, batch: dict) -> None:
+    """Feed (B, 1) logits and ``batch["label"]``; probabilities are thresholded at 0.5."""
+    metrics.update(torch.sigmoid(logits.detach().float()).reshape(-1), batch["label"].reshape(-1).long())
+
+
+def compute_classification(metrics: MetricCollection) -> dict[str, float]:
+    """The epoch's figures (gathered over ranks), then reset; empty when nothing was seen."""
+    if not any(metric.update_count for metric in metrics.values()):
+        return {}
+    figures = {name: float(value) for name, value in metrics.compute().items()}
+    metrics.reset()
+    return figures
+
+
+# -- pretrained weights ----------------------------------------------------------------------------
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"pretrained checkpoint {path} does not exist (a trained model restores without it: set encoder_checkpoint to null)"
+        )
+    try:
+        # Lightning checkpoints hold only tensors and primitives: no need to unpickle arbitrary code.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt, truncated or foreign files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"cannot read pretrained checkpoint {path}: {reason}") from None
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a Lightning checkpoint of this suite (no state_dict)")
+    return state
+
+
+def _copy_module(module: torch.nn.Module, name: str, state: dict, path: str) -> None:
+    """Copy ``model.{name}.*`` of ``state`` into ``module``; every key and shape must match."""
+    prefix = f"model.{name}."
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    own = module.state_dict()
+    if not weights:
+        raise CheckpointError(f"{path} holds no {name} weights (no '{prefix}*' keys): pretrain with EncoderPretraining")
+    hint = "pretrain with the same in_channels, base_channels and norm"
+    first = "blocks.0.0.weight"
+    if name == "encoder" and first in weights and first in own and weights[first].shape != own[first].shape:
+        (c_out, c_in), (m_out, m_in) = weights[first].shape[:2], own[first].shape[:2]
+        raise CheckpointError(
+            f"{path} holds an encoder with in_channels={c_in}, base_channels={c_out} but this model has "
+            f"in_channels={m_in}, base_channels={m_out}: {hint}"
+        )
+    for key, tensor in own.items():
+        if key not in weights:
+            raise CheckpointError(f"{name}.{key} is missing in {path} (another norm?): {hint}")
+        if weights[key].shape != tensor.shape:
+            raise CheckpointError(
+                f"{name}.{key} has shape {tuple(weights[key].shape)} in {path} but {tuple(tensor.shape)} here: {hint}"
+            )
+    extra = sorted(set(weights) - set(own))
+    if extra:
+        raise CheckpointError(f"{name}.{extra[0]} in {path} has no counterpart here (another norm?): {hint}")
+    module.load_state_dict(weights)
+
+
+def load_encoder_weights(model: UNet, checkpoint_path: str, classification_head: bool = False) -> None:
+    """Initialise ``model.encoder`` (and, if asked and present, its classification head) from a checkpoint.
+
+    The checkpoint is any Lightning checkpoint of this suite's tasks (keys ``model.encoder.*``),
+    typically ``EncoderPretraining``'s best. Only weights are copied; a checkpoint of another
+    backbone configuration raises ``CheckpointError`` naming the file and the mismatch.
+    """
+    path = str(checkpoint_path)
+    state = _read_state_dict(path)
+    _copy_module(model.encoder, "encoder", state, path)
+    if classification_head and model.classification_head is not None:
+        if any(k.startswith("model.classification_head.") for k in state):
+            _copy_module(model.classification_head, "classification_head", state, path)

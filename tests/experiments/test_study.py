@@ -1,0 +1,55 @@
+"""`lits study`: statistics on a fixed table of numbers, checked against scipy directly, and bad study files."""
+
+import math
+
+import numpy as np
+import pytest
+import yaml
+from scipy import stats
+
+from datamodules import DataError
+from experiments.study import METRICS, load_study, markdown_table, summarize
+
+BASE = [0.80, 0.82, 0.85, 0.79, 0.81, 0.84]
+BETTER = [0.86, 0.85, 0.90, 0.83, 0.88, 0.86]
+
+
+def fake_results():
+    def runs(dice):
+        return {seed: {key: value * (1 + 0.1 * i) for i, key in enumerate(METRICS.values())} for seed, value in enumerate(dice)}
+    return {"U-Net": runs(BASE), "CMU-Net": runs(BETTER)}
+
+
+def test_statistics_match_scipy():
+    rows = summarize(fake_results(), "U-Net")
+    base, cmu = rows
+    assert base["model"] == "U-Net" and "Dice (slice) t-test p" not in base
+    assert cmu["Dice (slice) mean"] == pytest.approx(np.mean(BETTER))
+    assert cmu["Dice (slice) std"] == pytest.approx(np.std(BETTER, ddof=1))
+    assert cmu["Dice (slice) t-test p"] == pytest.approx(stats.ttest_rel(BETTER, BASE).pvalue)
+    assert cmu["Dice (slice) Wilcoxon p"] == pytest.approx(stats.wilcoxon(BETTER, BASE).pvalue)
+    scaled = [v * 1.2 for v in BETTER], [v * 1.2 for v in BASE]  # third column: values scaled by 1.2
+    assert cmu["Dice (volume) t-test p"] == pytest.approx(stats.ttest_rel(*scaled).pvalue)
+    table = markdown_table(rows, "U-Net")
+    assert "| CMU-Net | 6 |" in table and "± " in table
+
+
+def test_identical_models_have_undefined_p_values_not_errors():
+    results = fake_results()
+    results["copy"] = results["U-Net"]
+    row = summarize(results, "U-Net")[-1]
+    assert math.isnan(row["Dice (slice) t-test p"]) and math.isnan(row["Dice (slice) Wilcoxon p"])
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"models": {"A": "nope.yaml"}}, "model 'A' names experiment file nope.yaml, which does not exist"),
+    ({"models": {"A": "exp.yaml"}, "baseline": "B"}, "baseline 'B' is not one of the models"),
+    ({"seeds": 2}, "no `models:` mapping"),
+])
+def test_bad_study_files(tmp_path, spec, message):
+    (tmp_path / "exp.yaml").write_text("model: {}\n")
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(DataError, match=message):
+        load_study(tmp_path / "study.yaml")
+    with pytest.raises(DataError, match="not found"):
+        load_study(tmp_path / "missing.yaml")
