@@ -36,6 +36,7 @@ from scipy import stats
 
 from datamodules import DataError
 from experiments.stages import normalise_overrides, override_value, run_experiment
+from experiments.study_figure import qualitative_figure
 
 METRICS = {  # column title -> metrics.json key; the per-slice pair is the CMU-Net paper's convention
     "Dice (slice)": "test/dice_slice",
@@ -141,8 +142,28 @@ def run_study(path: str | Path, argv: list[str]) -> Path:
             results[label][seed] = json.loads((run_folder / "metrics.json").read_text())
     rows = summarize(results, study["baseline"])
     table = write_tables(folder, rows, study["baseline"])
-    print(f"\n{table}\n\n[lits study] tables in {folder}/results.{{md,csv,json}}")
+    first_seed = study["seeds"][0]
+    finals = {label: _final_stage(folder / _slug(label) / f"seed_{first_seed}") for label in study["models"]}
+    qualitative_figure(finals, folder / "qualitative.png")
+    log_to_wandb(study["name"], folder, rows, project=override_value(overrides, "wandb_project") or "lits-suite")
+    print(f"\n{table}\n\n[lits study] tables in {folder}/results.{{md,csv,json}}, figure {folder / 'qualitative.png'}")
     return folder
+
+
+def _final_stage(run_folder: Path) -> Path:
+    stages = json.loads((run_folder / "metrics.json").read_text())["stages"]
+    return Path(list(stages.values())[-1])
+
+
+def log_to_wandb(name: str, folder: Path, rows: list[dict], project: str) -> None:
+    """The table and the figure as one W&B run of job type `study` (offline without a key, like every run)."""
+    import wandb
+
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    run = wandb.init(project=project, name=name, job_type="study", dir=str(folder))
+    run.log({"study/results": wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows]),
+             "study/qualitative": wandb.Image(str(folder / "qualitative.png"))})
+    run.finish()
 
 
 def study_main(argv: list[str]) -> None:

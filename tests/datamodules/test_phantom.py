@@ -1,73 +1,130 @@
-"""The synthetic LiTS-like phantom: deterministic, LiTS layout on disk, anatomically placed, not threshold-solvable."""
-
+"""Tests for the synthetic LiTS-like phantom (datamodules/phantom.py)."""
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
-from datamodules.phantom import make_phantom_volume, write_phantom_dataset
+from datamodules.phantom import PHANTOM_VERSION, make_phantom_volume, write_phantom_dataset
 
 SMALL = (64, 64, 24)
+SMALL_SPACING = (6.0, 6.0, 10.0)  # same field of view as the default 192 x 192 x 48 at 2 x 2 x 5 mm
 
 
-def test_deterministic_per_seed():
-    first, again, other = make_phantom_volume(3, SMALL), make_phantom_volume(3, SMALL), make_phantom_volume(4, SMALL)
-    assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1])
-    assert not np.array_equal(first[0], other[0])
-
-
-def test_arrays_labels_and_liver_extent():
-    hu, label = make_phantom_volume(1, SMALL)
-    assert hu.shape == label.shape == SMALL and hu.dtype == np.int16 and label.dtype == np.uint8
-    assert set(np.unique(label)) <= {0, 1, 2}
-    assert hu.min() <= -900 and 30 < np.median(hu[label == 1]) < 90  # air outside, liver near 60 HU
-    liver_slices = (label >= 1).any(axis=(0, 1))
-    assert not liver_slices[0] and not liver_slices[-1] and liver_slices[SMALL[2] // 2]
-
-
-def test_lesions_are_hypodense_inside_the_liver():
-    for seed in range(6):
-        hu, label = make_phantom_volume(seed, SMALL)
-        if (label == 2).any():
-            assert np.median(hu[label == 2]) < np.median(hu[label == 1]) - 5
-            return
-    pytest.fail("no phantom among six seeds has a lesion")
-
-
-def test_written_files_look_like_lits(tmp_path):
-    paths = write_phantom_dataset(tmp_path, volumes=2, seed=5, shape=SMALL, spacing=(0.8, 0.8, 2.5))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["segmentation-0.nii.gz", "segmentation-1.nii.gz", "volume-0.nii.gz", "volume-1.nii.gz"]
-    image = nib.load(paths[1])
-    assert image.header.get_zooms() == (0.8, 0.8, 2.5)
-    assert nib.aff2axcodes(image.affine) == ("L", "P", "S")
-    hu, label = make_phantom_volume(5 * 100003 + 1, SMALL)
-    np.testing.assert_array_equal(np.asanyarray(nib.as_closest_canonical(image).dataobj), hu)
-    segmentation = nib.as_closest_canonical(nib.load(tmp_path / "segmentation-1.nii.gz"))
-    np.testing.assert_array_equal(np.asanyarray(segmentation.dataobj), label)
-    # the liver lies on the patient's right: larger world x (RAS+) than the body's centre
-    world = nib.affines.apply_affine(segmentation.affine, np.argwhere(label >= 1)).mean(0)
-    body = nib.affines.apply_affine(segmentation.affine, np.argwhere(hu > -500)).mean(0)
-    assert world[0] > body[0] + 0.1 * SMALL[0] * 0.8  # by more than a tenth of the field of view
-
-
-def test_rerun_is_idempotent_and_leaves_no_temporary_files(tmp_path):
-    write_phantom_dataset(tmp_path, volumes=1, seed=0, shape=SMALL)
-    stamp = (tmp_path / "volume-0.nii.gz").stat().st_mtime_ns
-    write_phantom_dataset(tmp_path, volumes=1, seed=0, shape=SMALL)
-    assert (tmp_path / "volume-0.nii.gz").stat().st_mtime_ns == stamp
-    assert len(list(tmp_path.iterdir())) == 2
-
-
-def test_no_hu_window_segments_the_liver():
-    """Spleen, kidneys, vessels and muscle share the liver's HU: the best window's Dice stays low."""
-    hu, label = make_phantom_volume(0, (128, 128, 32))
+def best_window_dice(hu, label, lo_min=-200, hi_max=300, step=5):
+    """Best liver Dice over all HU windows [lo, hi] on a 5 HU grid, from cumulative histograms."""
     liver = label >= 1
-    edges = np.arange(-200, 305, 5)
-    inside = np.histogram(hu[liver], bins=np.append(edges, 10_000))[0]
-    outside = np.histogram(hu[~liver], bins=np.append(edges, 10_000))[0]
-    # window [edges[i], edges[j]) for all i < j at once, via cumulative counts
-    cum_in, cum_out = np.concatenate([[0], np.cumsum(inside)]), np.concatenate([[0], np.cumsum(outside)])
-    i, j = np.triu_indices(len(edges), k=1)
-    true_positive = cum_in[j] - cum_in[i]
-    predicted = true_positive + cum_out[j] - cum_out[i]
-    dice = 2 * true_positive / (predicted + liver.sum())
-    assert dice.max() < 0.75
+    h = hu.astype(np.int64)
+    inside = (h >= lo_min) & (h <= hi_max)
+    n = hi_max - lo_min + 1
+    cum_liver = np.concatenate([[0], np.bincount(h[liver & inside] - lo_min, minlength=n).cumsum()])
+    cum_other = np.concatenate([[0], np.bincount(h[~liver & inside] - lo_min, minlength=n).cumsum()])
+    grid = np.arange(lo_min, hi_max + 1, step)
+    lo, hi = np.meshgrid(grid, grid, indexing="ij")
+    lo, hi = lo[hi >= lo], hi[hi >= lo]
+    tp = cum_liver[hi - lo_min + 1] - cum_liver[lo - lo_min]
+    fp = cum_other[hi - lo_min + 1] - cum_other[lo - lo_min]
+    return float((2 * tp / (liver.sum() + tp + fp)).max())
+
+
+def world_centroid_x(img, mask):
+    """Mean world x (RAS mm) of the voxels in ``mask`` (indexed like ``img``'s stored array)."""
+    ijk = np.argwhere(mask)
+    return float(nib.affines.apply_affine(img.affine, ijk)[:, 0].mean())
+
+
+def test_version_is_int():
+    assert isinstance(PHANTOM_VERSION, int)
+
+
+def test_deterministic_per_seed_and_seeds_differ():
+    hu_a, lab_a = make_phantom_volume(3, SMALL, SMALL_SPACING)
+    hu_b, lab_b = make_phantom_volume(3, SMALL, SMALL_SPACING)
+    assert hu_a.tobytes() == hu_b.tobytes() and lab_a.tobytes() == lab_b.tobytes()
+    hu_c, lab_c = make_phantom_volume(4, SMALL, SMALL_SPACING)
+    assert not np.array_equal(hu_a, hu_c)
+    assert not np.array_equal(lab_a, lab_c)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_shapes_dtypes_labels_and_z_extent(seed):
+    hu, label = make_phantom_volume(seed, SMALL, SMALL_SPACING)
+    assert hu.shape == label.shape == SMALL
+    assert hu.dtype == np.int16 and label.dtype == np.uint8
+    assert set(np.unique(label)) <= {0, 1, 2}
+    assert -1024 <= hu.min() and hu.max() <= 3071
+    assert hu[0, 0, 0] < -900  # air in the corner
+    # LiTS labels lesions 2 instead of 1: each lesion is embedded in liver tissue and darker than it.
+    lesions, n = ndimage.label(label == 2)
+    for i in range(1, n + 1):
+        assert (ndimage.binary_dilation(lesions == i) & (label == 1)).any()
+    if n:
+        assert np.median(hu[label == 2]) < np.median(hu[label == 1])
+    per_slice = (label >= 1).sum(axis=(0, 1))
+    assert per_slice[0] == 0 and per_slice[-1] == 0  # top and bottom slices have no liver
+    assert per_slice[len(per_slice) // 2] > 0
+
+
+def test_lesion_count_varies():
+    counts = [int((make_phantom_volume(s, SMALL, SMALL_SPACING)[1] == 2).sum()) for s in range(12)]
+    assert any(c > 0 for c in counts) and any(c == 0 for c in counts)
+
+
+def test_anatomy_in_ras_frame():
+    hu, label = make_phantom_volume(0, SMALL, SMALL_SPACING)
+    liver = label >= 1
+    body_x = np.argwhere(hu > -500)[:, 0].mean()
+    assert np.argwhere(liver)[:, 0].mean() > body_x + 5  # patient's right = +x in RAS
+    # Spine (bone) is posterior (low y) and present on every slice.
+    bone = hu > 250
+    assert bone.any(axis=(0, 1)).all()
+    assert np.argwhere(bone)[:, 1].mean() < np.argwhere(hu > -500)[:, 1].mean()
+
+
+def test_written_dataset(tmp_path):
+    paths = write_phantom_dataset(tmp_path, volumes=2, seed=5, shape=SMALL, spacing=SMALL_SPACING)
+    assert paths == [tmp_path / "volume-0.nii.gz", tmp_path / "volume-1.nii.gz"]
+    expected_names = {f"{kind}-{i}.nii.gz" for kind in ("volume", "segmentation") for i in range(2)}
+    assert {p.name for p in tmp_path.iterdir()} == expected_names
+    for i in range(2):
+        vol = nib.load(tmp_path / f"volume-{i}.nii.gz")
+        seg = nib.load(tmp_path / f"segmentation-{i}.nii.gz")
+        hu, label = make_phantom_volume(5 * 100003 + i, SMALL, SMALL_SPACING)
+        for img, dtype in ((vol, np.int16), (seg, np.uint8)):
+            assert img.get_data_dtype() == dtype
+            assert img.header.get_zooms() == SMALL_SPACING
+            assert nib.aff2axcodes(img.affine) == ("L", "P", "S")
+            assert int(img.header["qform_code"]) == 1 and int(img.header["sform_code"]) == 1
+            assert img.header.get_xyzt_units()[0] == "mm"
+            assert np.allclose(img.affine, seg.affine)
+        assert abs(vol.affine[2, 3]) > 100  # realistic scanner origin, not 0
+        canon_vol, canon_seg = nib.as_closest_canonical(vol), nib.as_closest_canonical(seg)
+        assert np.array_equal(np.asanyarray(canon_vol.dataobj), hu)
+        assert np.array_equal(np.asanyarray(canon_seg.dataobj), label)
+        # Liver on the patient's right (world +x), from the stored (LPS) array and its own affine.
+        stored_hu, stored_label = np.asanyarray(vol.dataobj), np.asanyarray(seg.dataobj)
+        assert world_centroid_x(seg, stored_label >= 1) > world_centroid_x(vol, stored_hu > -500) + 20
+
+
+def test_write_is_idempotent_and_completes_partial_pairs(tmp_path):
+    write_phantom_dataset(tmp_path, volumes=2, seed=1, shape=SMALL, spacing=SMALL_SPACING)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    write_phantom_dataset(tmp_path, volumes=2, seed=1, shape=SMALL, spacing=SMALL_SPACING)
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == mtimes
+    # A pair whose volume is missing (e.g. a killed run) is written again; others are untouched.
+    (tmp_path / "volume-1.nii.gz").unlink()
+    write_phantom_dataset(tmp_path, volumes=2, seed=1, shape=SMALL, spacing=SMALL_SPACING)
+    assert set(p.name for p in tmp_path.iterdir()) == set(mtimes)
+    assert (tmp_path / "volume-0.nii.gz").stat().st_mtime_ns == mtimes["volume-0.nii.gz"]
+    data = np.asanyarray(nib.as_closest_canonical(nib.load(tmp_path / "volume-1.nii.gz")).dataobj)
+    assert np.array_equal(data, make_phantom_volume(1 * 100003 + 1, SMALL, SMALL_SPACING)[0])
+
+
+def test_progress_bar_option(tmp_path):
+    assert len(write_phantom_dataset(tmp_path, volumes=1, shape=SMALL, spacing=SMALL_SPACING, progress=True)) == 1
+
+
+def test_not_solvable_by_a_hu_window():
+    hu, label = make_phantom_volume(0)  # default size: the real use case
+    liver_hu = hu[label == 1]
+    assert 45 < np.median(liver_hu) < 70
+    assert best_window_dice(hu, label) < 0.75

@@ -53,3 +53,47 @@ def test_bad_study_files(tmp_path, spec, message):
         load_study(tmp_path / "study.yaml")
     with pytest.raises(DataError, match="not found"):
         load_study(tmp_path / "missing.yaml")
+
+
+def test_tiny_study_end_to_end_and_resume(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.synthetic import tiny_volume, write_pair
+
+    for i in range(3):
+        write_pair(tmp_path / "data", str(i), *tiny_volume(i, shape=(32, 32, 6)))
+    common = {
+        "data": {"root": "data", "cache_dir": "cache", "split": [1, 1, 1], "image_size": 32, "batch_size": 4,
+                 "num_workers": 0, "preprocess_workers": 1},
+        "trainer": {"max_epochs": 1, "limit_train_batches": 1, "accelerator": "cpu", "enable_progress_bar": False,
+                    "enable_model_summary": False},
+    }
+    for name, model in (("unet", "BaselineUNet"), ("cmunet", "CMUNet")):
+        config = {"model": {"class_path": f"lightning_modules.{model}", "init_args": {"base_channels": 4}}, **common}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(
+        {"name": "tiny", "baseline": "U-Net", "seeds": 2, "models": {"U-Net": "unet.yaml", "CMU-Net": "cmunet.yaml"}}, sort_keys=False))
+
+    def study():
+        env = {**os.environ, "WANDB_MODE": "offline"}
+        result = subprocess.run([sys.executable, "-m", "experiments.cli", "study", "study.yaml", "--trainer.default_root_dir=out"],
+                                cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        return result.stdout
+
+    first = study()
+    folder = tmp_path / "out" / "tiny"
+    rows = json.loads((folder / "results.json").read_text())
+    assert [row["model"] for row in rows] == ["U-Net", "CMU-Net"] and rows[1]["runs"] == 2
+    assert "| CMU-Net | 2 |" in first and (folder / "results.csv").exists()
+    assert (folder / "qualitative.png").stat().st_size > 5_000
+    # paired seeds: the same split for both models of a seed
+    for seed in (0, 1):
+        splits = {yaml.safe_load((folder / m / f"seed_{seed}" / "fit" / "config.yaml").read_text())["data"]["split_seed"] for m in ("U-Net", "CMU-Net")}
+        assert splits == {seed}
+    # a rerun finds every run finished and only rebuilds the table
+    second = study()
+    assert second.count("finished earlier, skipped") == 4
