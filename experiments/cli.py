@@ -6,6 +6,7 @@
     lits synth --out DIR [--volumes N --seed S]
     lits run experiments/pu_net.yaml [--key=value ...]     (multi-stage, see experiments/stages.py)
     lits study experiments/studies/quickstart.yaml [--key=value ...]   (see experiments/study.py)
+    lits sweep experiments/sweeps/cmunet.yaml --count 20 [--key=value ...]   (see experiments/sweep.py)
 
 Every run gets a folder ``<trainer.default_root_dir>/<name>/version_<n>`` holding ``config.yaml``
 (the resolved config), ``metrics.json`` (the final figures), CSV logs, checkpoints, per-volume
@@ -40,6 +41,21 @@ class LitsTrainer(pl.Trainer):
         """Check the data and build the preprocessing cache, without training."""
         datamodule.prepare(check_split=False)
         print(f"cache ready: {datamodule.data_root} -> {datamodule.entries_dir}")
+
+
+class EpochHistory(pl.Callback):
+    """Appends each validation epoch's figures to ``history.jsonl`` in the run folder, flushed at once.
+
+    The CSV logger buffers 100 steps; this file is what a watcher (``lits sweep``'s early termination)
+    reads while the run goes on, and what survives a kill.
+    """
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or not trainer.log_dir or trainer.state.fn != "fit":
+            return
+        figures = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
+        with open(Path(trainer.log_dir) / "history.jsonl", "a") as handle:
+            handle.write(json.dumps({"epoch": trainer.current_epoch, "step": trainer.global_step, **figures}) + "\n")
 
 
 class ConfigToLoggers(SaveConfigCallback):
@@ -88,7 +104,7 @@ class LitsCLI(LightningCLI):
             save_config_callback=ConfigToLoggers,
             save_config_kwargs={"overwrite": True},
             seed_everything_default=42,
-            parser_kwargs={"description": "Liver segmentation experiments (CMU-Net, mask mining). Also: `lits synth --out DIR` writes the synthetic phantom."},
+            parser_kwargs={"description": "Liver segmentation experiments (CMU-Net, mask mining). Also: `lits synth`, `lits run`, `lits study`, `lits sweep` (each with --help)."},
             args=args,
             run=run,
         )
@@ -135,7 +151,7 @@ class LitsCLI(LightningCLI):
                 log_model=False,
             )
             kwargs["logger"] = [csv_logger, wandb_logger]
-            self.trainer_defaults["callbacks"].append(LearningRateMonitor())
+            self.trainer_defaults["callbacks"] += [LearningRateMonitor(), EpochHistory()]
             Path(csv_logger.log_dir).mkdir(parents=True, exist_ok=True)
         return super().instantiate_trainer(**kwargs)
 
@@ -202,18 +218,33 @@ def main(argv: list[str] | None = None) -> None:
         if argv and argv[0] == "synth":
             synth_main(argv[1:])
             return
-        if argv and argv[0] in ("run", "study"):
+        if argv and argv[0] in ("run", "study", "sweep"):
             from experiments.stages import run_main
             from experiments.study import study_main
+            from experiments.sweep import sweep_main
 
             configure_wandb_mode()
-            (run_main if argv[0] == "run" else study_main)(argv[1:])
+            {"run": run_main, "study": study_main, "sweep": sweep_main}[argv[0]](argv[1:])
             return
         configure_wandb_mode()
         LitsCLI(args=None if argv is sys.argv[1:] or argv == sys.argv[1:] else argv)
-    except (DataError, CheckpointError) as error:
-        print(f"lits: error: {error}", file=sys.stderr)
+    except Exception as error:
+        cause = _suite_error(error)
+        if cause is None:
+            raise
+        print(f"lits: error: {cause}", file=sys.stderr)
         sys.exit(2)
+
+
+def _suite_error(error: BaseException | None) -> Exception | None:
+    """The suite's own one-line error behind ``error``, if any: jsonargparse wraps errors raised while it instantiates the model."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, (DataError, CheckpointError)):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -14,8 +14,11 @@ An experiment file lists stages; each stage is a ``lits fit`` of stacked config 
 
 Everything lands in ``<trainer.default_root_dir>/<name>/`` (default ``runs/<name>``): a folder
 per stage (a complete ``lits fit`` run folder) and the final ``metrics.json`` (the last stage's
-figures). Overrides given on the command line reach every stage. A rerun skips finished stages
-(those with a ``metrics.json``) and resumes an unfinished one from its ``last.ckpt``.
+figures). Overrides given on the command line reach every stage; one prefixed with a stage's name
+(``--segmentation.model.init_args.lr=0.01``) reaches that stage alone. ``--<stage>_ckpt=PATH``
+(e.g. ``--base_ckpt=runs/unet/checkpoints/best.ckpt``) skips that stage and hands PATH on in place
+of its best checkpoint. A rerun skips finished stages (those with a ``metrics.json``) and resumes an
+unfinished one from its ``last.ckpt``.
 
 Each stage runs as its own ``lits fit`` process, so DDP launches, crashes and memory stay per stage.
 """
@@ -23,6 +26,7 @@ Each stage runs as its own ``lits fit`` process, so DDP launches, crashes and me
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +34,9 @@ from pathlib import Path
 import yaml
 
 from datamodules import DataError
+
+# Set by `wandb agent` for the one run it started; stage processes must not all claim that run.
+AGENT_ENV = ("WANDB_RUN_ID", "WANDB_SWEEP_ID", "WANDB_SWEEP_PARAM_PATH")
 
 
 def normalise_overrides(argv: list[str]) -> list[str]:
@@ -76,21 +83,57 @@ def load_experiment(path: str | Path) -> tuple[str, list[dict]]:
             raise DataError(f"{path}: every stage needs a unique `name:` (got {name!r})")
         configs = stage.get("config") or []
         stage["config"] = [_resolve(c, path) for c in ([configs] if isinstance(configs, str) else configs)]
-        if stage.get("weights_from") and (stage["weights_from"] not in seen or not stage.get("weights_arg")):
-            raise DataError(f"{path}: stage {name} takes weights_from {stage['weights_from']!r}, which must be an earlier stage, with a weights_arg")
+        sources = stage.get("weights_from") or []
+        sources = [sources] if isinstance(sources, str) else sources
+        if any(s not in seen for s in sources) or (sources and not stage.get("weights_arg")):
+            raise DataError(f"{path}: stage {name} takes weights_from {stage['weights_from']!r}, which must name earlier stages, with a weights_arg")
         seen.append(name)
     return spec.get("name") or path.stem, stages
 
 
-def stage_command(stage: dict, folder: Path, run_folder: Path, overrides: list[str]) -> list[str]:
+def stage_overrides(overrides: list[str], stage: str, stage_names: list[str]) -> list[str]:
+    """The overrides one stage receives: the common ones, and its own with the ``<stage>.`` prefix removed."""
+    result = []
+    for arg in overrides:
+        key = arg[2:].split("=", 1)[0]
+        prefix = key.split(".", 1)[0]
+        if prefix in stage_names and "." in key:
+            if prefix == stage:
+                result.append("--" + arg[len(prefix) + 3:])
+        elif not (key.endswith("_ckpt") and key[: -len("_ckpt")] in stage_names):
+            result.append(arg)
+    return result
+
+
+def given_checkpoints(overrides: list[str], stage_names: list[str]) -> dict[str, str]:
+    """``--<stage>_ckpt=PATH`` options: stages replaced by an existing checkpoint."""
+    given = {}
+    for name in stage_names:
+        path = override_value(overrides, f"{name}_ckpt")
+        if path is not None:
+            if not Path(path).is_file():
+                raise DataError(f"--{name}_ckpt={path}: no such checkpoint file; pass the .ckpt of a finished run (e.g. its checkpoints/best.ckpt)")
+            given[name] = path
+    return given
+
+
+def best_checkpoint(run_folder: Path, stage: str, given: dict[str, str]) -> str:
+    if stage in given:
+        return given[stage]
+    return json.loads((run_folder / stage / "metrics.json").read_text())["best_checkpoint"]
+
+
+def stage_command(stage: dict, folder: Path, run_folder: Path, overrides: list[str], given: dict[str, str] | None = None) -> list[str]:
     command = [sys.executable, "-m", "experiments.cli", "fit"]
     for config in stage["config"]:
         command += ["--config", str(config)]
     command += list(stage.get("args", []))
     command += [f"--name={stage['name']}", f"--run_dir={folder}"]
-    if stage.get("weights_from"):
-        best = json.loads((run_folder / stage["weights_from"] / "metrics.json").read_text())["best_checkpoint"]
-        command.append(f"--{stage['weights_arg']}={best}")
+    sources = stage.get("weights_from")
+    if sources:
+        paths = [best_checkpoint(run_folder, s, given or {}) for s in ([sources] if isinstance(sources, str) else sources)]
+        value = paths[0] if isinstance(sources, str) else "[" + ",".join(paths) + "]"
+        command.append(f"--{stage['weights_arg']}={value}")
     command += overrides
     if (folder / "checkpoints" / "last.ckpt").is_file():
         command.append(f"--ckpt_path={folder / 'checkpoints' / 'last.ckpt'}")
@@ -102,24 +145,42 @@ def run_experiment(path: str | Path, argv: list[str], run_folder: Path | None = 
     name, stages = load_experiment(path)
     overrides = normalise_overrides(argv)
     run_folder = run_folder or Path(override_value(overrides, "trainer.default_root_dir") or "runs") / name
+    names = [s["name"] for s in stages]
+    given = given_checkpoints(overrides, names)
+    if names[-1] in given:
+        raise DataError(f"--{names[-1]}_ckpt would skip the last stage, leaving nothing to run")
     run_folder.mkdir(parents=True, exist_ok=True)
     for index, stage in enumerate(stages, 1):
         folder = run_folder / stage["name"]
+        if stage["name"] in given:
+            print(f"[lits run] stage {index}/{len(stages)} {stage['name']}: replaced by {given[stage['name']]}")
+            continue
         if (folder / "metrics.json").is_file():
             print(f"[lits run] stage {index}/{len(stages)} {stage['name']}: finished earlier, skipped")
             continue
-        command = stage_command(stage, folder, run_folder, overrides)
+        command = stage_command(stage, folder, run_folder, stage_overrides(overrides, stage["name"], names), given)
         resumed = " (resuming from last.ckpt)" if any(a.startswith("--ckpt_path=") for a in command) else ""
         print(f"[lits run] stage {index}/{len(stages)} {stage['name']}{resumed}", flush=True)
-        code = subprocess.run(command).returncode
+        code = subprocess.run(command, env={k: v for k, v in os.environ.items() if k not in AGENT_ENV}).returncode
         if code:
             print(f"lits: error: stage {stage['name']} of {path} failed (exit {code}); fix it and rerun the same command to resume", file=sys.stderr)
             sys.exit(code)
     final = json.loads((run_folder / stages[-1]["name"] / "metrics.json").read_text())
-    final["stages"] = {s["name"]: str(run_folder / s["name"]) for s in stages}
+    final["stages"] = {s["name"]: str(run_folder / s["name"]) for s in stages if s["name"] not in given}
     (run_folder / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
     print(f"[lits run] done: {run_folder / 'metrics.json'}")
+    if "WANDB_SWEEP_ID" in os.environ:
+        report_to_agent(final)
     return run_folder
+
+
+def report_to_agent(figures: dict) -> None:
+    """Under `wandb agent`: the final figures become the summary of the run the agent started."""
+    import wandb
+
+    run = wandb.init()
+    run.summary.update({k: v for k, v in figures.items() if isinstance(v, (int, float))})
+    run.finish()
 
 
 def run_main(argv: list[str]) -> None:

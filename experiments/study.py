@@ -20,6 +20,18 @@ The table (``results.md``, ``results.csv``, ``results.json`` in the study folder
 end) gives mean ± std over seeds of the test Dice and Hausdorff, per slice (px) and per volume
 (mm), and for each model against the baseline the paired t-test and Wilcoxon signed-rank p-values
 (scipy) over the seeds.
+
+Spread over machines, as a W&B grid sweep over model and seed:
+
+    lits study STUDY.yaml --sweep [--key=value ...]
+        writes <study folder>/sweep.yaml; online it registers the sweep and prints the
+        `wandb agent` command to start on each machine; offline it runs the grid here with
+        `lits sweep`, then prints the table.
+    lits study STUDY.yaml --model=LABEL --seed=S [--key=value ...]
+        one run of the study (what each agent runs).
+    lits study STUDY.yaml --from_sweep=ENTITY/PROJECT/SWEEP_ID
+        the table from the sweep's finished runs (their W&B summaries).
+With a shared run folder, plain ``lits study STUDY.yaml`` also builds the table: it skips finished runs.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -35,7 +48,7 @@ import yaml
 from scipy import stats
 
 from datamodules import DataError
-from experiments.stages import normalise_overrides, override_value, run_experiment
+from experiments.stages import load_experiment, normalise_overrides, override_value, run_experiment
 from experiments.study_figure import qualitative_figure
 
 METRICS = {  # column title -> metrics.json key; the per-slice pair is the CMU-Net paper's convention
@@ -60,6 +73,7 @@ def load_study(path: str | Path) -> dict:
         if not found:
             raise DataError(f"{path}: model {label!r} names experiment file {experiment}, which does not exist")
         models[label] = found[0]
+        load_experiment(found[0])  # a broken experiment fails now, not after hours of other models
     baseline = spec.get("baseline", next(iter(models)))
     if baseline not in models:
         raise DataError(f"{path}: baseline {baseline!r} is not one of the models {list(models)}")
@@ -128,25 +142,123 @@ def write_tables(folder: Path, rows: list[dict], baseline: str) -> str:
     return table
 
 
+STUDY_OPTIONS = ("model", "seed", "sweep", "from_sweep", "trial_dir")
+
+
+def _split_options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """The study's own options (--model, --seed, --sweep, --from_sweep, --trial_dir) and the overrides for every run."""
+    options, rest = {}, []
+    for arg in normalise_overrides(argv):
+        key, _, value = arg[2:].partition("=")
+        if key in STUDY_OPTIONS:
+            options[key] = value
+        else:
+            rest.append(arg)
+    return options, rest
+
+
+def run_one(study: dict, folder: Path, label: str, seed: int, overrides: list[str]) -> dict:
+    """One model at one seed (resumable); returns its final metrics."""
+    if label not in study["models"]:
+        raise DataError(f"unknown model {label!r}; the study has {list(study['models'])}")
+    print(f"[lits study] {label}, seed {seed}", flush=True)
+    run_folder = folder / _slug(label) / f"seed_{seed}"
+    seeded = [f"--seed_everything={seed}", f"--data.split_seed={seed}"]
+    run_experiment(study["models"][label], overrides + seeded, run_folder=run_folder)
+    return json.loads((run_folder / "metrics.json").read_text())
+
+
+def sweep_config(path: str | Path, study: dict, overrides: list[str]) -> dict:
+    """A W&B grid sweep over model and seed whose every run is `lits study PATH --model=.. --seed=..`."""
+    return {
+        "name": study["name"],
+        "program": "lits",
+        "method": "grid",
+        "metric": {"name": "test/dice_volume", "goal": "maximize"},
+        "parameters": {"model": {"values": list(study["models"])}, "seed": {"values": study["seeds"]}},
+        "command": ["lits", "study", str(path), *overrides, "${args}"],
+    }
+
+
 def run_study(path: str | Path, argv: list[str]) -> Path:
     study = load_study(path)
-    overrides = normalise_overrides(study["args"] + argv)
+    options, argv_overrides = _split_options(argv)
+    overrides = normalise_overrides(study["args"]) + argv_overrides
     folder = Path(override_value(overrides, "trainer.default_root_dir") or "runs") / study["name"]
+    if "model" in options or "seed" in options:
+        if "model" not in options or "seed" not in options:
+            raise DataError("one run of a study needs both --model=LABEL and --seed=S")
+        final = run_one(study, folder, options["model"], _as_seed(options["seed"]), overrides)
+        if options.get("trial_dir"):  # `lits sweep` reads each trial's figures from its own folder
+            Path(options["trial_dir"]).mkdir(parents=True, exist_ok=True)
+            (Path(options["trial_dir"]) / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
+        return folder
+    if "from_sweep" in options:
+        results = results_from_wandb(options["from_sweep"], study)
+    else:
+        if "sweep" in options:
+            if run_as_sweep(path, study, folder, argv_overrides):
+                return folder
+        results = {label: {} for label in study["models"]}
+        for seed in study["seeds"]:
+            for label in study["models"]:
+                results[label][seed] = run_one(study, folder, label, seed, overrides)
+    return report(study, folder, results, overrides, figure="from_sweep" not in options)
+
+
+def _as_seed(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise DataError(f"--seed must be an integer, got {value!r}") from None
+
+
+def run_as_sweep(path: str | Path, study: dict, folder: Path, overrides: list[str]) -> bool:
+    """Write the grid sweep; online, register it and stop (True); offline, run it here (False: go on to the table)."""
+    from experiments.sweep import run_sweep
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = sweep_config(path, study, overrides)
+    sweep_file = folder / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    if os.environ.get("WANDB_MODE") not in ("offline", "disabled", "dryrun"):
+        import wandb
+
+        sweep_id = wandb.sweep(config, project=override_value(overrides, "wandb_project") or "lits-suite")
+        print(f"[lits study] sweep {sweep_id} registered ({sweep_file}). On each machine run:\n"
+              f"  wandb agent <entity>/<project>/{sweep_id}\nthen build the table with:\n"
+              f"  lits study {path} --from_sweep=<entity>/<project>/{sweep_id}")
+        return True
+    count = len(study["models"]) * len(study["seeds"])
+    run_sweep(sweep_file, [f"--count={count}", f"--trainer.default_root_dir={folder / 'sweep'}"])
+    return False
+
+
+def results_from_wandb(sweep_path: str, study: dict) -> dict[str, dict[int, dict]]:
+    """Each (model, seed)'s final figures from the summaries of a W&B sweep's finished runs."""
+    import wandb
+
     results: dict[str, dict[int, dict]] = {label: {} for label in study["models"]}
-    for seed in study["seeds"]:
-        for label, experiment in study["models"].items():
-            print(f"[lits study] {label}, seed {seed}", flush=True)
-            run_folder = folder / _slug(label) / f"seed_{seed}"
-            seeded = [f"--seed_everything={seed}", f"--data.split_seed={seed}"]
-            run_experiment(experiment, overrides + seeded, run_folder=run_folder)
-            results[label][seed] = json.loads((run_folder / "metrics.json").read_text())
+    for run in wandb.Api().sweep(sweep_path).runs:
+        label, seed = run.config.get("model"), run.config.get("seed")
+        if run.state == "finished" and label in results and seed is not None:
+            results[label][int(seed)] = dict(run.summary)
+    missing = [f"{label}/seed {s}" for label in results for s in study["seeds"] if s not in results[label]]
+    if missing:
+        raise DataError(f"sweep {sweep_path} has no finished run for {', '.join(missing)}; let its agents finish, then rerun")
+    return results
+
+
+def report(study: dict, folder: Path, results: dict[str, dict[int, dict]], overrides: list[str], figure: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
     rows = summarize(results, study["baseline"])
     table = write_tables(folder, rows, study["baseline"])
-    first_seed = study["seeds"][0]
-    finals = {label: _final_stage(folder / _slug(label) / f"seed_{first_seed}") for label in study["models"]}
-    qualitative_figure(finals, folder / "qualitative.png")
+    if figure:  # the figure needs the run folders, which a sweep spread over machines does not have here
+        first_seed = study["seeds"][0]
+        finals = {label: _final_stage(folder / _slug(label) / f"seed_{first_seed}") for label in study["models"]}
+        qualitative_figure(finals, folder / "qualitative.png")
     log_to_wandb(study["name"], folder, rows, project=override_value(overrides, "wandb_project") or "lits-suite")
-    print(f"\n{table}\n\n[lits study] tables in {folder}/results.{{md,csv,json}}, figure {folder / 'qualitative.png'}")
+    print(f"\n{table}\n\n[lits study] tables in {folder}/results.{{md,csv,json}}" + (f", figure {folder / 'qualitative.png'}" if figure else ""))
     return folder
 
 
@@ -161,8 +273,10 @@ def log_to_wandb(name: str, folder: Path, rows: list[dict], project: str) -> Non
 
     columns = list(dict.fromkeys(k for row in rows for k in row))
     run = wandb.init(project=project, name=name, job_type="study", dir=str(folder))
-    run.log({"study/results": wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows]),
-             "study/qualitative": wandb.Image(str(folder / "qualitative.png"))})
+    logged = {"study/results": wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])}
+    if (folder / "qualitative.png").is_file():
+        logged["study/qualitative"] = wandb.Image(str(folder / "qualitative.png"))
+    run.log(logged)
     run.finish()
 
 

@@ -109,3 +109,19 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, make_bad, message):
     assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
     assert not list((tmp_path / "cache").rglob(".tmp-*"))
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
+def test_pu_net_with_a_foreign_encoder_checkpoint_fails_before_training(tmp_path):
+    import torch
+
+    from lightning_modules import EncoderPretraining
+
+    encoder = EncoderPretraining(base_channels=8, in_channels=3)  # wrong width and wrong in_channels
+    torch.save({"state_dict": encoder.state_dict(), "hyper_parameters": dict(encoder.hparams)}, tmp_path / "encoder.ckpt")
+    result = lits("fit", "--model=lightning_modules.PretrainedUNet", "--model.init_args.base_channels=4",
+                  f"--model.init_args.encoder_checkpoint={tmp_path / 'encoder.ckpt'}", "--data.root=nowhere",
+                  f"--trainer.default_root_dir={tmp_path / 'runs'}", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("lits: error:")]
+    assert len(lines) == 1 and "encoder.ckpt" in lines[0] and "in_channels=3, base_channels=8" in lines[0], result.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()

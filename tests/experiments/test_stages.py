@@ -69,9 +69,21 @@ def test_overrides_are_normalised():
     ({"stages": []}, "no `stages:` list"),
     ({"trainer": {}}, "no `stages:` list"),
     ({"stages": [{"name": "a", "config": "missing.yaml"}]}, "missing.yaml not found"),
-    ({"stages": [{"name": "a", "config": []}, {"name": "b", "weights_from": "c", "weights_arg": "x"}]}, "must be an earlier stage"),
+    ({"stages": [{"name": "a", "config": []}, {"name": "b", "weights_from": "c", "weights_arg": "x"}]}, "must name earlier stages"),
 ])
 def test_bad_experiment_files(tmp_path, spec, message):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(spec))
     with pytest.raises(DataError, match=message):
         load_experiment(tmp_path / "bad.yaml")
+
+
+def test_stage_prefixed_overrides_reach_one_stage_and_given_checkpoints_replace_stages(tmp_path):
+    from experiments.stages import given_checkpoints, stage_overrides
+
+    overrides = ["--data.root=d", "--first.model.init_args.lr=0.1", "--second.trainer.max_epochs=3", "--first_ckpt=x.ckpt"]
+    assert stage_overrides(overrides, "first", ["first", "second"]) == ["--data.root=d", "--model.init_args.lr=0.1"]
+    assert stage_overrides(overrides, "second", ["first", "second"]) == ["--data.root=d", "--trainer.max_epochs=3"]
+    with pytest.raises(DataError, match="--first_ckpt=x.ckpt: no such checkpoint file"):
+        given_checkpoints(overrides, ["first", "second"])
+    (tmp_path / "x.ckpt").write_bytes(b"0")
+    assert given_checkpoints([f"--first_ckpt={tmp_path / 'x.ckpt'}"], ["first", "second"]) == {"first": str(tmp_path / "x.ckpt")}

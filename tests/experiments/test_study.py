@@ -1,5 +1,6 @@
 """`lits study`: statistics on a fixed table of numbers, checked against scipy directly, and bad study files."""
 
+import json
 import math
 
 import numpy as np
@@ -97,3 +98,63 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
     # a rerun finds every run finished and only rebuilds the table
     second = study()
     assert second.count("finished earlier, skipped") == 4
+    # the same study as a grid sweep over model and seed, run offline by the sweep engine: every
+    # run is found finished, so the grid only re-reads them, and the table is the same
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    swept = subprocess.run([sys.executable, "-m", "experiments.cli", "study", "study.yaml", "--sweep", "--trainer.default_root_dir=out"],
+                           cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert swept.returncode == 0, swept.stdout[-2000:] + swept.stderr[-3000:]
+    sweep = yaml.safe_load((folder / "sweep.yaml").read_text())
+    assert sweep["method"] == "grid" and sweep["parameters"]["model"]["values"] == ["U-Net", "CMU-Net"]
+    trials = json.loads((folder / "sweep" / "sweep_sweep" / "sweep.json").read_text())["trials"]
+    assert sorted((t["params"]["model"], t["params"]["seed"]) for t in trials) == sorted((m, s) for m in ("U-Net", "CMU-Net") for s in (0, 1))
+    assert all(t["state"] == "finished" for t in trials)
+    assert json.loads((folder / "results.json").read_text()) == rows
+
+
+def test_table_from_a_wandb_sweep(tmp_path, monkeypatch):
+    """--from_sweep builds the table from the finished runs' summaries (W&B's public API, faked here)."""
+    import wandb
+
+    from experiments import study as study_module
+
+    (tmp_path / "exp.yaml").write_text("model: {}\n")
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({"name": "s", "seeds": 6, "baseline": "U-Net",
+                                                          "models": {"U-Net": "exp.yaml", "CMU-Net": "exp.yaml"}}))
+    results = fake_results()
+
+    class Run:
+        def __init__(self, label, seed, state="finished"):
+            self.config, self.state, self.summary = {"model": label, "seed": seed}, state, results[label][seed]
+
+    runs = [Run(label, seed) for label in results for seed in results[label]] + [Run("U-Net", 0, state="crashed")]
+    asked = []
+
+    class Api:
+        def sweep(self, path):
+            asked.append(path)
+            return type("Sweep", (), {"runs": runs})()
+
+    monkeypatch.setattr(wandb, "Api", Api)
+    monkeypatch.setattr(study_module, "log_to_wandb", lambda *a, **k: None)
+    folder = study_module.run_study(tmp_path / "study.yaml", ["--from_sweep=me/proj/abc", f"--trainer.default_root_dir={tmp_path}"])
+    assert asked == ["me/proj/abc"]
+    expected = {row["model"]: row for row in json.loads(json.dumps(summarize(results, "U-Net")))}
+    assert {row["model"]: row for row in json.loads((folder / "results.json").read_text())} == expected
+    runs.pop(3)  # a missing (model, seed) is named in a one-line error
+    with pytest.raises(DataError, match="no finished run for U-Net/seed 3"):
+        study_module.run_study(tmp_path / "study.yaml", ["--from_sweep=me/proj/abc"])
+
+
+def test_unknown_model_or_broken_experiment_is_refused_before_training(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "exp.yaml").write_text("model: {}\n")
+    (tmp_path / "broken.yaml").write_text("stages: []\n")
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({"models": {"A": "exp.yaml"}}))
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"models": {"A": "exp.yaml", "B": "broken.yaml"}}))
+    for args, message in ((["study.yaml", "--model=Z", "--seed=0"], "unknown model 'Z'; the study has ['A']"),
+                          (["bad.yaml"], "broken.yaml: no `stages:` list")):
+        result = subprocess.run([sys.executable, "-m", "experiments.cli", "study", *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
