@@ -36,6 +36,10 @@ class LiTSDataModule(pl.LightningDataModule):
             (mask mining: ``[0.85, 0.15, 0]``); drawn by volume with ``split_seed``.
         split_seed: seed of the volume permutation; the same seed gives the same split everywhere.
         train_ids, val_ids, test_ids: explicit volume ids for a split (override ``split`` for it).
+        num_folds: k > 1 divides the training volumes into k folds (sorted ids, id i of the sorted
+            list in fold i mod k): mask mining's cross-mining, where each fold's error masks come
+            from a model that never trained on it.
+        holdout_fold: with ``num_folds``, train on every fold but this one (a cross-mining fold model).
         target: ``"liver"`` (labels 1 and 2), ``"lesion"`` (label 2) or ``"both"`` (two channels).
         image_size: in-plane size of the cached slices (CMU-Net: 256).
         hu_window: HU clipping window before scaling to [0, 1] (mask mining: [-100, 600]).
@@ -61,6 +65,8 @@ class LiTSDataModule(pl.LightningDataModule):
         train_ids: list[str] | None = None,
         val_ids: list[str] | None = None,
         test_ids: list[str] | None = None,
+        num_folds: int = 0,
+        holdout_fold: int | None = None,
         target: str = "liver",
         image_size: int = 256,
         hu_window: tuple[float, float] = (-100.0, 600.0),
@@ -85,8 +91,11 @@ class LiTSDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         if image_size % 16:
             raise ValueError(f"image_size must be divisible by 16 (four U-Net poolings), got {image_size}")
+        if holdout_fold is not None and not 0 <= holdout_fold < num_folds:
+            raise DataError(f"--data.holdout_fold={holdout_fold} needs --data.num_folds above it (folds are 0..num_folds-1)")
         self.settings = PreprocessSettings(float(hu_window[0]), float(hu_window[1]), int(image_size))
         self.volumes: list[CachedVolume] = []
+        self.train_folds: dict[int, int] = {}  # volume index -> fold, for every training volume (num_folds > 1)
         self.splits: dict[str, list[str]] = {}
         self.datasets: dict[str, SliceDataset] = {}
 
@@ -143,6 +152,10 @@ class LiTSDataModule(pl.LightningDataModule):
         self.volumes = [CachedVolume(e) for e in entries]
         self.splits = self._split([v.volume_id for v in self.volumes])
         position = {v.volume_id: i for i, v in enumerate(self.volumes)}
+        if self.hparams.num_folds > 1:
+            self.train_folds = {position[v]: i % self.hparams.num_folds for i, v in enumerate(sorted(self.splits["train"]))}
+            if self.hparams.holdout_fold is not None:
+                self.splits["train"] = [v for v in self.splits["train"] if self.train_folds[position[v]] != self.hparams.holdout_fold]
         for name in SPLIT_NAMES:
             indices = [position[i] for i in self.splits[name]]
             chosen = [self.volumes[i] for i in indices]

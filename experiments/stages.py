@@ -12,6 +12,9 @@ An experiment file lists stages; each stage is a ``lits fit`` of stacked config 
         weights_from: encoder                                   # best checkpoint of an earlier stage...
         weights_arg: model.init_args.encoder_checkpoint         # ...passed as this key (weights only)
 
+or, for several handovers, ``weights: {model.init_args.base_checkpoint: base,
+model.init_args.miner_checkpoints: [fold_0, fold_1]}`` (a list of stages gives a list of paths).
+
 Everything lands in ``<trainer.default_root_dir>/<name>/`` (default ``runs/<name>``): a folder
 per stage (a complete ``lits fit`` run folder) and the final ``metrics.json`` (the last stage's
 figures). Overrides given on the command line reach every stage; one prefixed with a stage's name
@@ -83,10 +86,15 @@ def load_experiment(path: str | Path) -> tuple[str, list[dict]]:
             raise DataError(f"{path}: every stage needs a unique `name:` (got {name!r})")
         configs = stage.get("config") or []
         stage["config"] = [_resolve(c, path) for c in ([configs] if isinstance(configs, str) else configs)]
-        sources = stage.get("weights_from") or []
-        sources = [sources] if isinstance(sources, str) else sources
-        if any(s not in seen for s in sources) or (sources and not stage.get("weights_arg")):
-            raise DataError(f"{path}: stage {name} takes weights_from {stage['weights_from']!r}, which must name earlier stages, with a weights_arg")
+        weights = dict(stage.get("weights") or {})  # argument -> stage, or list of stages
+        if stage.get("weights_from"):
+            if not stage.get("weights_arg"):
+                raise DataError(f"{path}: stage {name} takes weights_from {stage['weights_from']!r} but has no weights_arg naming the argument that receives them")
+            weights[stage["weights_arg"]] = stage["weights_from"]
+        for argument, sources in weights.items():
+            if any(s not in seen for s in ([sources] if isinstance(sources, str) else sources)):
+                raise DataError(f"{path}: stage {name} takes weights from {sources!r}, which must name earlier stages")
+        stage["weights"] = weights
         seen.append(name)
     return spec.get("name") or path.stem, stages
 
@@ -129,11 +137,10 @@ def stage_command(stage: dict, folder: Path, run_folder: Path, overrides: list[s
         command += ["--config", str(config)]
     command += list(stage.get("args", []))
     command += [f"--name={stage['name']}", f"--run_dir={folder}"]
-    sources = stage.get("weights_from")
-    if sources:
+    for argument, sources in stage["weights"].items():
         paths = [best_checkpoint(run_folder, s, given or {}) for s in ([sources] if isinstance(sources, str) else sources)]
         value = paths[0] if isinstance(sources, str) else "[" + ",".join(paths) + "]"
-        command.append(f"--{stage['weights_arg']}={value}")
+        command.append(f"--{argument}={value}")
     command += overrides
     if (folder / "checkpoints" / "last.ckpt").is_file():
         command.append(f"--ckpt_path={folder / 'checkpoints' / 'last.ckpt'}")

@@ -10,6 +10,7 @@ A study file::
       PU-Net: experiments/pu_net.yaml
       CMU-Net: experiments/cmunet.yaml
     args: ["--trainer.max_epochs=100"]   # optional overrides for every run
+    inc: false                           # true for mask-mining experiments: see below
 
 Seeds are paired: seed ``s`` sets ``--seed_everything=s`` (the same initial weights for the layers
 models share, which the backbone builds in the same order) and ``--data.split_seed=s`` (the same
@@ -19,7 +20,9 @@ study resumes: finished runs are skipped, an unfinished one continues from its l
 The table (``results.md``, ``results.csv``, ``results.json`` in the study folder, printed at the
 end) gives mean ± std over seeds of the test Dice and Hausdorff, per slice (px) and per volume
 (mm), and for each model against the baseline the paired t-test and Wilcoxon signed-rank p-values
-(scipy) over the seeds.
+(scipy) over the seeds. With ``inc: true`` (mask-mining experiments) every model gets two rows,
+as in the mask-mining paper's Table 1: before mining (the base evaluated in the same run,
+``test/before/*``) and "Inc." after, tested against the row before.
 
 Spread over machines, as a W&B grid sweep over model and seed:
 
@@ -79,7 +82,8 @@ def load_study(path: str | Path) -> dict:
         raise DataError(f"{path}: baseline {baseline!r} is not one of the models {list(models)}")
     seeds = spec.get("seeds", 3)
     seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
-    return {"name": spec.get("name") or path.stem, "models": models, "baseline": baseline, "seeds": seeds, "args": list(spec.get("args", []))}
+    return {"name": spec.get("name") or path.stem, "models": models, "baseline": baseline, "seeds": seeds,
+            "args": list(spec.get("args", [])), "inc": bool(spec.get("inc", False))}
 
 
 def _slug(label: str) -> str:
@@ -98,41 +102,61 @@ def paired_tests(values: np.ndarray, baseline: np.ndarray) -> tuple[float, float
     return t_p, w_p
 
 
-def summarize(results: dict[str, dict[int, dict]], baseline: str) -> list[dict]:
-    """Rows of the table: per model, mean/std per metric and the paired p-values against the baseline."""
+def summarize(results: dict[str, dict[int, dict]], baseline: str, references: dict[str, str] | None = None) -> list[dict]:
+    """Rows of the table: per model, mean/std per metric and paired p-values against its reference.
+
+    ``references`` maps a model to the model it is tested against (default: every model but the
+    baseline against the baseline); a model without a reference gets no p-values.
+    """
+    references = references if references is not None else {label: baseline for label in results if label != baseline}
     rows = []
-    seeds = sorted(results[baseline])
     for label, runs in results.items():
         row = {"model": label, "runs": len(runs)}
+        reference = references.get(label)
+        seeds = sorted(s for s in runs if reference is None or s in results[reference])
         for title, key in METRICS.items():
-            values = np.array([runs[s][key] for s in seeds if s in runs], dtype=float)
+            values = np.array([runs[s][key] for s in seeds], dtype=float)
             row[f"{title} mean"] = float(values.mean())
             row[f"{title} std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-            if label != baseline:
-                paired = [s for s in seeds if s in runs]
-                t_p, w_p = paired_tests(values, np.array([results[baseline][s][key] for s in paired]))
+            if reference is not None:
+                t_p, w_p = paired_tests(values, np.array([results[reference][s][key] for s in seeds], dtype=float))
                 row[f"{title} t-test p"], row[f"{title} Wilcoxon p"] = t_p, w_p
         rows.append(row)
     return rows
 
 
-def markdown_table(rows: list[dict], baseline: str) -> str:
+def before_and_after(results: dict[str, dict[int, dict]]) -> tuple[dict[str, dict[int, dict]], dict[str, str]]:
+    """Mask-mining studies: each model's row before mining (its run's ``test/before/*`` figures, the
+    base model evaluated in the same run) and its "Inc." row after, tested against the row before."""
+    expanded, references = {}, {}
+    for label, runs in results.items():
+        missing = [s for s, m in runs.items() if any(k.replace("test/", "test/before/", 1) not in m for k in METRICS.values())]
+        if missing:
+            raise DataError(f"model {label!r}: its runs (seed {missing[0]}) report no test/before/* figures; `inc: true` needs mask-mining experiments")
+        expanded[label] = {s: {k: m[k.replace("test/", "test/before/", 1)] for k in METRICS.values()} for s, m in runs.items()}
+        expanded[f"{label} Inc."] = runs
+        references[f"{label} Inc."] = label
+    return expanded, references
+
+
+def markdown_table(rows: list[dict], baseline: str, inc: bool = False) -> str:
     header = ["Model", "runs", *METRICS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["model"], str(row["runs"])]
         for title in METRICS:
             cell = f"{row[f'{title} mean']:.4f} ± {row[f'{title} std']:.4f}"
-            if row["model"] != baseline:
+            if f"{title} t-test p" in row:
                 cell += f" (p={row[f'{title} t-test p']:.3g} t, {row[f'{title} Wilcoxon p']:.3g} W)"
             cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"\nTest-set figures, mean ± std over seeds; p: paired t-test (t) and Wilcoxon signed-rank (W) against {baseline}.")
+    against = "the same model before mask mining (Inc.: after)" if inc else baseline
+    lines.append(f"\nTest-set figures, mean ± std over seeds; p: paired t-test (t) and Wilcoxon signed-rank (W) against {against}.")
     return "\n".join(lines)
 
 
-def write_tables(folder: Path, rows: list[dict], baseline: str) -> str:
-    table = markdown_table(rows, baseline)
+def write_tables(folder: Path, rows: list[dict], baseline: str, inc: bool = False) -> str:
+    table = markdown_table(rows, baseline, inc)
     (folder / "results.md").write_text(table + "\n")
     (folder / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     with open(folder / "results.csv", "w", newline="") as handle:
@@ -251,8 +275,11 @@ def results_from_wandb(sweep_path: str, study: dict) -> dict[str, dict[int, dict
 
 def report(study: dict, folder: Path, results: dict[str, dict[int, dict]], overrides: list[str], figure: bool = True) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    rows = summarize(results, study["baseline"])
-    table = write_tables(folder, rows, study["baseline"])
+    references = None
+    if study["inc"]:
+        results, references = before_and_after(results)
+    rows = summarize(results, study["baseline"], references)
+    table = write_tables(folder, rows, study["baseline"], study["inc"])
     if figure:  # the figure needs the run folders, which a sweep spread over machines does not have here
         first_seed = study["seeds"][0]
         finals = {label: _final_stage(folder / _slug(label) / f"seed_{first_seed}") for label in study["models"]}

@@ -6,6 +6,7 @@ from .baseline import BaselineUNet
 from .classification import CheckpointError
 from .cmunet import CMUNet
 from .encoder_pretraining import EncoderPretraining
+from .mask_mining import MaskMining
 from .pretrained_unet import PretrainedUNet
 from .segmentation import SegmentationTask
 
@@ -17,5 +18,6 @@ __all__ = [
     "EncoderPretraining",
     "PretrainedUNet",
     "CMUNet",
+    "MaskMining",
     "CheckpointError",
 ]

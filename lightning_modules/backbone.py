@@ -10,6 +10,7 @@ module (state_dict prefix)      input                       output
 ``decoder``                     the 5 feature maps          (B, c_0, H, W)
 ``segmentation_head``           (B, c_0, H, W)              (B, out_channels, H, W) logits
 ``classification_head``         (B, c_4, H/16, W/16)        (B, num_classes) logits
+``error_head``                  (B, c_0, H, W)              (B, num_error_classes, H, W) logits
 ==============================  ==========================  =================================
 
 with c = (16, 32, 64, 128, 256) for the default ``base_channels=16``. H and W must be divisible
@@ -20,7 +21,8 @@ pooling. Each decoder step upsamples with a 2x2 transposed convolution (the orig
 "up-conv"), concatenates the encoder's skip and applies the same double-conv block. A 1x1 conv
 gives the segmentation logits. The classification head (global average pooling + one Linear on
 the deepest encoder features, the CMU-Net paper's auxiliary head) exists only when
-``num_classes`` is given.
+``num_classes`` is given; the error head (mask mining's four 1x1-conv error channels beside the
+segmentation head, on the same decoder features) only when ``num_error_classes`` is given.
 """
 
 from __future__ import annotations
@@ -111,9 +113,11 @@ class UNet(nn.Module):
         norm: ``"instance"`` (the paper) or ``"batch"``.
         num_classes: size of the classification head's output; ``None`` means no head.
         decoder: ``False`` builds the encoder-only classifier used for encoder pretraining.
+        num_error_classes: size of the error head (4 for mask mining); ``None`` means no head.
 
-    ``forward`` returns a dict with ``"seg"`` (B, out_channels, H, W) when the decoder exists and
-    ``"cls"`` (B, num_classes) when the classification head exists.
+    ``forward`` returns a dict with ``"seg"`` (B, out_channels, H, W) when the decoder exists,
+    ``"cls"`` (B, num_classes) when the classification head exists and ``"errors"``
+    (B, num_error_classes, H, W) when the error head exists.
     """
 
     def __init__(
@@ -124,22 +128,29 @@ class UNet(nn.Module):
         norm: str = "instance",
         num_classes: int | None = None,
         decoder: bool = True,
+        num_error_classes: int | None = None,
     ):
         super().__init__()
         if not decoder and num_classes is None:
             raise ValueError("an encoder-only UNet needs a classification head (num_classes)")
+        if not decoder and num_error_classes is not None:
+            raise ValueError("the error head sits on the decoder: it needs decoder=True")
         self.encoder = Encoder(in_channels, base_channels, norm)
         self.decoder = Decoder(base_channels, norm) if decoder else None
         self.segmentation_head = nn.Conv2d(base_channels, out_channels, kernel_size=1) if decoder else None
         self.classification_head = (
             ClassificationHead(self.encoder.out_channels[-1], num_classes) if num_classes is not None else None
         )
+        self.error_head = nn.Conv2d(base_channels, num_error_classes, kernel_size=1) if num_error_classes else None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.encoder(x)
         outputs = {}
         if self.decoder is not None:
-            outputs["seg"] = self.segmentation_head(self.decoder(features))
+            decoded = self.decoder(features)
+            outputs["seg"] = self.segmentation_head(decoded)
+            if self.error_head is not None:
+                outputs["errors"] = self.error_head(decoded)
         if self.classification_head is not None:
             outputs["cls"] = self.classification_head(features[-1])
         return outputs

@@ -44,6 +44,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 RECORD_KEYS = ("volume_index", "slice_index", "dice", "hausdorff_px", "probs_u8")
 VOLUME_KEYS = ("dice_volume", "hd95_volume_mm", "hd_volume_mm")
+COUNT_KEYS = ("tp_voxels", "fp_voxels", "fn_voxels")  # per volume, summed over channels
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -248,6 +249,9 @@ def summarize_volumes(
 ) -> dict[str, float] | tuple[dict[str, float], dict[int, dict[str, float]]]:
     """Per-volume Dice, hd95 and Hausdorff (mm) at the original resolution, averaged over volumes.
 
+    ``per_volume`` (with ``return_per_volume``) also holds each volume's TP, FP and FN voxel counts
+    (``COUNT_KEYS``) of the final (reassembled, largest-component) prediction.
+
     ``load_target(v)`` returns ``(target_full bool (C, Z0, H0, W0), (sz, sy, sx) mm)``; only the evaluated
     slices ``target_full[:, slice_indices]`` are compared, so partially evaluated volumes compare like for like.
     """
@@ -271,6 +275,7 @@ def summarize_volumes(
             raise ValueError(f"volume {v}: {volume_probs.shape[1]} predicted channels, {target.shape[0]} in target")
         pred = _reassemble(volume_probs, tuple(target.shape[-2:]), threshold)
         pred = largest_connected_component(pred, largest_component_channels)
-        per_volume[int(v)] = volume_dice_hausdorff(pred, target, spacing)
+        counts = {"tp_voxels": int((pred & target).sum()), "fp_voxels": int((pred & ~target).sum()), "fn_voxels": int((~pred & target).sum())}
+        per_volume[int(v)] = volume_dice_hausdorff(pred, target, spacing) | counts
     means = {key: float(np.mean([figures[key] for figures in per_volume.values()])) for key in VOLUME_KEYS}
     return (means, per_volume) if return_per_volume else means

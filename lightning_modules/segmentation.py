@@ -77,6 +77,7 @@ class SegmentationTask(BaseTask):
     def configure_metrics(self) -> None:
         self.records = nn.ModuleDict({stage: SliceRecords() for stage in STAGES})
         self._overlay_samples: dict[str, dict] = {stage: {} for stage in STAGES}
+        self.per_volume: dict[str, dict[int, dict[str, float]]] = {}  # the last epoch's, by stage
 
     def foreground_probability(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-pixel foreground probability (B, C, H, W) that the metrics threshold."""
@@ -88,18 +89,22 @@ class SegmentationTask(BaseTask):
         self.records[stage].update(probs, target, batch["volume_index"], batch["slice_index"], self.hparams.threshold)
         self._keep_overlay_samples(stage, batch, probs)
 
-    def compute_metrics(self, stage: str) -> dict[str, float]:
-        records = self.records[stage].compute()
-        self.records[stage].reset()
-        if len(records["volume_index"]) == 0:
-            return {}
+    def summarize_records(self, records: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
+        """Epoch figures (slice and volume means) and per-volume figures of ``SliceRecords.compute()``."""
         datamodule = self.trainer.datamodule
         lcc_channels = (0,) if self.hparams.largest_component and datamodule.hparams.target != "lesion" else ()
         volumes, per_volume = summarize_volumes(
             records, datamodule.eval_target, lcc_channels, self.hparams.threshold, return_per_volume=True
         )
-        figures = {**summarize_slices(records), **volumes}
-        self._write_reports(stage, per_volume)
+        return {**summarize_slices(records), **volumes}, per_volume
+
+    def compute_metrics(self, stage: str) -> dict[str, float]:
+        records = self.records[stage].compute()
+        self.records[stage].reset()
+        if len(records["volume_index"]) == 0:
+            return {}
+        figures, self.per_volume[stage] = self.summarize_records(records)
+        self._write_reports(stage, self.per_volume[stage])
         return {f"{stage}/{k}": v for k, v in figures.items()}
 
     # -- reports ---------------------------------------------------------------------------------

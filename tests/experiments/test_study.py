@@ -79,7 +79,7 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
         {"name": "tiny", "baseline": "U-Net", "seeds": 2, "models": {"U-Net": "unet.yaml", "CMU-Net": "cmunet.yaml"}}, sort_keys=False))
 
     def study():
-        env = {**os.environ, "WANDB_MODE": "offline"}
+        env = {**os.environ, "WANDB_MODE": "disabled"}
         result = subprocess.run([sys.executable, "-m", "experiments.cli", "study", "study.yaml", "--trainer.default_root_dir=out"],
                                 cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -95,12 +95,10 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
     for seed in (0, 1):
         splits = {yaml.safe_load((folder / m / f"seed_{seed}" / "fit" / "config.yaml").read_text())["data"]["split_seed"] for m in ("U-Net", "CMU-Net")}
         assert splits == {seed}
-    # a rerun finds every run finished and only rebuilds the table
-    second = study()
-    assert second.count("finished earlier, skipped") == 4
-    # the same study as a grid sweep over model and seed, run offline by the sweep engine: every
-    # run is found finished, so the grid only re-reads them, and the table is the same
-    env = {**os.environ, "WANDB_MODE": "offline"}
+    # a rerun finds every run finished: here as the same study run as a grid sweep over model and
+    # seed by the offline sweep engine, each trial a `lits study --model --seed` that skips its
+    # finished run; the table is the same
+    env = {**os.environ, "WANDB_MODE": "disabled"}
     swept = subprocess.run([sys.executable, "-m", "experiments.cli", "study", "study.yaml", "--sweep", "--trainer.default_root_dir=out"],
                            cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
     assert swept.returncode == 0, swept.stdout[-2000:] + swept.stderr[-3000:]
@@ -109,6 +107,8 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
     trials = json.loads((folder / "sweep" / "sweep_sweep" / "sweep.json").read_text())["trials"]
     assert sorted((t["params"]["model"], t["params"]["seed"]) for t in trials) == sorted((m, s) for m in ("U-Net", "CMU-Net") for s in (0, 1))
     assert all(t["state"] == "finished" for t in trials)
+    logs = [(folder / "sweep" / "sweep_sweep" / f"{t['name']}.log").read_text() for t in trials]
+    assert all("finished earlier, skipped" in log and "Final figures" not in log for log in logs)
     assert json.loads((folder / "results.json").read_text()) == rows
 
 
@@ -146,15 +146,20 @@ def test_table_from_a_wandb_sweep(tmp_path, monkeypatch):
         study_module.run_study(tmp_path / "study.yaml", ["--from_sweep=me/proj/abc"])
 
 
-def test_unknown_model_or_broken_experiment_is_refused_before_training(tmp_path):
-    import subprocess
-    import sys
+def test_unknown_model_or_broken_experiment_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    import os
+
+    monkeypatch.chdir(tmp_path)
 
     (tmp_path / "exp.yaml").write_text("model: {}\n")
     (tmp_path / "broken.yaml").write_text("stages: []\n")
     (tmp_path / "study.yaml").write_text(yaml.safe_dump({"models": {"A": "exp.yaml"}}))
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"models": {"A": "exp.yaml", "B": "broken.yaml"}}))
+    from experiments.cli import main
+
     for args, message in ((["study.yaml", "--model=Z", "--seed=0"], "unknown model 'Z'; the study has ['A']"),
                           (["bad.yaml"], "broken.yaml: no `stages:` list")):
-        result = subprocess.run([sys.executable, "-m", "experiments.cli", "study", *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        with pytest.raises(SystemExit) as exit_code:
+            main(["study", *args])
+        stderr = capsys.readouterr().err
+        assert exit_code.value.code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr

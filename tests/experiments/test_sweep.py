@@ -66,7 +66,8 @@ def test_sweep_yaml_is_valid_for_the_engine_and_the_cli(path, tmp_path, monkeypa
             assert node == pytest.approx(value) if isinstance(value, float) else node == value, key
 
 
-def test_the_engine_rejects_bad_sweep_yamls(tmp_path):
+def test_the_engine_rejects_bad_sweep_yamls(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     cases = {
         "method": ({"method": "annealing", "metric": {"name": "val/loss"}, "parameters": {"a": {"values": [1]}}, "command": ["lits", "${args}"]}, "rejects it"),
         "no_args": ({"method": "grid", "metric": {"name": "val/loss"}, "parameters": {"a": {"values": [1]}}, "command": ["lits", "fit"]}, "no \\$\\{args\\} macro"),
@@ -76,9 +77,13 @@ def test_the_engine_rejects_bad_sweep_yamls(tmp_path):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
         with pytest.raises(DataError, match=message):
             load_sweep(tmp_path / f"{name}.yaml")
-    result = lits("sweep", "method.yaml", "--count=1", cwd=tmp_path, check=False)
-    assert result.returncode == 2 and result.stderr.startswith("lits: error: method.yaml: the W&B sweep engine rejects it")
-    assert len(result.stderr.strip().splitlines()) == 1
+    from experiments.cli import main
+
+    with pytest.raises(SystemExit) as exit_code:
+        main(["sweep", "method.yaml", "--count=1"])
+    stderr = capsys.readouterr().err
+    assert exit_code.value.code == 2 and stderr.startswith("lits: error: method.yaml: the W&B sweep engine rejects it")
+    assert len(stderr.strip().splitlines()) == 1
 
 
 def test_hyperband_stops_a_trailing_trial_from_its_history():

@@ -1,0 +1,275 @@
+"""MaskMining: a trained segmentation model of the suite, retrained on its own errors (Roth et al., sections 2 and 4).
+
+The base checkpoint (BaselineUNet, PretrainedUNet, CMUNet, or an earlier MaskMining round) is
+rebuilt with every learned weight, and the backbone's four 1x1-conv error channels (TN, FP, FN, TP)
+are appended beside its segmentation head. The new channels start as the base's own decision: TP
+carries the segmentation head's weights, TN their negation, FP and FN zero. So before retraining
+the decoded error head gives exactly the base model's mask, and retraining starts from it.
+
+Mining is done on the fly: a frozen copy of the base model predicts every training batch after
+augmentation, so each error mask (``2 * truth + prediction``, see ``error_masks``) belongs to
+exactly the input the retrained model sees. These are forward passes only, over training batches.
+With ``miner_checkpoints`` (cross-mining) each training slice is mined by the model of its fold,
+which never trained on it (``data.num_folds``, ``data.holdout_fold``).
+
+Validation and test report the retrained model's final mask (``argmax // 2`` for ``pwce``, the TP
+channel for ``dice``) under the suite's usual names, the base model's figures under
+``{stage}/before/...``, and FP / FN / TP voxel counts of both (the error-type report, ``error_report``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from datamodules import DataError
+
+from .backbone import UNet
+from .classification import CheckpointError, focal_loss, slice_labels
+from .error_masks import LOSSES, TN, TP, build_error_loss, error_mask
+from .error_masks import foreground_probability as error_foreground_probability
+from .error_report import write_error_report
+from .metrics import SliceRecords
+from .segmentation import STAGES, SegmentationTask
+
+
+@dataclass(frozen=True)
+class BaseArchitecture:
+    """What a base checkpoint holds, read from its hyperparameters and weights."""
+
+    in_channels: int
+    out_channels: int
+    base_channels: int
+    norm: str
+    has_classification_head: bool
+    has_error_head: bool
+    loss: str | None  # the decoding of an earlier mining round's error head
+    target: str | None  # the data target it was trained on, when the checkpoint records it
+
+    def build(self) -> UNet:
+        return UNet(self.in_channels, self.out_channels, self.base_channels, self.norm,
+                    num_classes=1 if self.has_classification_head else None,
+                    num_error_classes=4 if self.has_error_head else None)
+
+
+def read_base_checkpoint(path: str) -> tuple[BaseArchitecture, dict[str, torch.Tensor]]:
+    """(architecture, ``model.*`` weights without the prefix) of a segmentation checkpoint; one-line CheckpointError otherwise."""
+    if not path or not os.path.isfile(path):
+        raise CheckpointError(f"base checkpoint {path!r} does not exist; pass a trained segmentation model's .ckpt (e.g. <run>/checkpoints/best.ckpt)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupt, truncated or foreign files raise several types
+        raise CheckpointError(f"cannot read base checkpoint {path}: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}") from None
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not isinstance(hparams, dict):
+        raise CheckpointError(f"{path} is not a Lightning checkpoint of this suite (no state_dict or hyper_parameters)")
+    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    if not any(k.startswith("decoder.") for k in weights) or "segmentation_head.weight" not in weights:
+        raise CheckpointError(f"{path} is not a segmentation model (no decoder or segmentation head: an encoder pretraining checkpoint?); mine a BaselineUNet, PretrainedUNet or CMUNet checkpoint")
+    head = weights["segmentation_head.weight"]
+    first = weights.get("encoder.blocks.0.0.weight")
+    data = checkpoint.get("datamodule_hyper_parameters") or {}
+    arch = BaseArchitecture(
+        in_channels=int(first.shape[1]) if first is not None else int(hparams.get("in_channels", 1)),
+        out_channels=int(head.shape[0]),
+        base_channels=int(head.shape[1]),
+        norm=str(hparams.get("norm", "instance")),
+        has_classification_head=any(k.startswith("classification_head.") for k in weights),
+        has_error_head="error_head.weight" in weights,
+        loss=hparams.get("loss") if "error_head.weight" in weights else None,
+        target=data.get("target"),
+    )
+    try:
+        arch.build().load_state_dict(weights)
+    except RuntimeError as error:
+        reason = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        raise CheckpointError(f"{path} does not hold this suite's U-Net ({reason}); mine a checkpoint of the suite's segmentation modules") from None
+    return arch, weights
+
+
+def frozen_model(arch: BaseArchitecture, weights: dict[str, torch.Tensor]) -> UNet:
+    model = arch.build()
+    model.load_state_dict(weights)
+    return model.eval().requires_grad_(False)
+
+
+class MaskMining(SegmentationTask):
+    """Retrain a base segmentation model on its TN / FP / FN / TP error masks.
+
+    Args:
+        base_checkpoint: the trained model to boost (its architecture comes from the checkpoint).
+        loss: ``dice`` (multiclass Dice, TP channel replaced by the ground truth; the mask is the TP
+            channel: the paper's choice, towards recall) or ``pwce`` (pixel-weighted cross-entropy;
+            the mask is ``argmax // 2``: towards fewer false positives).
+        miner_checkpoints: cross-mining: one model per fold of ``data.num_folds``, model ``j``
+            trained without fold ``j`` (``data.holdout_fold=j``); ``None`` mines with the base.
+        class_weights: ``pwce`` weights of TN, FP, FN, TP (``None``: all 1).
+        distance_weights, distance_w0, distance_sigma: ``pwce`` U-Net distance-transform weight maps.
+        cls_weight: weight of the slice-classification focal loss, kept on when the base has a
+            classification head (CMU-Net); 0 switches it off. Loss = error loss + cls_weight * focal.
+        focal_alpha, focal_gamma: that focal loss's settings (CMU-Net's 0.8 and 2).
+        in_channels, out_channels: must match the base (checked); out_channels must be 1.
+        (the remaining arguments are ``SegmentationTask``'s optimisation and evaluation settings;
+        the defaults follow the mask-mining paper: Adam, L2 1e-5, step schedule.)
+    """
+
+    def __init__(
+        self,
+        base_checkpoint: str = "",
+        loss: str = "dice",
+        miner_checkpoints: list[str] | None = None,
+        class_weights: list[float] | None = None,
+        distance_weights: bool = False,
+        distance_w0: float = 10.0,
+        distance_sigma: float = 5.0,
+        cls_weight: float = 0.0,
+        focal_alpha: float = 0.8,
+        focal_gamma: float = 2.0,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        lr: float = 1e-4,
+        weight_decay: float = 1e-5,
+        scheduler: str = "step",
+        restart_period: int = 10,
+        min_lr: float = 0.0,
+        step_size: int = 10,
+        step_gamma: float = 0.5,
+        threshold: float = 0.5,
+        largest_component: bool = True,
+        num_overlays: int = 4,
+    ) -> None:
+        if loss not in LOSSES:
+            raise CheckpointError(f"unknown mask-mining loss {loss!r}; choose one of: {', '.join(LOSSES)} (--model.init_args.loss)")
+        super().__init__()
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def configure_models(self) -> None:
+        h = self.hparams
+        path = h.base_checkpoint
+        self.base_architecture, weights = read_base_checkpoint(path)
+        arch = self.base_architecture
+        if arch.out_channels != 1 or h.out_channels != 1:
+            raise CheckpointError(f"{path} has out_channels={arch.out_channels}; mask mining retrains one target channel (liver or lesion): out_channels must be 1")
+        if arch.in_channels != h.in_channels:
+            raise CheckpointError(f"{path} was trained with in_channels={arch.in_channels} but this run has in_channels={h.in_channels}; use the base's --data.context_slices")
+        if h.cls_weight > 0 and not arch.has_classification_head:
+            raise CheckpointError(f"cls_weight={h.cls_weight} keeps a classification loss, but {path} has no classification head (a CMU-Net base has one); set cls_weight to 0")
+        self.model = UNet(arch.in_channels, 1, arch.base_channels, arch.norm,
+                          num_classes=1 if arch.has_classification_head else None, num_error_classes=4)
+        missing, _ = self.model.load_state_dict(weights, strict=False)
+        if not arch.has_error_head:  # the appended channels start as the base's own decision
+            assert sorted(missing) == ["error_head.bias", "error_head.weight"], missing
+            with torch.no_grad():
+                head, errors = self.model.segmentation_head, self.model.error_head
+                errors.weight.zero_()
+                errors.bias.zero_()
+                errors.weight[TP], errors.bias[TP] = head.weight[0], head.bias[0]
+                errors.weight[TN], errors.bias[TN] = -head.weight[0], -head.bias[0]
+        # Frozen miners live outside the module tree: not trained, not in checkpoints, not in DDP.
+        self._base = [frozen_model(arch, weights)]
+        self._miners: list[UNet] = []
+        for miner_path in h.miner_checkpoints or []:
+            miner_arch, miner_weights = read_base_checkpoint(miner_path)
+            if (miner_arch.in_channels, miner_arch.base_channels, miner_arch.norm) != (arch.in_channels, arch.base_channels, arch.norm):
+                raise CheckpointError(f"fold model {miner_path} has another architecture than the base {path}; train the fold models with the base's config")
+            self._miners.append(frozen_model(miner_arch, miner_weights))
+
+    def configure_losses(self) -> None:
+        h = self.hparams
+        options = dict(class_weights=h.class_weights, distance_weights=h.distance_weights, w0=h.distance_w0, sigma=h.distance_sigma)
+        self.error_loss = build_error_loss(h.loss, **(options if h.loss == "pwce" else {}))
+        self.focal_loss = focal_loss(h.focal_alpha, h.focal_gamma) if h.cls_weight > 0 else None
+
+    def configure_metrics(self) -> None:
+        super().configure_metrics()
+        self.before_records = nn.ModuleDict({stage: SliceRecords() for stage in STAGES})
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        arch, data = self.base_architecture, datamodule.hparams
+        if arch.target is not None and arch.target != data.target:
+            raise DataError(f"{self.hparams.base_checkpoint} was trained on target {arch.target!r} but this run has --data.target={data.target}; mine it on its own target")
+        if stage == "fit":
+            if not datamodule.splits.get("train"):
+                raise DataError(f"nothing to mine: the training split of {datamodule.data_root} is empty; give it volumes with --data.split")
+            if self._miners and (data.num_folds != len(self._miners) or data.holdout_fold is not None):
+                raise DataError(f"cross-mining with {len(self._miners)} fold models needs --data.num_folds={len(self._miners)} and no --data.holdout_fold")
+
+    # -- mining ----------------------------------------------------------------------------------
+    @staticmethod
+    def _probability(model: UNet, arch: BaseArchitecture, image: torch.Tensor) -> torch.Tensor:
+        outputs = model(image)
+        if arch.has_error_head:  # an earlier round: its final mask comes from its error head
+            return error_foreground_probability(outputs["errors"], arch.loss)
+        return torch.sigmoid(outputs["seg"])
+
+    def miner_for(self, volume_index: int) -> int:
+        """Index of the fold model that mines this training volume (it never trained on it)."""
+        return self.trainer.datamodule.train_folds[int(volume_index)]
+
+    @torch.no_grad()
+    def mine(self, batch: dict, training: bool) -> dict:
+        """Adds ``errors`` (B, H, W) and, for evaluation, the base's ``base_probs`` (B, 1, H, W) to the batch."""
+        image = batch["image"]
+        base = self._base[0].to(image.device)
+        if training and self._miners:
+            probs = torch.empty_like(batch["mask"], dtype=torch.float32)
+            folds = torch.tensor([self.miner_for(v) for v in batch["volume_index"].tolist()], device=image.device)
+            for fold in folds.unique().tolist():
+                chosen = folds == fold
+                probs[chosen] = self._probability(self._miners[fold].to(image.device), self.base_architecture, image[chosen]).float()
+        else:
+            probs = self._probability(base, self.base_architecture, image).float()
+        batch["errors"] = error_mask(probs >= self.hparams.threshold, batch["mask"] > 0.5)
+        if not training:
+            batch["base_probs"] = probs
+        return batch
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if isinstance(batch, dict) and "mask" in batch:  # after augmentation and transfer: the exact input
+            batch = self.mine(batch, training=self.trainer.training)
+        return batch
+
+    # -- losses and metrics ----------------------------------------------------------------------
+    def foreground_probability(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return error_foreground_probability(outputs["errors"], self.hparams.loss)
+
+    def compute_losses(self, outputs: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
+        error = self.error_loss(outputs["errors"], batch["errors"], batch["mask"])
+        terms = {"loss": error, self.hparams.loss: error}
+        if self.focal_loss is not None:
+            terms["focal"] = self.focal_loss(outputs["cls"], slice_labels(batch, outputs["cls"]))
+            terms["loss"] = error + self.hparams.cls_weight * terms["focal"]
+        return terms
+
+    def update_metrics(self, stage: str, outputs: dict[str, torch.Tensor], batch: dict) -> None:
+        super().update_metrics(stage, outputs, batch)
+        self.before_records[stage].update(batch["base_probs"], batch["mask"] > 0.5, batch["volume_index"], batch["slice_index"], self.hparams.threshold)
+
+    def compute_metrics(self, stage: str) -> dict[str, float]:
+        figures = super().compute_metrics(stage)
+        records = self.before_records[stage].compute()
+        self.before_records[stage].reset()
+        if not figures or len(records["volume_index"]) == 0:
+            return figures
+        before, per_volume_before = self.summarize_records(records)
+        figures |= {f"{stage}/before/{k}": v for k, v in before.items()}
+        after = self.per_volume[stage]
+        figures |= {f"{stage}/before/{t}_voxels": float(sum(x[f"{t}_voxels"] for x in per_volume_before.values())) for t in ("fp", "fn", "tp")}
+        figures |= {f"{stage}/{t}_voxels": float(sum(x[f"{t}_voxels"] for x in after.values())) for t in ("fp", "fn", "tp")}
+        if not self.trainer.sanity_checking:
+            self._write_error_report(stage, per_volume_before, after)
+        return figures
+
+    def _write_error_report(self, stage: str, before: dict, after: dict) -> None:
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective call: every rank makes it
+        if not self.trainer.is_global_zero:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        ids = [v.volume_id for v in self.trainer.datamodule.volumes]
+        write_error_report(folder, stage, before, after, ids, self.loggers, self.global_step)
