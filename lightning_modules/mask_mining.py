@@ -32,7 +32,7 @@ from .backbone import UNet
 from .classification import CheckpointError, focal_loss, slice_labels
 from .error_masks import LOSSES, TN, TP, build_error_loss, error_mask
 from .error_masks import foreground_probability as error_foreground_probability
-from .error_report import write_error_report
+from .error_report import total_counts, write_error_report
 from .metrics import SliceRecords
 from .segmentation import STAGES, SegmentationTask
 
@@ -188,6 +188,8 @@ class MaskMining(SegmentationTask):
     def configure_metrics(self) -> None:
         super().configure_metrics()
         self.before_records = nn.ModuleDict({stage: SliceRecords() for stage in STAGES})
+        # The frozen base's figures on a stage's data never change: summarised once, then reused.
+        self._before: dict[str, tuple[dict[str, float], dict[int, dict[str, float]]]] = {}
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
@@ -249,21 +251,28 @@ class MaskMining(SegmentationTask):
 
     def update_metrics(self, stage: str, outputs: dict[str, torch.Tensor], batch: dict) -> None:
         super().update_metrics(stage, outputs, batch)
-        self.before_records[stage].update(batch["base_probs"], batch["mask"] > 0.5, batch["volume_index"], batch["slice_index"], self.hparams.threshold)
+        if stage not in self._before:
+            self.before_records[stage].update(batch["base_probs"], batch["mask"] > 0.5, batch["volume_index"], batch["slice_index"], self.hparams.threshold)
 
     def compute_metrics(self, stage: str) -> dict[str, float]:
         figures = super().compute_metrics(stage)
-        records = self.before_records[stage].compute()
-        self.before_records[stage].reset()
-        if not figures or len(records["volume_index"]) == 0:
+        if stage not in self._before:
+            records = self.before_records[stage].compute()
+            self.before_records[stage].reset()
+            if not figures:
+                return figures
+            summary = self.summarize_records(records)
+            if self.trainer.sanity_checking:  # the sanity check sees a few batches only: not for keeps
+                return figures
+            self._before[stage] = summary
+        if not figures:
             return figures
-        before, per_volume_before = self.summarize_records(records)
-        figures |= {f"{stage}/before/{k}": v for k, v in before.items()}
+        before, per_volume_before = self._before[stage]
         after = self.per_volume[stage]
-        figures |= {f"{stage}/before/{t}_voxels": float(sum(x[f"{t}_voxels"] for x in per_volume_before.values())) for t in ("fp", "fn", "tp")}
-        figures |= {f"{stage}/{t}_voxels": float(sum(x[f"{t}_voxels"] for x in after.values())) for t in ("fp", "fn", "tp")}
-        if not self.trainer.sanity_checking:
-            self._write_error_report(stage, per_volume_before, after)
+        figures |= {f"{stage}/before/{k}": v for k, v in before.items()}
+        figures |= {f"{stage}/before/{t}_voxels": float(n) for t, n in total_counts(per_volume_before).items()}
+        figures |= {f"{stage}/{t}_voxels": float(n) for t, n in total_counts(after).items()}
+        self._write_error_report(stage, per_volume_before, after)
         return figures
 
     def _write_error_report(self, stage: str, before: dict, after: dict) -> None:
