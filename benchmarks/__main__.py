@@ -7,6 +7,9 @@
     target at least 10,000 slices/s.
 (c) the baseline LightningModule's train step under a Lightning Trainer against a plain PyTorch
     loop with the same model, batches, optimizer and scheduler; target at most 1.05x.
+(d) the mask-mining train step (on-the-fly mining: one extra forward pass of the frozen base per
+    batch) against the baseline's train step, both under Lightning: the price of mining on the fly
+    instead of storing error masks.
 
 Ratios are measured within one run, alternating the two sides and keeping each side's best
 repeat, because these machines are noisy. The last line printed is a JSON object of the figures.
@@ -31,7 +34,7 @@ from datamodules.cache import CachedVolume, PreprocessSettings, build_cache
 from datamodules.dataset import SliceDataset
 from datamodules.nifti import discover
 from datamodules.phantom import write_phantom_dataset
-from lightning_modules import BaselineUNet
+from lightning_modules import BaselineUNet, MaskMining
 
 
 def best_of(repeats: int, *functions) -> list[float]:
@@ -91,12 +94,28 @@ class StepTimer(pl.Callback):
         self.end = time.perf_counter()
 
 
-def bench_train_step(steps: int, warmup: int, batch_size: int, size: int, repeats: int) -> dict:
+def random_batches(count: int, batch_size: int, size: int) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     batches = []
-    for _ in range(steps + warmup):
+    for _ in range(count):
         image = torch.rand(batch_size, 1, size, size, generator=generator)
         batches.append({"image": image, "mask": (image > 0.6).float()})
+    return batches
+
+
+def lightning_seconds(module: pl.LightningModule, batches: list[dict], warmup: int) -> float:
+    """Wall time of the training steps after ``warmup`` under a Lightning Trainer."""
+    timer = StepTimer(warmup)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[timer],
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    return timer.end - timer.start
+
+
+def bench_train_step(steps: int, warmup: int, batch_size: int, size: int, repeats: int) -> dict:
+    batches = random_batches(steps + warmup, batch_size, size)
 
     def make_module():
         torch.manual_seed(0)
@@ -117,20 +136,25 @@ def bench_train_step(steps: int, warmup: int, batch_size: int, size: int, repeat
             scheduler.step()
         return time.perf_counter() - start
 
-    def lightning_loop():
-        timer = StepTimer(warmup)
-        trainer = pl.Trainer(
-            accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[timer],
-        )
-        trainer.fit(make_module(), train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
-        return timer.end - timer.start
-
     plain, lightning = float("inf"), float("inf")
     for _ in range(repeats):
         plain = min(plain, plain_loop())
-        lightning = min(lightning, lightning_loop())
+        lightning = min(lightning, lightning_seconds(make_module(), batches, warmup))
     return {"steps": steps, "batch": f"{batch_size}x1x{size}x{size}", "plain_s": plain, "lightning_s": lightning, "ratio": lightning / plain}
+
+
+def bench_mining_step(work: Path, steps: int, warmup: int, batch_size: int, size: int, repeats: int) -> dict:
+    batches = random_batches(steps + warmup, batch_size, size)
+    torch.manual_seed(0)
+    base = BaselineUNet(lr=1e-3, scheduler="none")
+    checkpoint = work / "base.ckpt"
+    torch.save({"state_dict": base.state_dict(), "hyper_parameters": dict(base.hparams)}, checkpoint)
+    plain, mining = float("inf"), float("inf")
+    for _ in range(repeats):
+        torch.manual_seed(0)
+        plain = min(plain, lightning_seconds(BaselineUNet(lr=1e-3, scheduler="none"), batches, warmup))
+        mining = min(mining, lightning_seconds(MaskMining(base_checkpoint=str(checkpoint), lr=1e-3, scheduler="none"), batches, warmup))
+    return {"steps": steps, "batch": f"{batch_size}x1x{size}x{size}", "baseline_s": plain, "mining_s": mining, "ratio": mining / plain}
 
 
 def main() -> None:
@@ -144,13 +168,16 @@ def main() -> None:
         write_phantom_dataset(work / "data", volumes=2 if args.quick else 4, seed=0, shape=shape, spacing=(0.8, 0.8, 2.5))
         pre = bench_preprocess(work / "data", work, repeats=1 if args.quick else 3)
         load = bench_loading(work, samples=2000 if args.quick else 20000)
-    step = bench_train_step(steps=3 if args.quick else 12, warmup=2, batch_size=6, size=128 if args.quick else 256, repeats=1 if args.quick else 2)
+        size, steps, repeats = (128, 3, 1) if args.quick else (256, 12, 2)
+        mining = bench_mining_step(work, steps=steps, warmup=2, batch_size=6, size=size, repeats=repeats)
+    step = bench_train_step(steps=steps, warmup=2, batch_size=6, size=size, repeats=repeats)
 
     rows = [
         ("(a) preprocess vs plain decode", f"{pre['volumes']} vols {shape[0]}x{shape[1]}x{shape[2]}, {pre['workers']} procs", f"{pre['preprocess_s']:.2f} s vs {pre['decode_s']:.2f} s", f"{pre['ratio']:.2f}x", "<= 1.3x"),
         ("    same, preprocess in 1 process", "", f"{pre['single_s']:.2f} s vs {pre['decode_s']:.2f} s", f"{pre['single_ratio']:.2f}x", ""),
         ("(b) cached random slices", f"{load['samples']} samples, 1 worker", f"{load['slices_per_s']:,.0f} slices/s", "", ">= 10,000/s"),
         ("(c) Lightning step vs plain loop", f"{step['steps']} steps of {step['batch']}", f"{step['lightning_s']:.2f} s vs {step['plain_s']:.2f} s", f"{step['ratio']:.3f}x", "<= 1.05x"),
+        ("(d) mask-mining step vs baseline", f"{mining['steps']} steps of {mining['batch']}", f"{mining['mining_s']:.2f} s vs {mining['baseline_s']:.2f} s", f"{mining['ratio']:.3f}x", ""),
     ]
     print(f"\n{'benchmark':34s} {'workload':30s} {'measured':24s} {'ratio':8s} target")
     for row in rows:
@@ -160,6 +187,7 @@ def main() -> None:
         "preprocess_vs_decode_1proc": round(pre["single_ratio"], 3),
         "cached_slices_per_s": round(load["slices_per_s"], 1),
         "step_vs_plain_loop": round(step["ratio"], 3),
+        "mining_step_vs_baseline_step": round(mining["ratio"], 3),
     }))
 
 

@@ -193,6 +193,8 @@ class MaskMining(SegmentationTask):
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
+        if datamodule is None:  # plain dataloaders (e.g. the benchmarks): nothing to check
+            return
         arch, data = self.base_architecture, datamodule.hparams
         if arch.target is not None and arch.target != data.target:
             raise DataError(f"{self.hparams.base_checkpoint} was trained on target {arch.target!r} but this run has --data.target={data.target}; mine it on its own target")

@@ -78,3 +78,14 @@ def test_before_and_after_rows_are_tested_against_each_other():
     assert rows[1]["Dice (volume) t-test p"] == pytest.approx(stats.ttest_rel(after, before).pvalue)
     assert rows[1]["Dice (volume) Wilcoxon p"] == pytest.approx(stats.wilcoxon(after, before).pvalue)
     assert "against the same model before mask mining" in markdown_table(rows, "U-Net", inc=True)
+
+
+def test_unknown_loss_is_one_line_through_the_cli(tmp_path, capsys, monkeypatch):
+    from experiments.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_code:
+        main(["fit", "--model=lightning_modules.MaskMining", "--model.init_args.loss=focal", "--trainer.logger=false"])
+    stderr = capsys.readouterr().err
+    assert exit_code.value.code == 2 and "Traceback" not in stderr
+    assert stderr.strip() == "lits: error: unknown mask-mining loss 'focal'; choose one of: dice, pwce (--model.init_args.loss)"
