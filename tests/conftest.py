@@ -10,6 +10,14 @@ import pytest
 from tests.synthetic import tiny_volume, write_pair
 
 os.environ.setdefault("WANDB_MODE", "disabled")  # tests never talk to W&B unless a test asks
+# Under pytest-xdist (`pytest -n 2`) the workers share the cores: one intra-op thread pool per core,
+# not per worker, or the workers and the `lits` processes they start oversubscribe the CPU.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 REAL_CT = Path(__file__).parent / "data" / "real-ct-sample"
 
 
