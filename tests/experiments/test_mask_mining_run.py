@@ -12,7 +12,7 @@ import yaml
 from scipy import stats
 
 from experiments.study import METRICS, before_and_after, markdown_table, summarize
-from tests.synthetic import tiny_volume, write_pair
+from tests.synthetic import tiny_experiment
 
 
 def lits(*args, cwd):
@@ -24,13 +24,8 @@ def lits(*args, cwd):
 
 
 def test_mask_mining_run_writes_the_error_type_report(tmp_path):
-    for i in range(4):
-        write_pair(tmp_path / "data", str(i), *tiny_volume(i, shape=(32, 32, 6)))
-    data = {"root": "data", "cache_dir": "cache", "split": [2, 1, 1], "image_size": 32, "batch_size": 4,
-            "num_workers": 0, "preprocess_workers": 1}
-    trainer = {"max_epochs": 2, "accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False}
-    base = {"model": {"class_path": "lightning_modules.BaselineUNet", "init_args": {"base_channels": 4, "lr": 0.003}}, "data": data, "trainer": trainer}
-    mine = {"model": {"class_path": "lightning_modules.MaskMining", "init_args": {"loss": "pwce", "lr": 0.001}}, "data": data, "trainer": trainer}
+    base = tiny_experiment(tmp_path, volumes=4, split=(2, 1, 1), max_epochs=2, lr=0.003)
+    mine = {**base, "model": {"class_path": "lightning_modules.MaskMining", "init_args": {"loss": "pwce", "lr": 0.001}}}
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump(mine))
     (tmp_path / "mm.yaml").write_text(yaml.safe_dump({"name": "mm", "stages": [

@@ -10,7 +10,7 @@ import yaml
 
 from datamodules import DataError
 from experiments.stages import load_experiment, normalise_overrides
-from tests.synthetic import tiny_volume, write_pair
+from tests.synthetic import tiny_experiment
 
 
 def lits(*args, cwd):
@@ -23,14 +23,7 @@ def lits(*args, cwd):
 
 @pytest.fixture
 def experiment(tmp_path):
-    for i in range(3):
-        write_pair(tmp_path / "data", str(i), *tiny_volume(i, shape=(32, 32, 6)))
-    base = {
-        "model": {"class_path": "lightning_modules.BaselineUNet", "init_args": {"base_channels": 4}},
-        "data": {"root": "data", "cache_dir": "cache", "split": [1, 1, 1], "image_size": 32, "batch_size": 4,
-                 "num_workers": 0, "preprocess_workers": 1},
-        "trainer": {"max_epochs": 1, "accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False},
-    }
+    base = tiny_experiment(tmp_path)
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     spec = {"name": "two", "stages": [{"name": "first", "config": "base.yaml"},
                                       {"name": "second", "config": ["base.yaml"], "args": ["--model.init_args.lr=0.002"]}]}

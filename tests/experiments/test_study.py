@@ -62,18 +62,11 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
     import subprocess
     import sys
 
-    from tests.synthetic import tiny_volume, write_pair
+    from tests.synthetic import tiny_experiment
 
-    for i in range(3):
-        write_pair(tmp_path / "data", str(i), *tiny_volume(i, shape=(32, 32, 6)))
-    common = {
-        "data": {"root": "data", "cache_dir": "cache", "split": [1, 1, 1], "image_size": 32, "batch_size": 4,
-                 "num_workers": 0, "preprocess_workers": 1},
-        "trainer": {"max_epochs": 1, "limit_train_batches": 1, "accelerator": "cpu", "enable_progress_bar": False,
-                    "enable_model_summary": False},
-    }
     for name, model in (("unet", "BaselineUNet"), ("cmunet", "CMUNet")):
-        config = {"model": {"class_path": f"lightning_modules.{model}", "init_args": {"base_channels": 4}}, **common}
+        config = tiny_experiment(tmp_path, model)
+        config["trainer"]["limit_train_batches"] = 1
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(
         {"name": "tiny", "baseline": "U-Net", "seeds": 2, "models": {"U-Net": "unet.yaml", "CMU-Net": "cmunet.yaml"}}, sort_keys=False))

@@ -12,7 +12,7 @@ import yaml
 from datamodules import DataError
 from experiments.stages import load_experiment, stage_overrides
 from experiments.sweep import _engine, _engine_run, load_sweep, trial_command
-from tests.synthetic import tiny_volume, write_pair
+from tests.synthetic import tiny_experiment
 
 SWEEPS = sorted((Path(__file__).parents[2] / "experiments" / "sweeps").glob("*.yaml"))
 
@@ -100,14 +100,7 @@ def test_hyperband_stops_a_trailing_trial_from_its_history():
 
 
 def test_two_trial_offline_sweep_end_to_end_and_resume(tmp_path):
-    for i in range(3):
-        write_pair(tmp_path / "data", str(i), *tiny_volume(i, shape=(32, 32, 6)))
-    fit = {
-        "model": {"class_path": "lightning_modules.BaselineUNet", "init_args": {"base_channels": 4}},
-        "data": {"root": "data", "cache_dir": "cache", "split": [1, 1, 1], "image_size": 32, "batch_size": 4,
-                 "num_workers": 0, "preprocess_workers": 1},
-        "trainer": {"max_epochs": 2, "accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False},
-    }
+    fit = tiny_experiment(tmp_path, max_epochs=2)
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(fit))
     sweep = {"program": "lits", "method": "random", "metric": {"name": "val/dice_volume", "goal": "maximize"},
              "parameters": {"model.init_args.lr": {"distribution": "log_uniform_values", "min": 0.0005, "max": 0.01}},
