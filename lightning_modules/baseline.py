@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from monai.losses import DiceLoss
 
+from .classification import CheckpointError
 from .segmentation import SegmentationTask
+from .segmentation_checkpoint import read_base_checkpoint
 
 
 class BaselineUNet(SegmentationTask):
@@ -13,7 +15,47 @@ class BaselineUNet(SegmentationTask):
 
     The Dice is computed over the whole batch (``batch=True``) rather than per slice, so slices
     without liver (a third or more of a CT volume) neither dominate nor destabilise the loss.
+
+    Args:
+        init_checkpoint: a segmentation checkpoint of the suite whose encoder, decoder and
+            segmentation head this model starts from (weights only: fine-tuning, or mask mining's
+            control run that trains the base further without error channels). Its other heads are
+            ignored; its architecture must match this model's.
+        Others: see ``SegmentationTask``.
     """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        base_channels: int = 16,
+        norm: str = "instance",
+        lr: float = 0.01,
+        weight_decay: float = 0.0,
+        scheduler: str = "cosine_warm_restarts",
+        restart_period: int = 10,
+        min_lr: float = 0.0,
+        step_size: int = 30,
+        step_gamma: float = 0.1,
+        threshold: float = 0.5,
+        largest_component: bool = True,
+        num_overlays: int = 4,
+        init_checkpoint: str | None = None,
+    ) -> None:
+        super().__init__()
+
+    def configure_models(self) -> None:
+        super().configure_models()
+        path = self.hparams.get("init_checkpoint")  # PretrainedUNet, a subclass, starts from an encoder instead
+        if path:
+            arch, weights = read_base_checkpoint(path)
+            h = self.hparams
+            found, wanted = (arch.in_channels, arch.out_channels, arch.base_channels, arch.norm), (h.in_channels, h.out_channels, h.base_channels, h.norm)
+            if found != wanted:
+                raise CheckpointError(f"{path} is a U-Net with (in_channels, out_channels, base_channels, norm) = {found}, this model has {wanted}; "
+                                      "set the model's arguments to the checkpoint's")
+            own = self.model.state_dict()
+            self.model.load_state_dict({k: v for k, v in weights.items() if k in own})
 
     def configure_losses(self) -> None:
         self.dice_loss = DiceLoss(sigmoid=True, batch=True)

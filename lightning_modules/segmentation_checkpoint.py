@@ -1,0 +1,75 @@
+"""Reading a segmentation checkpoint of the suite: its architecture and weights, checked in one line.
+
+Mask mining rebuilds its base from one; a baseline U-Net can start from one (``init_checkpoint``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .backbone import UNet
+from .classification import CheckpointError
+
+
+@dataclass(frozen=True)
+class BaseArchitecture:
+    """What a base checkpoint holds, read from its hyperparameters and weights."""
+
+    in_channels: int
+    out_channels: int
+    base_channels: int
+    norm: str
+    has_classification_head: bool
+    has_error_head: bool
+    loss: str | None  # the decoding of an earlier mining round's error head
+    target: str | None  # the data target it was trained on, when the checkpoint records it
+
+    def build(self) -> UNet:
+        return UNet(self.in_channels, self.out_channels, self.base_channels, self.norm,
+                    num_classes=1 if self.has_classification_head else None,
+                    num_error_classes=4 if self.has_error_head else None)
+
+
+def read_base_checkpoint(path: str) -> tuple[BaseArchitecture, dict[str, torch.Tensor]]:
+    """(architecture, ``model.*`` weights without the prefix) of a segmentation checkpoint; one-line CheckpointError otherwise."""
+    if not path or not os.path.isfile(path):
+        raise CheckpointError(f"base checkpoint {path!r} does not exist; pass a trained segmentation model's .ckpt (e.g. <run>/checkpoints/best.ckpt)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupt, truncated or foreign files raise several types
+        raise CheckpointError(f"cannot read base checkpoint {path}: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}") from None
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not isinstance(hparams, dict):
+        raise CheckpointError(f"{path} is not a Lightning checkpoint of this suite (no state_dict or hyper_parameters)")
+    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    if not any(k.startswith("decoder.") for k in weights) or "segmentation_head.weight" not in weights:
+        raise CheckpointError(f"{path} is not a segmentation model (no decoder or segmentation head: an encoder pretraining checkpoint?); mine a BaselineUNet, PretrainedUNet or CMUNet checkpoint")
+    head = weights["segmentation_head.weight"]
+    first = weights.get("encoder.blocks.0.0.weight")
+    data = checkpoint.get("datamodule_hyper_parameters") or {}
+    arch = BaseArchitecture(
+        in_channels=int(first.shape[1]) if first is not None else int(hparams.get("in_channels", 1)),
+        out_channels=int(head.shape[0]),
+        base_channels=int(head.shape[1]),
+        norm=str(hparams.get("norm", "instance")),
+        has_classification_head=any(k.startswith("classification_head.") for k in weights),
+        has_error_head="error_head.weight" in weights,
+        loss=hparams.get("loss") if "error_head.weight" in weights else None,
+        target=data.get("target"),
+    )
+    try:
+        arch.build().load_state_dict(weights)
+    except RuntimeError as error:
+        reason = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        raise CheckpointError(f"{path} does not hold this suite's U-Net ({reason}); mine a checkpoint of the suite's segmentation modules") from None
+    return arch, weights
+
+
+def frozen_model(arch: BaseArchitecture, weights: dict[str, torch.Tensor]) -> UNet:
+    model = arch.build()
+    model.load_state_dict(weights)
+    return model.eval().requires_grad_(False)
