@@ -30,7 +30,7 @@ from .backbone import UNet
 from .classification import CheckpointError, focal_loss, slice_labels
 from .error_masks import LOSSES, TN, TP, build_error_loss, error_mask
 from .error_masks import foreground_probability as error_foreground_probability
-from .error_report import total_counts, write_error_report
+from .error_report import write_error_report
 from .metrics import SliceRecords
 from .segmentation import STAGES, SegmentationTask
 from .segmentation_checkpoint import BaseArchitecture, frozen_model, read_base_checkpoint
@@ -210,8 +210,6 @@ class MaskMining(SegmentationTask):
         before, per_volume_before = self._before[stage]
         after = self.per_volume[stage]
         figures |= {f"{stage}/before/{k}": v for k, v in before.items()}
-        figures |= {f"{stage}/before/{t}_voxels": float(n) for t, n in total_counts(per_volume_before).items()}
-        figures |= {f"{stage}/{t}_voxels": float(n) for t, n in total_counts(after).items()}
         self._write_error_report(stage, per_volume_before, after)
         return figures
 

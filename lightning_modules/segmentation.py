@@ -23,7 +23,7 @@ from torch import nn
 from .backbone import UNet
 from .base import BaseTask
 from .figures import overlay_figure, save_figure
-from .metrics import SliceRecords, summarize_slices, summarize_volumes
+from .metrics import COUNT_KEYS, SliceRecords, summarize_slices, summarize_volumes
 
 STAGES = ("val", "test")
 
@@ -90,13 +90,14 @@ class SegmentationTask(BaseTask):
         self._keep_overlay_samples(stage, batch, probs)
 
     def summarize_records(self, records: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
-        """Epoch figures (slice and volume means) and per-volume figures of ``SliceRecords.compute()``."""
+        """Epoch figures (slice and volume means, voxel counts summed over volumes) and per-volume figures of ``SliceRecords.compute()``."""
         datamodule = self.trainer.datamodule
         lcc_channels = (0,) if self.hparams.largest_component and datamodule.hparams.target != "lesion" else ()
         volumes, per_volume = summarize_volumes(
             records, datamodule.eval_target, lcc_channels, self.hparams.threshold, return_per_volume=True
         )
-        return {**summarize_slices(records), **volumes}, per_volume
+        counts = {key: float(sum(figures[key] for figures in per_volume.values())) for key in COUNT_KEYS}
+        return {**summarize_slices(records), **volumes, **counts}, per_volume
 
     def compute_metrics(self, stage: str) -> dict[str, float]:
         records = self.records[stage].compute()

@@ -1,5 +1,6 @@
 """End to end through the `lits` command: fit then test from a YAML, DDP equality, synth, preprocess, bad input."""
 
+import csv
 import json
 import os
 import subprocess
@@ -56,6 +57,10 @@ def test_fit_writes_metrics_config_and_checkpoints(fitted):
     config = yaml.safe_load((fitted / "config.yaml").read_text())
     assert config["trainer"]["max_epochs"] == 2 and config["model"]["class_path"] == "lightning_modules.BaselineUNet"
     assert (fitted / "test_per_volume.csv").read_text().count("\n") == 4  # header + 3 test volumes
+    rows = list(csv.DictReader(open(fitted / "test_per_volume.csv")))
+    for name in ("tp_voxels", "fp_voxels", "fn_voxels"):  # the error types, summed over volumes
+        assert metrics[f"test/{name}"] == sum(int(row[name]) for row in rows)
+    assert metrics["test/tp_voxels"] + metrics["test/fn_voxels"] > 0  # the test volumes hold liver
     assert (fitted / "metrics.csv").exists()
     assert (fitted / "test_overlays.png").stat().st_size > 10_000 and (fitted / "val_overlays.png").exists()
 
@@ -71,7 +76,7 @@ def test_test_subcommand_reproduces_fit_figures_and_ddp_matches(fitted, workspac
     # 3 test volumes x 9 slices = 27 slices: ranks interleave slices of every volume, and the sampler pads one
     assert (single["world_size"], ddp["world_size"]) == (1, 2)
     names = [k for k in single if k.startswith("test/") and k != "test/loss"]
-    assert len(names) == 5
+    assert len(names) == 8  # 5 figures and 3 voxel counts
     for name in names:
         assert single[name] == pytest.approx(fit[name], abs=1e-6), name
         assert ddp[name] == pytest.approx(single[name], abs=1e-6), name
