@@ -168,7 +168,7 @@ def main() -> None:
         write_phantom_dataset(work / "data", volumes=2 if args.quick else 4, seed=0, shape=shape, spacing=(0.8, 0.8, 2.5))
         pre = bench_preprocess(work / "data", work, repeats=1 if args.quick else 3)
         load = bench_loading(work, samples=2000 if args.quick else 20000)
-        size, steps, repeats = (128, 3, 1) if args.quick else (256, 12, 2)
+        size, steps, repeats = (128, 3, 1) if args.quick else (256, 12, 3)
         mining = bench_mining_step(work, steps=steps, warmup=2, batch_size=6, size=size, repeats=repeats)
     step = bench_train_step(steps=steps, warmup=2, batch_size=6, size=size, repeats=repeats)
 
