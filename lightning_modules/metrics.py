@@ -37,7 +37,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.metrics import compute_dice, compute_hausdorff_distance
+from monai.metrics import compute_dice
+from monai.metrics.utils import get_edge_surface_distance
 from scipy import ndimage
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
@@ -66,22 +67,26 @@ def _dice_per_channel(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _hausdorff(
-    pred: torch.Tensor, target: torch.Tensor, diagonal: float, spacing: list[float] | None, percentile: float | None
-) -> float:
-    """Hausdorff between two bool spatial masks (one channel), with the empty-mask convention."""
+    pred: torch.Tensor, target: torch.Tensor, diagonal: float, spacing: list[float] | None, percentiles: Sequence[float | None]
+) -> list[float]:
+    """Hausdorff distances between two bool spatial masks (one channel), one per percentile (None: the maximum).
+
+    MONAI's ``compute_hausdorff_distance`` (symmetric: the larger of the two directed distances),
+    with the surface distances computed once for all percentiles; the empty-mask convention of the module.
+    """
     pred_any, target_any = bool(pred.any()), bool(target.any())
     if not pred_any and not target_any:
-        return 0.0
+        return [0.0] * len(percentiles)
     if pred_any != target_any:
-        return diagonal
+        return [diagonal] * len(percentiles)
     with warnings.catch_warnings():
         # MONAI 1.5+ passes its own deprecated `always_return_as_numpy` internally; harmless, only noise.
         warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
-        # include_background=True: MONAI would otherwise drop our (only) channel 0.
-        hd = compute_hausdorff_distance(
-            pred[None, None], target[None, None], include_background=True, percentile=percentile, spacing=spacing
-        )
-    return float(hd)
+        _, distances, _ = get_edge_surface_distance(pred.float(), target.float(), spacing=spacing, symmetric=True, warn_empty=False)
+    return [
+        float(max(d.max() if p is None else torch.quantile(d.float(), p / 100) for d in distances))
+        for p in percentiles
+    ]
 
 
 def _check_pair(pred: torch.Tensor, target: torch.Tensor, ndim: int) -> None:
@@ -105,7 +110,7 @@ def slice_dice_hausdorff(pred: torch.Tensor, target: torch.Tensor) -> tuple[torc
     diagonal = math.hypot(height, width)
     dice = _dice_per_channel(pred, target).mean(dim=1)
     hd = torch.tensor(
-        [[_hausdorff(pred[b, c], target[b, c], diagonal, None, None) for c in range(channels)] for b in range(batch)],
+        [[_hausdorff(pred[b, c], target[b, c], diagonal, None, [None])[0] for c in range(channels)] for b in range(batch)],
         dtype=torch.float32,
     ).reshape(batch, channels)
     return dice.to(device), hd.mean(dim=1).to(device)
@@ -124,11 +129,11 @@ def volume_dice_hausdorff(
     if len(spacing) != 3:
         raise ValueError(f"spacing must be (sz, sy, sx), got {spacing}")
     diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(pred.shape[1:], spacing)))
-    channels = range(pred.shape[0])
+    hd95, hd = np.mean([_hausdorff(pred[c], target[c], diagonal, spacing, [95, None]) for c in range(pred.shape[0])], axis=0)
     return {
         "dice_volume": float(_dice_per_channel(pred[None], target[None]).mean()),
-        "hd95_volume_mm": float(np.mean([_hausdorff(pred[c], target[c], diagonal, spacing, 95) for c in channels])),
-        "hd_volume_mm": float(np.mean([_hausdorff(pred[c], target[c], diagonal, spacing, None) for c in channels])),
+        "hd95_volume_mm": float(hd95),
+        "hd_volume_mm": float(hd),
     }
 
 

@@ -36,18 +36,18 @@ class BaseArchitecture:
 def read_base_checkpoint(path: str) -> tuple[BaseArchitecture, dict[str, torch.Tensor]]:
     """(architecture, ``model.*`` weights without the prefix) of a segmentation checkpoint; one-line CheckpointError otherwise."""
     if not path or not os.path.isfile(path):
-        raise CheckpointError(f"base checkpoint {path!r} does not exist; pass a trained segmentation model's .ckpt (e.g. <run>/checkpoints/best.ckpt)")
+        raise CheckpointError(f"checkpoint {path!r} does not exist; pass a trained segmentation model's .ckpt (e.g. <run>/checkpoints/best.ckpt)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt, truncated or foreign files raise several types
-        raise CheckpointError(f"cannot read base checkpoint {path}: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}") from None
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not isinstance(hparams, dict):
         raise CheckpointError(f"{path} is not a Lightning checkpoint of this suite (no state_dict or hyper_parameters)")
     weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     if not any(k.startswith("decoder.") for k in weights) or "segmentation_head.weight" not in weights:
-        raise CheckpointError(f"{path} is not a segmentation model (no decoder or segmentation head: an encoder pretraining checkpoint?); mine a BaselineUNet, PretrainedUNet or CMUNet checkpoint")
+        raise CheckpointError(f"{path} is not a segmentation model (no decoder or segmentation head: an encoder pretraining checkpoint?); pass a BaselineUNet, PretrainedUNet, CMUNet or MaskMining checkpoint")
     head = weights["segmentation_head.weight"]
     first = weights.get("encoder.blocks.0.0.weight")
     data = checkpoint.get("datamodule_hyper_parameters") or {}
@@ -65,7 +65,7 @@ def read_base_checkpoint(path: str) -> tuple[BaseArchitecture, dict[str, torch.T
         arch.build().load_state_dict(weights)
     except RuntimeError as error:
         reason = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
-        raise CheckpointError(f"{path} does not hold this suite's U-Net ({reason}); mine a checkpoint of the suite's segmentation modules") from None
+        raise CheckpointError(f"{path} does not hold this suite's U-Net ({reason}); pass a checkpoint of the suite's segmentation modules") from None
     return arch, weights
 
 

@@ -106,6 +106,24 @@ def test_volume_hd95_ignores_single_outlier():
     assert result["dice_volume"] == pytest.approx(2 * 216 / (217 + 216))
 
 
+def test_volume_hausdorff_equals_monai_on_irregular_masks():
+    """Both distances come from one surface-distance computation; each must equal MONAI's own call."""
+    from monai.metrics import compute_hausdorff_distance
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    spacing = (2.5, 0.8, 0.7)
+    for _ in range(3):
+        pred, target = (ndimage.gaussian_filter(rng.random((1, 12, 40, 36)), 2) > 0.5 for _ in range(2))
+        assert pred.any() and target.any() and (pred != target).any()
+        figures = volume_dice_hausdorff(pred, target, spacing)
+        for key, percentile in (("hd95_volume_mm", 95), ("hd_volume_mm", None)):
+            expected = compute_hausdorff_distance(torch.from_numpy(pred)[None].float(), torch.from_numpy(target)[None].float(),
+                                                  include_background=True, percentile=percentile, spacing=list(spacing))
+            assert figures[key] == pytest.approx(float(expected), rel=1e-6), key
+        assert figures["hd95_volume_mm"] < figures["hd_volume_mm"]
+
+
 def test_volume_empty_conventions_and_channel_average():
     shape = (10, 12, 12)
     diagonal = math.sqrt((10 * 2.0) ** 2 + (12 * 0.5) ** 2 + (12 * 0.7) ** 2)
