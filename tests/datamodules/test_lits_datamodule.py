@@ -89,3 +89,24 @@ def test_phantom_is_the_default(tmp_path):
     assert sorted(p.name for p in datamodule.data_root.iterdir() if p.name.startswith("volume-")) == [f"volume-{i}.nii.gz" for i in range(4)]
     assert sum(len(v) for v in datamodule.splits.values()) == 4
     assert datamodule.datasets["train"][0]["image"].shape == (1, 32, 32)
+
+
+def test_augmentation_without_metadata_tracking_gives_the_same_samples(tiny_lits, tmp_path):
+    """The training set augments with MONAI's metadata tracking off (speed): the same samples, the global setting restored."""
+    import copy
+
+    from monai.data import get_track_meta
+
+    dataset = make(tiny_lits, tmp_path, augment=True).datasets["train"]
+    tracked = copy.deepcopy(dataset.transform)  # the same random state, run with tracking on
+    assert get_track_meta()
+    for i in range(len(dataset)):
+        untracked = dataset[i]
+        position, z = dataset.index[i]
+        volume = dataset.volumes[position]
+        image = torch.from_numpy(np.array(volume.image[z : z + 1])).float()
+        mask = torch.from_numpy(np.array(volume.label[z] > 0)[None].astype(np.float32))
+        expected = tracked({"image": image, "mask": mask})
+        assert torch.equal(untracked["image"], torch.as_tensor(expected["image"]).as_subclass(torch.Tensor))
+        assert torch.equal(untracked["mask"], torch.as_tensor(expected["mask"]).as_subclass(torch.Tensor))
+    assert get_track_meta()
