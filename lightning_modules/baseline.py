@@ -24,25 +24,10 @@ class BaselineUNet(SegmentationTask):
         Others: see ``SegmentationTask``.
     """
 
-    def __init__(
-        self,
-        in_channels: int = 1,
-        out_channels: int = 1,
-        base_channels: int = 16,
-        norm: str = "instance",
-        lr: float = 0.01,
-        weight_decay: float = 0.0,
-        scheduler: str = "cosine_warm_restarts",
-        restart_period: int = 10,
-        min_lr: float = 0.0,
-        step_size: int = 30,
-        step_gamma: float = 0.1,
-        threshold: float = 0.5,
-        largest_component: bool = True,
-        num_overlays: int = 4,
-        init_checkpoint: str | None = None,
-    ) -> None:
-        super().__init__()
+    def __init__(self, init_checkpoint: str | None = None, **kwargs) -> None:
+        # **kwargs: SegmentationTask's arguments; LightningCLI and save_hyperparameters resolve them
+        # from its signature, so they are not repeated here.
+        super().__init__(**kwargs)
 
     def configure_models(self) -> None:
         super().configure_models()

@@ -11,7 +11,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from torch.utils.data import DataLoader
 
 from datamodules import LiTSDataModule
-from lightning_modules import CheckpointError, CMUNet, EncoderPretraining, PretrainedUNet
+from lightning_modules import BaselineUNet, CheckpointError, CMUNet, EncoderPretraining, PretrainedUNet
 from lightning_modules.classification import focal_loss
 
 TINY = dict(base_channels=4)
@@ -219,9 +219,10 @@ def test_missing_or_foreign_checkpoint_fails_in_one_line(tmp_path):
     (EncoderPretraining, dict(focal_alpha=0.7, norm="batch")),
     (PretrainedUNet, dict(freeze_encoder_epochs=2, lr=0.002)),
     (CMUNet, dict(seg_weight=0.3, cls_weight=0.7, focal_gamma=1.0, threshold=0.4)),
+    (BaselineUNet, dict(lr=0.002, threshold=0.4)),  # its own signature is only init_checkpoint and **kwargs
 ])
 def test_load_from_checkpoint_round_trip(cls, extra, tmp_path, encoder_ckpt):
-    if cls is not EncoderPretraining:
+    if cls in (PretrainedUNet, CMUNet):
         extra = extra | dict(encoder_checkpoint=encoder_ckpt)
     module = cls(**TINY, **extra)
     trainer = fit(module, tmp_path, max_steps=1, limit_val_batches=0)
