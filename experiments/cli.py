@@ -4,6 +4,7 @@
     lits validate|test --config ... --ckpt_path RUN/checkpoints/best.ckpt
     lits preprocess --data.root DIR [--data.cache_dir DIR]
     lits synth --out DIR [--volumes N --seed S]
+    lits evaluate --pred DIR --truth DIR [--out DIR] [--workers N] [--no-lesions]   (see experiments/evaluate.py)
     lits run experiments/pu_net.yaml [--key=value ...]     (multi-stage, see experiments/stages.py)
     lits study experiments/studies/quickstart.yaml [--key=value ...]   (see experiments/study.py)
     lits sweep experiments/sweeps/cmunet.yaml --count 20 [--key=value ...]   (see experiments/sweep.py)
@@ -104,7 +105,7 @@ class LitsCLI(LightningCLI):
             save_config_callback=ConfigToLoggers,
             save_config_kwargs={"overwrite": True},
             seed_everything_default=42,
-            parser_kwargs={"description": "Liver segmentation experiments (CMU-Net, mask mining). Also: `lits synth`, `lits run`, `lits study`, `lits sweep` (each with --help)."},
+            parser_kwargs={"description": "Liver segmentation experiments (CMU-Net, mask mining). Also: `lits synth`, `lits run`, `lits study`, `lits sweep`, `lits evaluate` (each with --help)."},
             args=args,
             run=run,
         )
@@ -217,6 +218,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if argv and argv[0] == "synth":
             synth_main(argv[1:])
+            return
+        if argv and argv[0] == "evaluate":
+            from experiments.evaluate import evaluate_main
+
+            evaluate_main(argv[1:])
             return
         if argv and argv[0] in ("run", "study", "sweep"):
             from experiments.stages import run_main
