@@ -17,7 +17,7 @@ model.init_args.miner_checkpoints: [fold_0, fold_1]}`` (a list of stages gives a
 
 Everything lands in ``<trainer.default_root_dir>/<name>/`` (default ``runs/<name>``): a folder
 per stage (a complete ``lits fit`` run folder) and the final ``metrics.json`` (the last stage's
-figures). Overrides given on the command line reach every stage; one prefixed with a stage's name
+figures, and each earlier stage's under ``stage_metrics``). Overrides given on the command line reach every stage; one prefixed with a stage's name
 (``--segmentation.model.init_args.lr=0.01``) reaches that stage alone. ``--<stage>_ckpt=PATH``
 (e.g. ``--base_ckpt=runs/unet/checkpoints/best.ckpt``) skips that stage and hands PATH on in place
 of its best checkpoint. A rerun skips finished stages (those with a ``metrics.json``) and resumes an
@@ -174,6 +174,10 @@ def run_experiment(path: str | Path, argv: list[str], run_folder: Path | None = 
             sys.exit(code)
     final = json.loads((run_folder / stages[-1]["name"] / "metrics.json").read_text())
     final["stages"] = {s["name"]: str(run_folder / s["name"]) for s in stages if s["name"] not in given}
+    # each earlier stage's own figures beside the final ones (a cascade's liver network, a mined base, ...)
+    final["stage_metrics"] = {
+        s["name"]: json.loads((run_folder / s["name"] / "metrics.json").read_text()) for s in stages[:-1] if s["name"] not in given
+    }
     (run_folder / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
     print(f"[lits run] done: {run_folder / 'metrics.json'}")
     if "WANDB_SWEEP_ID" in os.environ:

@@ -12,6 +12,7 @@ import torch
 
 from .backbone import UNet
 from .classification import CheckpointError
+from .error_masks import foreground_probability as error_foreground_probability
 
 
 @dataclass(frozen=True)
@@ -73,3 +74,12 @@ def frozen_model(arch: BaseArchitecture, weights: dict[str, torch.Tensor]) -> UN
     model = arch.build()
     model.load_state_dict(weights)
     return model.eval().requires_grad_(False)
+
+
+def foreground_probability(model: UNet, arch: BaseArchitecture, image: torch.Tensor) -> torch.Tensor:
+    """The per-pixel foreground probability of a rebuilt model: its segmentation head's sigmoid, or,
+    for a mask-mining round, the decoding of its error head (``error_masks.foreground_probability``)."""
+    outputs = model(image)
+    if arch.has_error_head:
+        return error_foreground_probability(outputs["errors"], arch.loss)
+    return torch.sigmoid(outputs["seg"])
