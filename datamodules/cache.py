@@ -2,15 +2,25 @@
 
 One entry (a folder) per volume:
 
-=================  ===================  ==================================================
-file               array                content
-=================  ===================  ==================================================
-``image.npy``      float16 (Z, S, S)    HU clipped to the window, scaled to [0, 1], resized
-``label.npy``      uint8 (Z, S, S)      full label map (0/1/2), nearest-neighbour resized
-``label_box.npy``  uint8                full label map at the original resolution, cropped
-                                        to its bounding box (``meta.json``'s ``label_box``)
-``meta.json``      -                    spacing, shapes, and the fingerprint of inputs+settings
-=================  ===================  ==================================================
+=================  =====================  ==================================================
+file               array                  content
+=================  =====================  ==================================================
+``image.npy``      float16 (Z, S, S)      HU clipped to the window, scaled to [0, 1], resized
+``label.npy``      uint8 (Z, S, S)        full label map (0/1/2), nearest-neighbour resized
+``label_box.npy``  uint8                  full label map at the original resolution, cropped
+                                          to its bounding box (``meta.json``'s ``label_box``)
+``roi_image.npy``  float16 (Zr, Hr, Wr)   windowed like ``image.npy`` but NOT resized: the full
+                                          in-plane resolution inside ``roi_box``, the liver's
+                                          bounding box grown by ``roi_margin_px`` pixels in-plane
+                                          and ``roi_margin_slices`` slices, clipped to the volume
+                                          ((0, 0, 0) and an empty box for a volume without liver)
+``meta.json``      -                      spacing, shapes, boxes, ``label_counts`` (voxels of
+                                          label 0/1/2) and the fingerprint of inputs+settings
+=================  =====================  ==================================================
+
+Boxes are ``[[z0, z1], [y0, y1], [x0, x1]]``, half-open, in full-resolution display coordinates.
+The liver network reads the resized stack; a lesion network reads the full-resolution region
+around the liver through ``CachedVolume.read_image`` / ``read_labels``.
 
 Slices are stored in radiological display orientation (rows anterior->posterior, columns patient
 right->left, ``z`` inferior->superior), so figures need no flipping. Spacing is ``(sz, sy, sx)``
@@ -40,7 +50,7 @@ from tqdm.auto import tqdm
 
 from .nifti import VolumeFiles, load_pair
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,8 @@ class PreprocessSettings:
     hu_min: float = -100.0
     hu_max: float = 600.0
     image_size: int = 256
+    roi_margin_px: int = 64  # in-plane margin of the full-resolution region around the liver
+    roi_margin_slices: int = 4  # its margin along z
 
 
 def _file_stamp(path: Path) -> dict:
@@ -115,23 +127,43 @@ def foreground_box(labels: np.ndarray) -> list[list[int]]:
     return box
 
 
+def grow_box(box: list[list[int]], margins: tuple[int, int, int], shape: tuple[int, ...]) -> list[list[int]]:
+    """``box`` grown by ``margins`` per axis and clipped to ``shape``; an empty box stays empty ([0, 0] per axis)."""
+    if any(stop <= start for start, stop in box):
+        return [[0, 0] for _ in box]
+    return [[max(0, start - m), min(n, stop + m)] for (start, stop), m, n in zip(box, margins, shape)]
+
+
+def _slices(box) -> tuple[slice, ...]:
+    return tuple(slice(int(start), int(stop)) for start, stop in box)
+
+
 def preprocess_volume(files: VolumeFiles, settings: PreprocessSettings, entry: Path) -> None:
     """Read one pair, window, resize and write its cache entry atomically at ``entry``."""
     hu, labels, (sx, sy, sz) = load_pair(files)
     hu, labels = to_display(hu), to_display(labels)
     # The full-resolution labels are kept only inside their bounding box: a liver fills a few percent of a CT.
     box = foreground_box(labels)
+    roi = grow_box(box, (settings.roi_margin_slices, settings.roi_margin_px, settings.roi_margin_px), labels.shape)
+    boxed_labels = labels[_slices(box)]
+    nonzero, lesion = np.count_nonzero(boxed_labels), np.count_nonzero(boxed_labels == 2)  # labels are 0 outside the box
+    windowed = window(hu, settings)
+    # The ROI is a view of the windowed float32 stack (no second windowing pass); torch's half() is the fast conversion.
+    roi_image = torch.from_numpy(windowed[_slices(roi)]).half().numpy()
     tmp = entry.parent / f".tmp-{entry.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        np.save(tmp / "image.npy", resize_image(window(hu, settings), settings.image_size))
+        np.save(tmp / "image.npy", resize_image(windowed, settings.image_size))
         np.save(tmp / "label.npy", resize_labels(labels, settings.image_size))
-        np.save(tmp / "label_box.npy", labels[tuple(slice(a, b) for a, b in box)])
+        np.save(tmp / "label_box.npy", boxed_labels)
+        np.save(tmp / "roi_image.npy", roi_image)
         meta = {
             "volume_id": files.volume_id,
             "spacing": [sz, sy, sx],
             "full_shape": list(labels.shape),
             "label_box": box,
+            "roi_box": roi,
+            "label_counts": [int(labels.size - nonzero), int(nonzero - lesion), int(lesion)],
             "fingerprint": fingerprint(files, settings),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -190,6 +222,34 @@ def build_cache(
     return entries
 
 
+def read_box(source: np.ndarray, source_box, box, dtype=None) -> np.ndarray:
+    """``box`` of a volume of which ``source`` holds the part ``source_box``, as ``dtype``: 0 outside ``source_box``.
+
+    Boxes are per-axis ``(start, stop)``, half-open, in one coordinate frame; ``box`` may reach
+    beyond ``source_box`` and beyond the volume. The intersection is read from ``source`` (a
+    memory map) in one slice and copied with one assignment; a dtype change goes through torch,
+    several times faster than numpy for float16 -> float32.
+    """
+    dtype = np.dtype(dtype or source.dtype)
+    starts = [int(start) for start, _ in box]
+    shape = [int(stop) - start for start, (_, stop) in zip(starts, box)]
+    low = [max(start, int(s)) for start, (s, _) in zip(starts, source_box)]
+    high = [min(start + n, int(e)) for start, n, (_, e) in zip(starts, shape, source_box)]
+    covered = low == starts and high == [start + n for start, n in zip(starts, shape)]
+    if any(h <= l for l, h in zip(low, high)):
+        return np.zeros(shape, dtype)
+    region = np.array(source[tuple(slice(l - int(s), h - int(s)) for l, h, (s, _) in zip(low, high, source_box))])
+    if covered and region.dtype == dtype:
+        return region
+    out = np.empty(shape, dtype) if covered else np.zeros(shape, dtype)
+    target = tuple(slice(l - start, h - start) for l, h, start in zip(low, high, starts))
+    if region.dtype == dtype:
+        out[target] = region
+    else:
+        torch.from_numpy(out)[target] = torch.from_numpy(region)
+    return out
+
+
 class CachedVolume:
     """Read access to one cache entry; the arrays are memory-mapped on first use (per process)."""
 
@@ -207,14 +267,56 @@ class CachedVolume:
     def label(self) -> np.ndarray:
         return np.load(self.entry / "label.npy", mmap_mode="r")
 
+    @cached_property
+    def roi_image(self) -> np.ndarray:
+        """Windowed image at full in-plane resolution inside ``roi_box``, float16 (Zr, Hr, Wr)."""
+        return np.load(self.entry / "roi_image.npy", mmap_mode="r")
+
+    @cached_property
+    def label_box(self) -> np.ndarray:
+        """Full-resolution labels inside ``liver_box``, uint8 (every non-zero label of the volume is in it)."""
+        return np.load(self.entry / "label_box.npy", mmap_mode="r")
+
     @property
     def num_slices(self) -> int:
         return self.meta["full_shape"][0]
 
+    @property
+    def full_shape(self) -> tuple[int, int, int]:
+        """(Z, H, W) at the original resolution."""
+        return tuple(self.meta["full_shape"])
+
+    @property
+    def liver_box(self) -> tuple[tuple[int, int], ...]:
+        """Bounding box of the labels >= 1 (liver and lesions), ``((z0, z1), (y0, y1), (x0, x1))``; all (0, 0) without liver."""
+        return tuple(tuple(axis) for axis in self.meta["label_box"])
+
+    @property
+    def roi_box(self) -> tuple[tuple[int, int], ...]:
+        """The region cached in ``roi_image``: ``liver_box`` grown by the ROI margins, clipped to the volume."""
+        return tuple(tuple(axis) for axis in self.meta["roi_box"])
+
+    @property
+    def label_counts(self) -> tuple[int, int, int]:
+        """Voxels of label 0 (background), 1 (liver), 2 (lesion) at the original resolution."""
+        return tuple(self.meta["label_counts"])
+
+    def read_image(self, box) -> np.ndarray:
+        """Windowed full-resolution image in ``box`` (``((z0, z1), (y0, y1), (x0, x1))``, half-open), float32 (z, h, w).
+
+        ``box`` may extend beyond the cached ``roi_box`` and beyond the volume: those voxels are
+        0.0, the window's lower bound (outside the cached region the true image is unknown).
+        """
+        return read_box(self.roi_image, self.roi_box, box, np.float32)
+
+    def read_labels(self, box) -> np.ndarray:
+        """Full-resolution labels (0/1/2) in ``box``, uint8 (z, h, w); 0 outside the volume (exact everywhere)."""
+        return read_box(self.label_box, self.liver_box, box, np.uint8)
+
     def label_full(self) -> np.ndarray:
         """The label map at the original resolution, (Z, H, W) uint8."""
         labels = np.zeros(self.meta["full_shape"], dtype=np.uint8)
-        labels[tuple(slice(a, b) for a, b in self.meta["label_box"])] = np.load(self.entry / "label_box.npy")
+        labels[_slices(self.meta["label_box"])] = np.load(self.entry / "label_box.npy")
         return labels
 
     def __getstate__(self):

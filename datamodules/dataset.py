@@ -41,6 +41,21 @@ def training_augmentation(flip_prob: float = 0.5, rotate_degrees: float = 15.0, 
     ).set_random_state(seed=0)
 
 
+def augment(transform: Callable, sample: dict) -> dict:
+    """Apply a MONAI dictionary ``transform`` to ``sample`` ({"image", "mask"} tensors); plain tensors back.
+
+    MONAI's metadata tracking (MetaTensor, applied-operations lists) is 2/3 of the augmentation
+    time on small slices, and nothing reads it here: off for this call only, same results.
+    """
+    tracking = get_track_meta()
+    set_track_meta(False)
+    try:
+        result = transform(sample)
+    finally:
+        set_track_meta(tracking)
+    return {k: torch.as_tensor(v).as_subclass(torch.Tensor) for k, v in result.items()}
+
+
 class SliceDataset(Dataset):
     """One sample per (volume, axial slice).
 
@@ -89,16 +104,6 @@ class SliceDataset(Dataset):
             [bool(target_channels(self.volumes[p].label[z], self.target).any()) for p, z in self.index], dtype=bool
         )
 
-    def _augment(self, sample: dict) -> dict:
-        # MONAI's metadata tracking (MetaTensor, applied-operations lists) is 2/3 of the augmentation
-        # time on small slices, and nothing reads it here: off for this call only, same results.
-        tracking = get_track_meta()
-        set_track_meta(False)
-        try:
-            return self.transform(sample)
-        finally:
-            set_track_meta(tracking)
-
     def __getitem__(self, i: int) -> dict:
         position, z = self.index[i]
         volume = self.volumes[position]
@@ -117,7 +122,7 @@ class SliceDataset(Dataset):
         if self.transform is None:
             label = bool(mask.any())
         else:
-            sample = {k: torch.as_tensor(v).as_subclass(torch.Tensor) for k, v in self._augment(sample).items()}
+            sample = augment(self.transform, sample)
             label = bool((sample["mask"] > 0.5).any())  # after augmentation, so that label == mask.any() always
         sample["label"] = _CLASS_LABELS[label]
         sample["volume_index"] = self.volume_indices[position]

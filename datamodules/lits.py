@@ -10,13 +10,16 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from monai.data import DataLoader
-from torch.utils.data import WeightedRandomSampler
+from torch.utils.data import Dataset, WeightedRandomSampler, default_convert
 
 from .cache import CachedVolume, PreprocessSettings, build_cache
 from .dataset import SliceDataset, target_channels, training_augmentation
 from .nifti import DataError, discover
 from .phantom import PHANTOM_VERSION, write_phantom_dataset
+from .roi_dataset import LiverCropDataset, VolumeDataset
 from .splits import SPLIT_NAMES, split_volumes
+
+SAMPLING_MODES = ("slices", "liver_roi")
 
 
 def default_cache_base() -> Path:
@@ -25,6 +28,12 @@ def default_cache_base() -> Path:
 
 class LiTSDataModule(pl.LightningDataModule):
     """Axial slices of LiTS-style CT volumes, preprocessed once into a memory-mapped cache.
+
+    Two sampling modes: ``"slices"`` (the liver network: whole axial slices resized to
+    ``image_size``, every split a ``SliceDataset``) and ``"liver_roi"`` (a cascade's lesion network:
+    training draws ``crop_size`` crops at full in-plane resolution in and around the liver, a
+    ``LiverCropDataset``; validation and test yield one unbatched ``VolumeDataset`` sample per
+    volume, the resized stack plus the full-resolution region around the liver).
 
     Args:
         root: LiTS folder (``volume-<id>.nii[.gz]`` + ``segmentation-<id>.nii[.gz]``) or MSD
@@ -46,8 +55,18 @@ class LiTSDataModule(pl.LightningDataModule):
         context_slices: neighbouring slices stacked on each side as extra input channels.
         foreground_margin: if set, training keeps only slices within this many slices of one with
             target foreground (validation and test always use whole volumes).
-        positive_fraction: if set, training samples positive slices with this probability.
+        positive_fraction: if set, training samples positive slices with this probability (``liver_roi``:
+            slices whose whole full-resolution slice has target foreground).
         augment: random flips, rotation and zoom in the axial plane, training only.
+        sampling: ``"slices"`` or ``"liver_roi"`` (see above). ``liver_roi`` trains on every slice with
+            liver (``foreground_margin`` does not apply) and evaluates one volume per step
+            (``eval_batch_size`` does not apply); ``target`` and ``context_slices`` apply to both.
+        crop_size: ``liver_roi`` training crop side in full-resolution pixels (paper: 256; divisible by 16).
+        crop_margin: ``liver_roi`` crop centres are drawn uniformly in the liver's bounding box grown by
+            this many pixels (and clipped to the cached region).
+        roi_margin_px, roi_margin_slices: the full-resolution region cached around the liver is its
+            bounding box grown by these margins (pixels in-plane, slices in z), clipped to the volume;
+            beyond it ``liver_roi`` crops read 0. Changing them rebuilds the cache.
         flip_prob, rotate_degrees, zoom_range, augment_prob: augmentation strengths.
         batch_size, eval_batch_size: training and evaluation batch sizes.
         num_workers: DataLoader workers.
@@ -78,6 +97,11 @@ class LiTSDataModule(pl.LightningDataModule):
         rotate_degrees: float = 15.0,
         zoom_range: tuple[float, float] = (0.9, 1.1),
         augment_prob: float = 0.5,
+        sampling: str = "slices",
+        crop_size: int = 256,
+        crop_margin: int = 16,
+        roi_margin_px: int = 64,
+        roi_margin_slices: int = 4,
         batch_size: int = 10,
         eval_batch_size: int | None = None,
         num_workers: int = 2,
@@ -93,11 +117,23 @@ class LiTSDataModule(pl.LightningDataModule):
             raise ValueError(f"image_size must be divisible by 16 (four U-Net poolings), got {image_size}")
         if holdout_fold is not None and not 0 <= holdout_fold < num_folds:
             raise DataError(f"--data.holdout_fold={holdout_fold} needs --data.num_folds above it (folds are 0..num_folds-1)")
-        self.settings = PreprocessSettings(float(hu_window[0]), float(hu_window[1]), int(image_size))
+        if sampling not in SAMPLING_MODES:
+            raise DataError(
+                f"--data.sampling={sampling!r} is not one of {', '.join(SAMPLING_MODES)}; use slices (whole resized slices) "
+                "or liver_roi (full-resolution crops around the liver)"
+            )
+        if crop_size <= 0 or crop_size % 16:
+            raise DataError(f"--data.crop_size={crop_size} must be a positive multiple of 16 (four U-Net poolings), e.g. 256")
+        if min(crop_margin, roi_margin_px, roi_margin_slices) < 0:
+            raise DataError("--data.crop_margin, --data.roi_margin_px and --data.roi_margin_slices must be non-negative")
+        self.settings = PreprocessSettings(
+            float(hu_window[0]), float(hu_window[1]), int(image_size), int(roi_margin_px), int(roi_margin_slices)
+        )
         self.volumes: list[CachedVolume] = []
         self.train_folds: dict[int, int] = {}  # volume index -> fold, for every training volume (num_folds > 1)
         self.splits: dict[str, list[str]] = {}
-        self.datasets: dict[str, SliceDataset] = {}
+        # slices: a SliceDataset per split; liver_roi: a LiverCropDataset for train, VolumeDatasets for val and test
+        self.datasets: dict[str, Dataset] = {}
 
     # -- locations ---------------------------------------------------------------------------
     @property
@@ -147,21 +183,41 @@ class LiTSDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.volumes:
             return
+        h = self.hparams
         pairs = discover(self.data_root)
-        entries = build_cache(pairs, self.entries_dir, self.settings, workers=self.hparams.preprocess_workers, progress=False)
-        self.volumes = [CachedVolume(e) for e in entries]
-        self.splits = self._split([v.volume_id for v in self.volumes])
-        position = {v.volume_id: i for i, v in enumerate(self.volumes)}
-        if self.hparams.num_folds > 1:
-            self.train_folds = {position[v]: i % self.hparams.num_folds for i, v in enumerate(sorted(self.splits["train"]))}
-            if self.hparams.holdout_fold is not None:
-                self.splits["train"] = [v for v in self.splits["train"] if self.train_folds[position[v]] != self.hparams.holdout_fold]
+        entries = build_cache(pairs, self.entries_dir, self.settings, workers=h.preprocess_workers, progress=False)
+        volumes = [CachedVolume(e) for e in entries]
+        splits = self._split([v.volume_id for v in volumes])
+        position = {v.volume_id: i for i, v in enumerate(volumes)}
+        train_folds = {}
+        if h.num_folds > 1:
+            train_folds = {position[v]: i % h.num_folds for i, v in enumerate(sorted(splits["train"]))}
+            if h.holdout_fold is not None:
+                splits["train"] = [v for v in splits["train"] if train_folds[position[v]] != h.holdout_fold]
+        training = [volumes[position[v]] for v in splits["train"]]
+        if h.target in ("lesion", "both") and training and not any(v.label_counts[2] for v in training):
+            raise DataError(
+                f"--data.target={h.target} but the {len(training)} training volume(s) of {self.data_root} have no lesion "
+                "voxel (label 2); lesion training needs LiTS labels (0 background, 1 liver, 2 lesion)"
+            )
+        datasets = {}
         for name in SPLIT_NAMES:
-            indices = [position[i] for i in self.splits[name]]
-            chosen = [self.volumes[i] for i in indices]
-            slices = [self._training_slices(v) if name == "train" else np.arange(v.num_slices) for v in chosen]
-            transform = self._augmentation() if name == "train" and self.hparams.augment else None
-            self.datasets[name] = SliceDataset(chosen, indices, slices, self.hparams.target, self.hparams.context_slices, transform)
+            indices = [position[i] for i in splits[name]]
+            chosen = [volumes[i] for i in indices]
+            transform = self._augmentation() if name == "train" and h.augment else None
+            if h.sampling == "liver_roi" and name == "train":
+                datasets[name] = LiverCropDataset(chosen, indices, h.target, h.context_slices, h.crop_size, h.crop_margin, transform)
+                if chosen and not len(datasets[name]):
+                    raise DataError(
+                        f"--data.sampling=liver_roi but the {len(chosen)} training volume(s) of {self.data_root} have no liver "
+                        "slice (label >= 1); use LiTS labels (0 background, 1 liver, 2 lesion) or --data.sampling=slices"
+                    )
+            elif h.sampling == "liver_roi":
+                datasets[name] = VolumeDataset(chosen, indices)
+            else:
+                slices = [self._training_slices(v) if name == "train" else np.arange(v.num_slices) for v in chosen]
+                datasets[name] = SliceDataset(chosen, indices, slices, h.target, h.context_slices, transform)
+        self.volumes, self.splits, self.train_folds, self.datasets = volumes, splits, train_folds, datasets
 
     def _training_slices(self, volume: CachedVolume) -> np.ndarray:
         margin = self.hparams.foreground_margin
@@ -190,6 +246,15 @@ class LiTSDataModule(pl.LightningDataModule):
                 raise DataError(f"--data.positive_fraction needs both positive and negative training slices in {self.data_root}")
             weights = np.where(positive, h.positive_fraction / positive.sum(), (1 - h.positive_fraction) / (~positive).sum())
             sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(dataset), replacement=True)
+        if isinstance(dataset, VolumeDataset):  # one whole volume per step, unbatched
+            return DataLoader(
+                dataset,
+                batch_size=None,
+                shuffle=False,
+                collate_fn=default_convert,  # MONAI's default collate would try to batch the single sample
+                num_workers=h.num_workers,
+                persistent_workers=h.num_workers > 0,
+            )
         return DataLoader(
             dataset,
             batch_size=h.batch_size if train else (h.eval_batch_size or h.batch_size),

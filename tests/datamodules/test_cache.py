@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import datamodules.cache as cache
-from datamodules.cache import CachedVolume, PreprocessSettings, build_cache
+from datamodules.cache import CachedVolume, PreprocessSettings, build_cache, to_display
 from datamodules.nifti import DataError, discover, load_pair
 from tests.synthetic import tiny_volume, write_pair
 
@@ -99,3 +99,91 @@ def test_resizing_matches_torch_reference(size):
     assert resized.shape == (2, size, size)
     if size == 8:  # an integer factor averages each 2x2 block exactly
         np.testing.assert_allclose(resized, image.reshape(2, 8, 2, 8, 2).mean((2, 4)), atol=1e-3)
+
+
+# -- the full-resolution region around the liver (format 3) ------------------------------------------------
+ROI_SETTINGS = PreprocessSettings(-100.0, 600.0, 16, roi_margin_px=3, roi_margin_slices=1)
+
+
+def windowed_display(hu):
+    """The NIfTI's HU windowed to [-100, 600] -> [0, 1] directly, in display orientation (the reference)."""
+    return np.clip((to_display(hu).astype(np.float64) + 100.0) / 700.0, 0.0, 1.0)
+
+
+def padded_box(array, box, pad=40):
+    """``array[box]`` with zeros where ``box`` leaves the array (box may have negative starts)."""
+    padded = np.pad(array, pad)
+    return padded[tuple(slice(a + pad, b + pad) for a, b in box)]
+
+
+def test_roi_box_image_and_label_counts(tiny_lits, tmp_path):
+    pairs = discover(tiny_lits)
+    entries = build_cache(pairs, tmp_path / "cache", ROI_SETTINGS, workers=1, progress=False)
+    for files, entry in zip(pairs, entries):
+        volume = CachedVolume(entry)
+        hu, label, _ = load_pair(files)
+        labels = to_display(label)
+        present = np.argwhere(labels >= 1)
+        liver = [(int(a), int(b) + 1) for a, b in zip(present.min(0), present.max(0))]
+        assert volume.liver_box == tuple(liver)
+        margins = (1, 3, 3)
+        expected = tuple((max(0, a - m), min(n, b + m)) for (a, b), m, n in zip(liver, margins, labels.shape))
+        assert volume.roi_box == expected and volume.meta["roi_box"] == [list(axis) for axis in expected]
+        assert volume.full_shape == labels.shape == (10, 32, 32)
+        assert volume.roi_image.dtype == np.float16
+        assert volume.roi_image.shape == tuple(b - a for a, b in expected)
+        reference = windowed_display(hu)[tuple(slice(a, b) for a, b in expected)]
+        np.testing.assert_allclose(volume.roi_image.astype(np.float32), reference, atol=5e-4, rtol=0)  # float16 rounding
+        assert volume.label_counts == tuple(int(c) for c in np.bincount(label.ravel(), minlength=3))
+    # the margins are part of the fingerprint
+    stamps = entry_stamps(entries)
+    wider = PreprocessSettings(-100.0, 600.0, 16, roi_margin_px=64, roi_margin_slices=4)
+    rebuilt = build_cache(pairs, tmp_path / "cache", wider, workers=1, progress=False)
+    assert all(stamps[k] != v for k, v in entry_stamps(rebuilt).items())
+    volume = CachedVolume(rebuilt[0])
+    z0, z1 = volume.liver_box[0]
+    assert volume.roi_box == ((max(0, z0 - 4), min(10, z1 + 4)), (0, 32), (0, 32))  # clipped to the volume
+    # full resolution: the resized stack (16 x 16) is its 2 x 2 block mean
+    roi = volume.roi_image.astype(np.float32)
+    z = np.arange(*volume.roi_box[0])
+    np.testing.assert_allclose(volume.image[z].astype(np.float32), roi.reshape(len(z), 16, 2, 16, 2).mean((2, 4)), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "box",
+    [
+        ((4, 6), (10, 20), (8, 22)),  # inside the cached region
+        ((0, 10), (0, 32), (0, 32)),  # the whole volume: partly outside the cached region
+        ((-3, 4), (-7, 12), (25, 40)),  # beyond the volume on every axis
+        ((12, 14), (0, 5), (0, 5)),  # entirely outside the volume
+        ((5, 6), (-20, 50), (-20, 50)),  # larger than the volume in-plane
+    ],
+)
+def test_read_image_and_labels_pad_outside(tiny_lits, tmp_path, box):
+    pairs = discover(tiny_lits)[:1]
+    volume = CachedVolume(build_cache(pairs, tmp_path / "cache", ROI_SETTINGS, workers=1, progress=False)[0])
+    hu, label, _ = load_pair(pairs[0])
+    image, labels = volume.read_image(box), volume.read_labels(box)
+    shape = tuple(b - a for a, b in box)
+    assert image.shape == labels.shape == shape and image.dtype == np.float32 and labels.dtype == np.uint8
+    # labels: exact everywhere (label_box holds every non-zero label), 0 beyond the volume
+    np.testing.assert_array_equal(labels, padded_box(to_display(label), box))
+    np.testing.assert_array_equal(labels, padded_box(volume.label_full(), box))
+    # image: exactly the cached full-resolution values inside roi_box, 0.0 elsewhere
+    cached = np.zeros(volume.full_shape, dtype=np.float32)
+    cached[tuple(slice(a, b) for a, b in volume.roi_box)] = volume.roi_image
+    np.testing.assert_array_equal(image, padded_box(cached, box))
+    inside = padded_box(np.pad(np.ones(volume.roi_image.shape, bool), [(a, n - b) for (a, b), n in zip(volume.roi_box, volume.full_shape)]), box)
+    np.testing.assert_allclose(image[inside], padded_box(windowed_display(hu), box)[inside], atol=5e-4, rtol=0)
+    assert not image[~inside].any()
+
+
+def test_volume_without_liver_has_an_empty_roi(tmp_path):
+    hu, label = tiny_volume(0)
+    write_pair(tmp_path / "data", "0", hu, np.zeros_like(label))
+    volume = CachedVolume(build_cache(discover(tmp_path / "data"), tmp_path / "cache", ROI_SETTINGS, workers=1, progress=False)[0])
+    assert volume.roi_box == volume.liver_box == ((0, 0), (0, 0), (0, 0))
+    assert volume.roi_image.shape == (0, 0, 0)
+    assert volume.label_counts == (label.size, 0, 0)
+    assert not volume.read_image(((0, 10), (0, 32), (0, 32))).any()
+    assert not volume.read_labels(((2, 5), (-1, 8), (3, 40))).any()

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from datamodules import DataError, LiTSDataModule
+from datamodules.roi_dataset import LiverCropDataset, VolumeDataset
+from tests.synthetic import tiny_volume, write_pair
 
 
 def make(root, tmp_path, **kwargs):
@@ -110,3 +112,72 @@ def test_augmentation_without_metadata_tracking_gives_the_same_samples(tiny_lits
         assert torch.equal(untracked["image"], torch.as_tensor(expected["image"]).as_subclass(torch.Tensor))
         assert torch.equal(untracked["mask"], torch.as_tensor(expected["mask"]).as_subclass(torch.Tensor))
     assert get_track_meta()
+
+
+# -- liver_roi: the lesion network's full-resolution crops and whole evaluation volumes ---------------------
+ROI = dict(sampling="liver_roi", crop_size=16, crop_margin=2, roi_margin_px=4, roi_margin_slices=1)
+
+
+def test_liver_roi_loaders_give_crops_for_training_and_unbatched_volumes_for_evaluation(tiny_lits, tmp_path):
+    datamodule = make(tiny_lits, tmp_path, target="both", context_slices=1, augment=False, **ROI)
+    assert isinstance(datamodule.datasets["train"], LiverCropDataset)
+    assert all(isinstance(datamodule.datasets[name], VolumeDataset) for name in ("val", "test"))
+    assert datamodule.settings.roi_margin_px == 4 and datamodule.settings.roi_margin_slices == 1
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["image"].shape == (4, 3, 16, 16) and batch["mask"].shape == (4, 2, 16, 16)
+    assert batch["crop_origin"].shape == (4, 2) and batch["crop_origin"].dtype == torch.int64
+    assert batch["label"].tolist() == [float(m.any()) for m in batch["mask"]]
+    for name, loader in (("val", datamodule.val_dataloader()), ("test", datamodule.test_dataloader())):
+        samples = list(loader)
+        assert [s["volume"] for s in samples] == datamodule.splits[name]  # unbatched, in split order
+        for sample in samples:
+            volume = datamodule.volumes[sample["volume_index"]]
+            assert isinstance(sample["volume_index"], int) and isinstance(sample["volume"], str)
+            assert sample["image"].shape == (10, 16, 16) and sample["full_shape"].tolist() == [10, 32, 32]
+            assert sample["roi_box"].tolist() == [list(axis) for axis in volume.roi_box]
+            assert sample["roi_image"].shape == volume.roi_image.shape
+    target, spacing = datamodule.eval_target(0)  # evaluation ground truth as in "slices" mode
+    assert target.shape == (2, 10, 32, 32) and spacing == (4.0, 1.5, 1.5)
+
+
+def test_liver_roi_with_workers_and_positive_fraction(tiny_lits, tmp_path):
+    datamodule = make(tiny_lits, tmp_path, target="lesion", num_workers=1, positive_fraction=0.5, **ROI)
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["image"].shape == (4, 1, 16, 16)
+    sample = next(iter(datamodule.val_dataloader()))
+    assert sample["roi_image"].ndim == 3 and sample["volume"] == datamodule.splits["val"][0]
+
+
+def test_lesion_target_needs_lesion_labels(tmp_path):
+    for i in range(3):
+        hu, label = tiny_volume(i)
+        write_pair(tmp_path / "data", str(i), hu, np.minimum(label, 1))  # liver only, no lesion label
+    options = dict(split=[2, 1, 0], image_size=16, num_workers=0)
+    for sampling in ("slices", "liver_roi"):
+        with pytest.raises(DataError, match=r"no lesion voxel \(label 2\); lesion training needs LiTS labels") as error:
+            make(tmp_path / "data", tmp_path, target="lesion", sampling=sampling, crop_size=16, **options)
+        assert "\n" not in str(error.value) and str(tmp_path / "data") in str(error.value)
+    make(tmp_path / "data", tmp_path, target="liver", sampling="liver_roi", crop_size=16, **options)  # liver alone is fine
+
+
+def test_liver_roi_needs_liver_slices_in_training(tmp_path):
+    for i in range(3):
+        hu, label = tiny_volume(i)
+        write_pair(tmp_path / "data", str(i), hu, np.zeros_like(label))
+    with pytest.raises(DataError, match="no liver slice") as error:
+        make(tmp_path / "data", tmp_path, split=[2, 1, 0], sampling="liver_roi", crop_size=16)
+    assert "\n" not in str(error.value)
+    make(tmp_path / "data", tmp_path, split=[2, 1, 0], sampling="slices")  # the slice path does not need one
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(crop_size=100), "crop_size=100 must be a positive multiple of 16"),
+        (dict(sampling="crops"), "sampling='crops' is not one of slices, liver_roi"),
+    ],
+)
+def test_bad_liver_roi_options(options, message):
+    with pytest.raises(DataError, match=message) as error:
+        LiTSDataModule(**options)
+    assert "\n" not in str(error.value)
