@@ -129,7 +129,7 @@ def bench_train_step(steps: int, warmup: int, batch_size: int, size: int, repeat
         for index, batch in enumerate(batches):
             if index == warmup:
                 start = time.perf_counter()
-            loss = module.dice_loss(module(batch["image"])["seg"], batch["mask"])
+            loss = module.segmentation_loss(module(batch["image"])["seg"], batch["mask"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

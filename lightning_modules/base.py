@@ -13,9 +13,11 @@ hook                        responsibility
 ``compute_metrics``         epoch end: collectors -> dict of figures (``{stage}/{name}``)
 ==========================  ============================================================
 
-``__init__`` signatures of the subclasses are the experiment config schema (LightningCLI): every
-hyperparameter is a primitive, saved once here by ``save_hyperparameters`` so that
-``load_from_checkpoint`` rebuilds the model.
+``__init__`` signatures are the experiment config schema (LightningCLI): every hyperparameter is a
+primitive, saved once here by ``save_hyperparameters`` so that ``load_from_checkpoint`` rebuilds the
+model. An argument lives in the one class that introduces it; a subclass takes its own new arguments
+and passes the others to its parent through ``**kwargs`` (jsonargparse follows ``super().__init__(**kwargs)``
+to list them, and ``save_hyperparameters`` collects them from every ``__init__`` on the way).
 """
 
 from __future__ import annotations
@@ -28,15 +30,42 @@ SCHEDULERS = ("cosine_warm_restarts", "step", "none")
 
 
 class BaseTask(pl.LightningModule):
+    """The backbone and optimisation arguments every task shares.
+
+    Args:
+        in_channels: input channels (``2 * data.context_slices + 1``).
+        base_channels: the U-Net's first block width (16 in the paper; doubles per block up to 256).
+        norm: ``instance`` (paper) or ``batch``.
+        lr: Adam learning rate.
+        weight_decay: Adam L2 penalty.
+        scheduler: ``cosine_warm_restarts`` (CMU-Net), ``step`` (mask mining) or ``none``.
+        restart_period: epochs between cosine warm restarts.
+        min_lr: cosine floor.
+        step_size: StepLR period (epochs).
+        step_gamma: StepLR factor.
+    """
+
     #: metric and mode that select the best checkpoint
     monitor: tuple[str, str] = ("val/loss", "min")
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        base_channels: int = 16,
+        norm: str = "instance",
+        lr: float = 0.01,
+        weight_decay: float = 0.0,
+        scheduler: str = "cosine_warm_restarts",
+        restart_period: int = 10,
+        min_lr: float = 0.0,
+        step_size: int = 30,
+        step_gamma: float = 0.1,
+    ) -> None:
         super().__init__()
-        # Collects the arguments of the subclass's __init__ (all hyperparameters live there).
+        # Collects the arguments of every __init__ of the subclass chain (each keeps its own).
         self.save_hyperparameters()
-        if self.hparams.get("scheduler", "none") not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.hparams.scheduler!r}")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
         self.configure_models()
         self.configure_losses()
         self.configure_metrics()

@@ -1,9 +1,6 @@
-"""The baseline U-Net of the CMU-Net paper: segmentation only, trained with Dice loss."""
+"""The baseline U-Net of the CMU-Net paper: segmentation only, trained with ``seg_loss`` (Dice by default)."""
 
 from __future__ import annotations
-
-import torch
-from monai.losses import DiceLoss
 
 from .classification import CheckpointError
 from .segmentation import SegmentationTask
@@ -11,17 +8,17 @@ from .segmentation_checkpoint import read_base_checkpoint
 
 
 class BaselineUNet(SegmentationTask):
-    """U-Net trained on segmentation alone with MONAI's Dice loss on sigmoid outputs.
+    """U-Net trained on segmentation alone, by default with MONAI's Dice loss on sigmoid outputs.
 
     The Dice is computed over the whole batch (``batch=True``) rather than per slice, so slices
     without liver (a third or more of a CT volume) neither dominate nor destabilise the loss.
+    Other arguments: ``SegmentationTask``'s and ``BaseTask``'s.
 
     Args:
         init_checkpoint: a segmentation checkpoint of the suite whose encoder, decoder and
             segmentation head this model starts from (weights only: fine-tuning, or mask mining's
             control run that trains the base further without error channels). Its other heads are
             ignored; its architecture must match this model's.
-        Others: see ``SegmentationTask``.
     """
 
     def __init__(self, init_checkpoint: str | None = None, **kwargs) -> None:
@@ -31,7 +28,7 @@ class BaselineUNet(SegmentationTask):
 
     def configure_models(self) -> None:
         super().configure_models()
-        path = self.hparams.get("init_checkpoint")  # PretrainedUNet, a subclass, starts from an encoder instead
+        path = self.hparams.get("init_checkpoint")
         if path:
             arch, weights = read_base_checkpoint(path)
             h = self.hparams
@@ -41,9 +38,3 @@ class BaselineUNet(SegmentationTask):
                                       "set the model's arguments to the checkpoint's")
             own = self.model.state_dict()
             self.model.load_state_dict({k: v for k, v in weights.items() if k in own})
-
-    def configure_losses(self) -> None:
-        self.dice_loss = DiceLoss(sigmoid=True, batch=True)
-
-    def compute_losses(self, outputs: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
-        return {"loss": self.dice_loss(outputs["seg"], batch["mask"])}

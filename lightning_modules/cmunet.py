@@ -1,7 +1,8 @@
 """CMU-Net: the U-Net trained jointly on segmentation and slice classification (context-aware multitasking).
 
-L = seg_weight * Dice(seg logits, mask) + cls_weight * Focal(cls logits, slice label), the paper's
+L = seg_weight * S(seg logits, mask) + cls_weight * Focal(cls logits, slice label), the paper's
 ``w_s d + w_c f`` with w_s = w_c = 0.5 and focal weights 0.8 / 0.2 for positive / negative slices.
+S is the segmentation loss ``seg_loss``: the paper's Dice loss d by default.
 The classification head (global average pooling + Linear on the deepest encoder features) only
 shapes the shared encoder: segmentation metrics and inference use the decoder's output alone.
 With ``encoder_checkpoint`` it is the paper's proposed two-stage process: pretrained encoder
@@ -11,7 +12,6 @@ With ``encoder_checkpoint`` it is the paper's proposed two-stage process: pretra
 from __future__ import annotations
 
 import torch
-from monai.losses import DiceLoss
 from torch import nn
 
 from .backbone import UNet
@@ -23,9 +23,12 @@ from .segmentation import STAGES, SegmentationTask
 class CMUNet(SegmentationTask):
     """Joint segmentation and slice classification on one U-Net.
 
+    Other arguments: ``SegmentationTask``'s and ``BaseTask``'s (the paper trains CMU-Net with lr 0.001
+    and batch size 6).
+
     Args:
-        (``SegmentationTask``'s arguments; the paper trains CMU-Net with lr 0.001 and batch size 6)
-        seg_weight, cls_weight: weights of the Dice and focal terms.
+        seg_weight: weight of the segmentation term (``seg_loss``, logged under its name).
+        cls_weight: weight of the focal (slice classification) term.
         focal_alpha: focal loss weight of positive slices (negatives get ``1 - focal_alpha``).
         focal_gamma: focal loss focusing exponent.
         encoder_checkpoint: optional checkpoint (e.g. ``EncoderPretraining``'s) whose encoder, and
@@ -34,27 +37,14 @@ class CMUNet(SegmentationTask):
 
     def __init__(
         self,
-        in_channels: int = 1,
-        out_channels: int = 1,
-        base_channels: int = 16,
-        norm: str = "instance",
-        lr: float = 0.01,
-        weight_decay: float = 0.0,
-        scheduler: str = "cosine_warm_restarts",
-        restart_period: int = 10,
-        min_lr: float = 0.0,
-        step_size: int = 30,
-        step_gamma: float = 0.1,
-        threshold: float = 0.5,
-        largest_component: bool = True,
-        num_overlays: int = 4,
         seg_weight: float = 0.5,
         cls_weight: float = 0.5,
         focal_alpha: float = 0.8,
         focal_gamma: float = 2.0,
         encoder_checkpoint: str | None = None,
+        **kwargs,
     ) -> None:
-        super().__init__()
+        super().__init__(**kwargs)
 
     def configure_models(self) -> None:
         h = self.hparams
@@ -63,7 +53,7 @@ class CMUNet(SegmentationTask):
             load_encoder_weights(self.model, h.encoder_checkpoint, classification_head=True)
 
     def configure_losses(self) -> None:
-        self.dice_loss = DiceLoss(sigmoid=True, batch=True)
+        super().configure_losses()
         self.focal_loss = focal_loss(self.hparams.focal_alpha, self.hparams.focal_gamma)
 
     def configure_metrics(self) -> None:
@@ -71,9 +61,10 @@ class CMUNet(SegmentationTask):
         self.classification = nn.ModuleDict({stage: classification_metrics(stage) for stage in STAGES})
 
     def compute_losses(self, outputs: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
-        dice = self.dice_loss(outputs["seg"], batch["mask"])
+        h = self.hparams
+        seg = self.segmentation_loss(outputs["seg"], batch["mask"])
         focal = self.focal_loss(outputs["cls"], slice_labels(batch, outputs["cls"]))
-        return {"loss": self.hparams.seg_weight * dice + self.hparams.cls_weight * focal, "dice": dice, "focal": focal}
+        return {"loss": h.seg_weight * seg + h.cls_weight * focal, h.seg_loss: seg, "focal": focal}
 
     def update_metrics(self, stage: str, outputs: dict[str, torch.Tensor], batch: dict) -> None:
         super().update_metrics(stage, outputs, batch)

@@ -20,34 +20,19 @@ STAGES = ("val", "test")
 class EncoderPretraining(BaseTask):
     """Slice classification on the U-Net encoder with focal loss.
 
+    Other arguments: ``BaseTask``'s. A U-Net that loads this encoder must use the same in_channels,
+    base_channels and norm; the paper pretrains with Adam 0.01 and cosine warm restarts every 10 epochs.
+
     Args:
-        in_channels, base_channels, norm: the backbone's; a U-Net that loads this encoder must use
-            the same values.
         focal_alpha: focal loss weight of positive slices (negatives get ``1 - focal_alpha``); the
             paper uses 0.5 and 0.5 for pretraining.
         focal_gamma: focal loss focusing exponent.
-        lr, weight_decay, scheduler, restart_period, min_lr, step_size, step_gamma: as in
-            ``SegmentationTask`` (the paper: Adam 0.01, cosine warm restarts every 10 epochs).
     """
 
     monitor = ("val/auroc", "max")
 
-    def __init__(
-        self,
-        in_channels: int = 1,
-        base_channels: int = 16,
-        norm: str = "instance",
-        focal_alpha: float = 0.5,
-        focal_gamma: float = 2.0,
-        lr: float = 0.01,
-        weight_decay: float = 0.0,
-        scheduler: str = "cosine_warm_restarts",
-        restart_period: int = 10,
-        min_lr: float = 0.0,
-        step_size: int = 30,
-        step_gamma: float = 0.1,
-    ) -> None:
-        super().__init__()
+    def __init__(self, focal_alpha: float = 0.5, focal_gamma: float = 2.0, **kwargs) -> None:
+        super().__init__(**kwargs)
 
     def configure_models(self) -> None:
         h = self.hparams

@@ -31,7 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
-from scipy import ndimage
+
+from .losses import distance_weight_maps, weighted_mean
+from .losses import unet_weight_map  # noqa: F401  (its home is losses; importable here as before)
 
 TN, FP, FN, TP = 0, 1, 2, 3
 ERROR_CLASSES = ("TN", "FP", "FN", "TP")
@@ -100,41 +102,6 @@ def dice_targets(errors: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return one_hot
 
 
-def unet_weight_map(target: np.ndarray, w0: float = 10.0, sigma: float = 5.0,
-                    class_weights: Sequence[float] | None = None) -> np.ndarray:
-    """U-Net (Ronneberger et al. 2015) weight map of one 2D ground-truth slice.
-
-    ``w(x) = w_c(x) + w0 * exp(-(d1(x) + d2(x))^2 / (2 sigma^2))`` with d1, d2 the euclidean distances (pixels)
-    to the nearest and second-nearest object (8-connected component; 0 inside the object itself), so pixels
-    separating two close objects weigh most.
-
-    With fewer than two objects d2 does not exist; one object gets the border variant
-    ``w0 * exp(-d(x)^2 / (2 sigma^2))``, d the distance to the object's boundary pixels (foreground pixels with
-    a background 4-neighbour; the image edge is no boundary), so the weight peaks at w_c + w0 on the boundary.
-    An empty slice (or one without boundary) gets w_c alone.
-
-    ``w_c``: None -> 1 everywhere (class balance is left to the loss's per-error-class weights, not mixed into
-    the map); otherwise ``(background, foreground)`` weights. target: (H, W) bool/{0,1}; returns float32 (H, W).
-    """
-    mask = np.asarray(target) != 0
-    if mask.ndim != 2:
-        raise ValueError(f"unet_weight_map expects a 2D (H, W) slice, got shape {mask.shape}")
-    w_background, w_foreground = (1.0, 1.0) if class_weights is None else class_weights
-    weights = np.where(mask, w_foreground, w_background).astype(np.float64)
-    labels, n_objects = ndimage.label(mask, structure=np.ones((3, 3)))
-    if n_objects >= 2:
-        # one distance transform per object: exact d1/d2, and liver slices hold few components
-        distances = np.stack([ndimage.distance_transform_edt(labels != k) for k in range(1, n_objects + 1)])
-        d1, d2 = np.partition(distances, 1, axis=0)[:2]
-        weights += w0 * np.exp(-((d1 + d2) ** 2) / (2 * sigma**2))
-    elif n_objects == 1:
-        boundary = mask & ~ndimage.binary_erosion(mask, border_value=1)
-        if boundary.any():
-            d = ndimage.distance_transform_edt(~boundary)
-            weights += w0 * np.exp(-(d**2) / (2 * sigma**2))
-    return weights.astype(np.float32)
-
-
 class PixelWeightedCrossEntropy(torch.nn.Module):
     """Pixel-weighted cross-entropy over the four error classes (the "pwce" loss).
 
@@ -167,10 +134,9 @@ class PixelWeightedCrossEntropy(torch.nn.Module):
             if errors.ndim != 3:
                 raise ValueError(f"distance weights need 2D slices (B, H, W), got errors of shape "
                                  f"{tuple(errors.shape)}")
-            maps = np.stack([unet_weight_map(t, self.w0, self.sigma) for t in target[:, 0].detach().cpu().numpy()])
-            weights = weights * torch.from_numpy(maps).to(logits.device, logits.dtype)
+            weights = weights * distance_weight_maps(target, self.w0, self.sigma)[:, 0].to(logits.dtype)
         # an all-zero weight (every present class weighted 0) gives 0, not NaN
-        return (weights * ce).sum() / weights.sum().clamp_min(torch.finfo(weights.dtype).tiny)
+        return weighted_mean(ce, weights)
 
 
 class MulticlassErrorDice(torch.nn.Module):

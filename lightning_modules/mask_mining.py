@@ -39,6 +39,13 @@ from .segmentation_checkpoint import BaseArchitecture, frozen_model, read_base_c
 class MaskMining(SegmentationTask):
     """Retrain a base segmentation model on its TN / FP / FN / TP error masks.
 
+    The backbone's arguments come from the base: in_channels and out_channels must match it (checked;
+    out_channels must be 1), base_channels and norm are not used and the saved hyperparameters record
+    the base's. The error head trains with ``loss``, so ``seg_loss`` is not used; ``distance_weights``,
+    ``distance_w0`` and ``distance_sigma`` weight ``pwce``. The optimisation defaults are the
+    mask-mining paper's (Adam with L2 1e-5, a step schedule). Other arguments: ``SegmentationTask``'s
+    and ``BaseTask``'s.
+
     Args:
         base_checkpoint: the trained model to boost (its architecture comes from the checkpoint).
         loss: ``dice`` (multiclass Dice, TP channel replaced by the ground truth; the mask is the TP
@@ -47,13 +54,15 @@ class MaskMining(SegmentationTask):
         miner_checkpoints: cross-mining: one model per fold of ``data.num_folds``, model ``j``
             trained without fold ``j`` (``data.holdout_fold=j``); ``None`` mines with the base.
         class_weights: ``pwce`` weights of TN, FP, FN, TP (``None``: all 1).
-        distance_weights, distance_w0, distance_sigma: ``pwce`` U-Net distance-transform weight maps.
         cls_weight: weight of the slice-classification focal loss, kept on when the base has a
             classification head (CMU-Net); 0 switches it off. Loss = error loss + cls_weight * focal.
-        focal_alpha, focal_gamma: that focal loss's settings (CMU-Net's 0.8 and 2).
-        in_channels, out_channels: must match the base (checked); out_channels must be 1.
-        (the remaining arguments are ``SegmentationTask``'s optimisation and evaluation settings;
-        the defaults follow the mask-mining paper: Adam, L2 1e-5, step schedule.)
+        focal_alpha: that focal loss's weight of positive slices (CMU-Net's 0.8).
+        focal_gamma: that focal loss's focusing exponent (CMU-Net's 2).
+        lr: Adam learning rate (1e-4 here: the base already converged at a larger one).
+        weight_decay: Adam L2 penalty (the paper's 1e-5).
+        scheduler: ``step`` here (see ``BaseTask``).
+        step_size: StepLR period in epochs (10 here).
+        step_gamma: StepLR factor (0.5 here: halved every step_size epochs).
     """
 
     def __init__(
@@ -62,28 +71,19 @@ class MaskMining(SegmentationTask):
         loss: str = "dice",
         miner_checkpoints: list[str] | None = None,
         class_weights: list[float] | None = None,
-        distance_weights: bool = False,
-        distance_w0: float = 10.0,
-        distance_sigma: float = 5.0,
         cls_weight: float = 0.0,
         focal_alpha: float = 0.8,
         focal_gamma: float = 2.0,
-        in_channels: int = 1,
-        out_channels: int = 1,
-        lr: float = 1e-4,
-        weight_decay: float = 1e-5,
-        scheduler: str = "step",
-        restart_period: int = 10,
-        min_lr: float = 0.0,
-        step_size: int = 10,
-        step_gamma: float = 0.5,
-        threshold: float = 0.5,
-        largest_component: bool = True,
-        num_overlays: int = 4,
+        **kwargs,
     ) -> None:
         if loss not in LOSSES:
             raise CheckpointError(f"unknown mask-mining loss {loss!r}; choose one of: {', '.join(LOSSES)} (--model.init_args.loss)")
-        super().__init__()
+        # The paper's optimisation replaces BaseTask's defaults. kwargs.pop(name, literal default) is the one
+        # form in which LightningCLI (jsonargparse) reads a changed default through **kwargs; it types these
+        # five from their defaults (a value of another type is not refused, unlike a signature's annotation).
+        super().__init__(lr=kwargs.pop("lr", 1e-4), weight_decay=kwargs.pop("weight_decay", 1e-5),
+                         scheduler=kwargs.pop("scheduler", "step"), step_size=kwargs.pop("step_size", 10),
+                         step_gamma=kwargs.pop("step_gamma", 0.5), **kwargs)
 
     # -- hooks -----------------------------------------------------------------------------------
     def configure_models(self) -> None:
@@ -91,6 +91,8 @@ class MaskMining(SegmentationTask):
         path = h.base_checkpoint
         self.base_architecture, weights = read_base_checkpoint(path)
         arch = self.base_architecture
+        # saved with the weights, so that a later round rebuilds this model from its checkpoint
+        self.hparams.update(base_channels=arch.base_channels, norm=arch.norm)
         if arch.out_channels != 1 or h.out_channels != 1:
             raise CheckpointError(f"{path} has out_channels={arch.out_channels}; mask mining retrains one target channel (liver or lesion): out_channels must be 1")
         if arch.in_channels != h.in_channels:
