@@ -4,6 +4,7 @@
     lits validate|test --config ... --ckpt_path RUN/checkpoints/best.ckpt
     lits preprocess --data.root DIR [--data.cache_dir DIR]
     lits synth --out DIR [--volumes N --seed S]
+    lits predict MODEL --input PATH --output DIR   (see experiments/predict.py)
     lits evaluate --pred DIR --truth DIR [--out DIR] [--workers N] [--no-lesions]   (see experiments/evaluate.py)
     lits run experiments/pu_net.yaml [--key=value ...]     (multi-stage, see experiments/stages.py)
     lits study experiments/studies/quickstart.yaml [--key=value ...]   (see experiments/study.py)
@@ -105,7 +106,7 @@ class LitsCLI(LightningCLI):
             save_config_callback=ConfigToLoggers,
             save_config_kwargs={"overwrite": True},
             seed_everything_default=42,
-            parser_kwargs={"description": "Liver segmentation experiments (CMU-Net, mask mining). Also: `lits synth`, `lits run`, `lits study`, `lits sweep`, `lits evaluate` (each with --help)."},
+            parser_kwargs={"description": "Liver segmentation experiments (CMU-Net, mask mining). Also: `lits synth`, `lits run`, `lits study`, `lits sweep`, `lits predict`, `lits evaluate` (each with --help)."},
             args=args,
             run=run,
         )
@@ -187,6 +188,7 @@ class LitsCLI(LightningCLI):
         if self.trainer.interrupted:
             return
         best = self.trainer.checkpoint_callback.best_model_path or None
+        best = str(Path(best).resolve()) if best else None
         results = self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)[0]
         if self.datamodule.splits.get("test"):
             results |= self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)[0]
@@ -219,10 +221,11 @@ def main(argv: list[str] | None = None) -> None:
         if argv and argv[0] == "synth":
             synth_main(argv[1:])
             return
-        if argv and argv[0] == "evaluate":
+        if argv and argv[0] in ("evaluate", "predict"):
             from experiments.evaluate import evaluate_main
+            from experiments.predict import predict_main
 
-            evaluate_main(argv[1:])
+            {"evaluate": evaluate_main, "predict": predict_main}[argv[0]](argv[1:])
             return
         if argv and argv[0] in ("run", "study", "sweep"):
             from experiments.stages import run_main

@@ -126,9 +126,10 @@ def given_checkpoints(overrides: list[str], stage_names: list[str]) -> dict[str,
 
 
 def best_checkpoint(run_folder: Path, stage: str, given: dict[str, str]) -> str:
+    # absolute: the path is recorded in the next stage's hyperparameters (e.g. a cascade's liver_checkpoint)
     if stage in given:
-        return given[stage]
-    return json.loads((run_folder / stage / "metrics.json").read_text())["best_checkpoint"]
+        return str(Path(given[stage]).resolve())
+    return str(Path(json.loads((run_folder / stage / "metrics.json").read_text())["best_checkpoint"]).resolve())
 
 
 def stage_command(stage: dict, folder: Path, run_folder: Path, overrides: list[str], given: dict[str, str] | None = None) -> list[str]:

@@ -7,8 +7,8 @@ One volume goes through the two networks of the suite like this:
    size, thresholded and reduced to their largest 3D connected component: exactly what the liver
    network's own per-volume metrics do (``metrics.summarize_volumes``), so the cascade's liver figures
    and the liver stage's agree.
-2. **Region of interest.** The liver mask's bounding box, grown by ``roi_margin`` pixels in-plane and
-   ``roi_margin_slices`` slices (the mask dilated, as a box).
+2. **Region of interest.** The liver mask's bounding box, grown by ``region_margin`` pixels in-plane and
+   ``region_margin_slices`` slices (the mask dilated, as a box).
 3. **Lesions.** The lesion network sees that box of the CT at full in-plane resolution (padded to a
    multiple of 16), with its own context slices. Its mask is kept where the liver mask, dilated in-plane
    by ``lesion_dilation`` pixels, allows: a hypodense lesion at the liver's border is often left out of
@@ -37,7 +37,7 @@ Predictor = Callable[[torch.Tensor], torch.Tensor]  # (B, K, H, W) image -> (B, 
 
 _DIVISOR = 16  # four U-Net poolings
 #: the cascade's region settings, the defaults of the segmentation tasks' arguments of the same names
-CASCADE_DEFAULTS = {"roi_margin": 16, "roi_margin_slices": 2, "lesion_dilation": 8}
+CASCADE_DEFAULTS = {"region_margin": 16, "region_margin_slices": 2, "lesion_dilation": 8}
 
 
 def context_stack(slices: torch.Tensor, indices: torch.Tensor, context: int) -> torch.Tensor:
@@ -112,8 +112,8 @@ def predict_volume(
     liver_in_channels: int = 1,
     lesion_in_channels: int = 1,
     threshold: float = 0.5,
-    roi_margin: int = 16,
-    roi_margin_slices: int = 2,
+    region_margin: int = 16,
+    region_margin_slices: int = 2,
     lesion_dilation: int = 8,
     batch_size: int = 16,
     probabilities: bool = False,
@@ -138,7 +138,7 @@ def predict_volume(
     if probabilities:
         result["liver_probability"] = _upsample(liver_probs, full_shape[1:])
         result["lesion_probability"] = np.zeros(full_shape, dtype=np.float32)
-    box = mask_box(liver, roi_margin, roi_margin_slices) if lesion is not None else None
+    box = mask_box(liver, region_margin, region_margin_slices) if lesion is not None else None
     if box is not None:
         region = tuple(slice(a, b) for a, b in box)
         crop = torch.from_numpy(np.ascontiguousarray(read_image(box), dtype=np.float32)).to(image.device)

@@ -30,10 +30,14 @@ from .backbone import UNet
 from .classification import CheckpointError, focal_loss, slice_labels
 from .error_masks import LOSSES, TN, TP, build_error_loss, error_mask
 from .error_masks import foreground_probability as error_foreground_probability
+from .cascade_evaluation import FIGURE_KEYS, PARTS, case_figures, error_counts
+from .cascade_evaluation import summarize_volumes as summarize_cascade
 from .error_report import write_error_report
 from .metrics import SliceRecords
+from .volume_records import VolumeRecords
 from .segmentation import STAGES, SegmentationTask
-from .segmentation_checkpoint import BaseArchitecture, frozen_model, read_base_checkpoint
+from .segmentation_checkpoint import foreground_probability as model_probability
+from .segmentation_checkpoint import frozen_model, read_base_checkpoint
 
 
 class MaskMining(SegmentationTask):
@@ -118,6 +122,7 @@ class MaskMining(SegmentationTask):
             if (miner_arch.in_channels, miner_arch.base_channels, miner_arch.norm) != (arch.in_channels, arch.base_channels, arch.norm):
                 raise CheckpointError(f"fold model {miner_path} has another architecture than the base {path}; train the fold models with the base's config")
             self._miners.append(frozen_model(miner_arch, miner_weights))
+        self.configure_cascade()  # a cascade's lesion network: evaluated with its liver network
 
     def configure_losses(self) -> None:
         h = self.hparams
@@ -128,10 +133,12 @@ class MaskMining(SegmentationTask):
     def configure_metrics(self) -> None:
         super().configure_metrics()
         self.before_records = nn.ModuleDict({stage: SliceRecords() for stage in STAGES})
+        self.before_volume_records = nn.ModuleDict({stage: VolumeRecords(FIGURE_KEYS) for stage in STAGES})
         # The frozen base's figures on a stage's data never change: summarised once, then reused.
         self._before: dict[str, tuple[dict[str, float], dict[int, dict[str, float]]]] = {}
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         datamodule = self.trainer.datamodule
         if datamodule is None:  # plain dataloaders (e.g. the benchmarks): nothing to check
             return
@@ -145,13 +152,6 @@ class MaskMining(SegmentationTask):
                 raise DataError(f"cross-mining with {len(self._miners)} fold models needs --data.num_folds={len(self._miners)} and no --data.holdout_fold")
 
     # -- mining ----------------------------------------------------------------------------------
-    @staticmethod
-    def _probability(model: UNet, arch: BaseArchitecture, image: torch.Tensor) -> torch.Tensor:
-        outputs = model(image)
-        if arch.has_error_head:  # an earlier round: its final mask comes from its error head
-            return error_foreground_probability(outputs["errors"], arch.loss)
-        return torch.sigmoid(outputs["seg"])
-
     def miner_for(self, volume_index: int) -> int:
         """Index of the fold model that mines this training volume (it never trained on it)."""
         return self.trainer.datamodule.train_folds[int(volume_index)]
@@ -166,9 +166,9 @@ class MaskMining(SegmentationTask):
             folds = torch.tensor([self.miner_for(v) for v in batch["volume_index"].tolist()], device=image.device)
             for fold in folds.unique().tolist():
                 chosen = folds == fold
-                probs[chosen] = self._probability(self._miners[fold].to(image.device), self.base_architecture, image[chosen]).float()
+                probs[chosen] = model_probability(self._miners[fold].to(image.device), self.base_architecture, image[chosen]).float()
         else:
-            probs = self._probability(base, self.base_architecture, image).float()
+            probs = model_probability(base, self.base_architecture, image).float()
         batch["errors"] = error_mask(probs >= self.hparams.threshold, batch["mask"] > 0.5)
         if not training:
             batch["base_probs"] = probs
@@ -196,14 +196,31 @@ class MaskMining(SegmentationTask):
         if stage not in self._before:
             self.before_records[stage].update(batch["base_probs"], batch["mask"] > 0.5, batch["volume_index"], batch["slice_index"], self.hparams.threshold)
 
+    def _evaluation_step(self, batch: dict, stage: str) -> None:
+        super()._evaluation_step(batch, stage)
+        if "roi_image" in batch and stage not in self._before:  # a cascade's lesion network: the base in its place
+            base, arch = self._base[0].to(batch["image"].device), self.base_architecture
+            result = self.cascade.predict(lambda image: model_probability(base, arch, image), self.hparams.in_channels, batch)
+            volume = self.trainer.datamodule.volumes[int(batch["volume_index"])]
+            self.before_volume_records[stage].update(int(batch["volume_index"]), case_figures(result["labels"], volume.label_full(), volume.spacing))
+
+    def _summarize_before(self, stage: str) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
+        per_volume = self.before_volume_records[stage].compute()
+        self.before_volume_records[stage].reset()
+        records = self.before_records[stage].compute()
+        self.before_records[stage].reset()
+        if per_volume:
+            return summarize_cascade(per_volume), per_volume
+        return self.summarize_records(records)
+
     def compute_metrics(self, stage: str) -> dict[str, float]:
         figures = super().compute_metrics(stage)
         if stage not in self._before:
-            records = self.before_records[stage].compute()
-            self.before_records[stage].reset()
             if not figures:
+                self.before_records[stage].reset()
+                self.before_volume_records[stage].reset()
                 return figures
-            summary = self.summarize_records(records)
+            summary = self._summarize_before(stage)
             if self.trainer.sanity_checking:  # the sanity check sees a few batches only: not for keeps
                 return figures
             self._before[stage] = summary
@@ -212,7 +229,11 @@ class MaskMining(SegmentationTask):
         before, per_volume_before = self._before[stage]
         after = self.per_volume[stage]
         figures |= {f"{stage}/before/{k}": v for k, v in before.items()}
-        self._write_error_report(stage, per_volume_before, after)
+        if self.cascade is not None and "liver/dice" in before:  # one report for the liver, one for lesions
+            for part in PARTS:
+                self._write_error_report(f"{stage}_{part}", error_counts(per_volume_before, part), error_counts(after, part))
+        else:
+            self._write_error_report(stage, per_volume_before, after)
         return figures
 
     def _write_error_report(self, stage: str, before: dict, after: dict) -> None:

@@ -7,6 +7,10 @@ Metrics (validation and test, logged as ``{stage}/{name}``):
   its original in-plane resolution, optionally reduced to its largest connected component (liver
   channel), compared in mm; averaged over volumes.
 
+A lesion network of a cascade (``liver_checkpoint`` set, data in ``sampling: liver_roi`` mode) is
+evaluated on whole volumes instead, with the LiTS metrics (``{stage}/liver/...``, ``{stage}/lesion/...``;
+see ``cascade_evaluation``).
+
 Per-slice predictions are collected in a torchmetrics state gathered over DDP ranks and
 de-duplicated, so the figures are exact whatever the number of devices. See
 ``lightning_modules.metrics`` for the empty-mask conventions.
@@ -17,15 +21,21 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from .backbone import UNet
 from .base import BaseTask
+from datamodules import DataError
+
+from .cascade import CASCADE_DEFAULTS
+from .cascade_evaluation import FIGURE_KEYS, CascadeEvaluation, case_figures, summarize_volumes as summarize_cascade
 from .classification import CheckpointError
 from .figures import overlay_figure, save_figure
 from .losses import SEG_LOSSES, build_segmentation_loss
 from .metrics import COUNT_KEYS, SliceRecords, summarize_slices, summarize_volumes
+from .volume_records import VolumeRecords
 
 STAGES = ("val", "test")
 
@@ -49,6 +59,12 @@ class SegmentationTask(BaseTask):
             step: some 5 ms per 256x256 slice holding one object.
         distance_w0: the distance map's peak extra weight ``w0``.
         distance_sigma: the distance map's width ``sigma`` in pixels.
+        liver_checkpoint: makes this network a cascade's lesion network: the liver network's checkpoint
+            whose prediction bounds the region this network segments at full resolution (with
+            ``--data.sampling=liver_roi``). Validation, test and ``lits predict`` then run the cascade.
+        region_margin: in-plane margin in pixels of the lesion region around the predicted liver.
+        region_margin_slices: its margin in slices.
+        lesion_dilation: lesions are kept inside the predicted liver dilated in-plane by this many pixels.
     """
 
     monitor = ("val/dice_volume", "max")
@@ -63,6 +79,10 @@ class SegmentationTask(BaseTask):
         distance_weights: bool = False,
         distance_w0: float = 10.0,
         distance_sigma: float = 5.0,
+        liver_checkpoint: str | None = None,
+        region_margin: int = CASCADE_DEFAULTS["region_margin"],
+        region_margin_slices: int = CASCADE_DEFAULTS["region_margin_slices"],
+        lesion_dilation: int = CASCADE_DEFAULTS["lesion_dilation"],
         **kwargs,
     ) -> None:
         if seg_loss not in SEG_LOSSES:
@@ -70,9 +90,26 @@ class SegmentationTask(BaseTask):
         super().__init__(**kwargs)
 
     # -- hooks -----------------------------------------------------------------------------------
+    @property
+    def monitor(self) -> tuple[str, str]:
+        return ("val/lesion/dice", "max") if self.hparams.get("liver_checkpoint") else ("val/dice_volume", "max")
+
     def configure_models(self) -> None:
         h = self.hparams
         self.model = UNet(h.in_channels, h.out_channels, h.base_channels, h.norm)
+        self.configure_cascade()
+
+    def configure_cascade(self) -> None:
+        h = self.hparams
+        self.cascade = None
+        if h.get("liver_checkpoint"):
+            self.cascade = CascadeEvaluation(h.liver_checkpoint, h.threshold, h.region_margin, h.region_margin_slices, h.lesion_dilation)
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None and datamodule.hparams.get("sampling") == "liver_roi" and self.cascade is None:
+            raise DataError("--data.sampling=liver_roi evaluates whole volumes as a cascade, which needs the liver network: "
+                            "set --model.init_args.liver_checkpoint=<liver run>/checkpoints/best.ckpt")
 
     def configure_losses(self) -> None:
         h = self.hparams
@@ -84,6 +121,7 @@ class SegmentationTask(BaseTask):
 
     def configure_metrics(self) -> None:
         self.records = nn.ModuleDict({stage: SliceRecords() for stage in STAGES})
+        self.volume_records = nn.ModuleDict({stage: VolumeRecords(FIGURE_KEYS) for stage in STAGES})
         self._overlay_samples: dict[str, dict] = {stage: {} for stage in STAGES}
         self.per_volume: dict[str, dict[int, dict[str, float]]] = {}  # the last epoch's, by stage
 
@@ -107,7 +145,41 @@ class SegmentationTask(BaseTask):
         counts = {key: float(sum(figures[key] for figures in per_volume.values())) for key in COUNT_KEYS}
         return {**summarize_slices(records), **volumes, **counts}, per_volume
 
+    # -- whole volumes (the cascade) -------------------------------------------------------------
+    def _evaluation_step(self, batch: dict, stage: str) -> None:
+        if "roi_image" not in batch:  # slices
+            return super()._evaluation_step(batch, stage)
+        result = self.cascade.predict(lambda image: self.foreground_probability(self(image)), self.hparams.in_channels, batch)
+        volume = self.trainer.datamodule.volumes[int(batch["volume_index"])]
+        truth = volume.label_full()
+        self.volume_records[stage].update(int(batch["volume_index"]), case_figures(result["labels"], truth, volume.spacing))
+        self._keep_lesion_overlay(stage, batch, truth, result["labels"])
+
+    def _keep_lesion_overlay(self, stage: str, sample: dict, truth: np.ndarray, labels: np.ndarray) -> None:
+        """For up to ``num_overlays`` volumes, the slice with the most lesion (else liver), cropped to the cached region."""
+        if self.global_rank != 0 or len(self._overlay_samples[stage]) >= self.hparams.num_overlays:
+            return
+        box = sample["roi_box"].tolist()
+        if box[0][1] <= box[0][0]:
+            return
+        region = tuple(slice(a, b) for a, b in box)
+        area = (truth[region] == 2).sum(axis=(1, 2))
+        part = 2 if area.any() else 1
+        area = (truth[region] >= part).sum(axis=(1, 2))
+        z = int(np.argmax(area))
+        image = torch.from_numpy(np.asarray(sample["roi_image"][z].float().cpu()))
+        self._overlay_samples[stage][sample["volume"]] = (
+            float(area[z]), f"{sample['volume']} z={box[0][0] + z} ({'lesion' if part == 2 else 'liver'})", image,
+            truth[region][z] >= part, labels[region][z] >= part,
+        )
+
     def compute_metrics(self, stage: str) -> dict[str, float]:
+        per_volume = self.volume_records[stage].compute()
+        self.volume_records[stage].reset()
+        if per_volume:
+            self.per_volume[stage] = per_volume
+            self._write_reports(stage, per_volume)
+            return {f"{stage}/{k}": v for k, v in summarize_cascade(per_volume).items()}
         records = self.records[stage].compute()
         self.records[stage].reset()
         if len(records["volume_index"]) == 0:

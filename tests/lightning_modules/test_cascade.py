@@ -71,7 +71,7 @@ def test_predict_volume_finds_lesions_inside_the_liver_only():
 
     liver = threshold_predictor(0.1, 1.0)  # calls lesions liver too (LiTS: lesions are liver)
     lesion = threshold_predictor(0.1, 0.3)
-    result = predict_volume(liver, lesion, small, read_image, full.shape, roi_margin=2, roi_margin_slices=0,
+    result = predict_volume(liver, lesion, small, read_image, full.shape, region_margin=2, region_margin_slices=0,
                             lesion_dilation=1, probabilities=True)
     labels = result["labels"]
     assert labels.shape == full.shape and labels.dtype == np.uint8

@@ -1,0 +1,82 @@
+"""A segmentation network evaluated as the lesion network of a liver-lesion cascade.
+
+With ``liver_checkpoint`` set and the data in ``sampling: liver_roi`` mode, validation and test
+samples are whole volumes (``datamodules.roi_dataset.VolumeDataset``). Each volume goes through the
+cascade (``cascade.predict_volume``: the frozen liver network, then this network at full resolution in
+the predicted liver's region) and is scored with the LiTS metrics (``lits_metrics.evaluate_case``) on
+the rank that evaluated it. One row of figures per volume is gathered over ranks (``VolumeRecords``),
+so the epoch's figures are those of one process whatever the number of devices.
+
+Logged as ``{stage}/liver/<name>`` and ``{stage}/lesion/<name>``: the per-case means (``dice``, ``voe``,
+``rvd``, ``assd_mm``, ``mssd_mm``, ``hd95_mm``), ``dice_global``, and for lesions the pooled detection
+figures (``lesion_recall``, ``lesion_precision``, lesion counts).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from datamodules.cache import read_box
+
+from .cascade import Predictor, predict_volume
+from .classification import CheckpointError
+from .lits_metrics import CASE_KEYS, DETECTION_KEYS, evaluate_case, summarize_cases
+from .segmentation_checkpoint import foreground_probability, frozen_model, read_base_checkpoint
+
+PARTS = ("liver", "lesion")
+FIGURE_KEYS = [f"liver/{k}" for k in CASE_KEYS] + [f"lesion/{k}" for k in CASE_KEYS + DETECTION_KEYS]
+
+
+class CascadeEvaluation:
+    """The frozen liver network of a cascade and the whole-volume evaluation of its lesion network.
+
+    The liver network lives outside the task's module tree: not trained, not checkpointed (the task's
+    hyperparameters name its checkpoint), not wrapped by DDP.
+    """
+
+    def __init__(self, liver_checkpoint: str, threshold: float, region_margin: int, region_margin_slices: int, lesion_dilation: int,
+                 batch_size: int = 16):
+        self.arch, weights = read_base_checkpoint(liver_checkpoint)
+        if self.arch.target not in (None, "liver") or self.arch.out_channels != 1:
+            raise CheckpointError(f"liver_checkpoint {liver_checkpoint} was trained on target {self.arch.target!r}; pass the cascade's liver network (--data.target=liver)")
+        self.model = frozen_model(self.arch, weights)
+        self.settings = dict(threshold=threshold, region_margin=region_margin, region_margin_slices=region_margin_slices,
+                             lesion_dilation=lesion_dilation, batch_size=batch_size)
+
+    def liver(self, device: torch.device) -> Predictor:
+        model = self.model.to(device)
+        return lambda image: foreground_probability(model, self.arch, image)
+
+    def predict(self, lesion: Predictor, lesion_in_channels: int, sample: dict) -> dict[str, np.ndarray]:
+        """``cascade.predict_volume`` on one ``VolumeDataset`` sample (already on the device)."""
+        roi, roi_box = sample["roi_image"].cpu().numpy(), sample["roi_box"].tolist()
+        return predict_volume(
+            self.liver(sample["image"].device), lesion, sample["image"], lambda box: read_box(roi, roi_box, box, np.float32),
+            sample["full_shape"].tolist(), liver_in_channels=self.arch.in_channels, lesion_in_channels=lesion_in_channels,
+            **self.settings,
+        )
+
+
+def case_figures(labels: np.ndarray, truth: np.ndarray, spacing) -> dict[str, float]:
+    """One volume's LiTS figures, flat: ``{"liver/dice": ..., "lesion/lesion_recall": ...}``."""
+    figures = evaluate_case(labels, truth, [float(s) for s in spacing])
+    return {f"{part}/{key}": float(value) for part in PARTS for key, value in figures[part].items()}
+
+
+def summarize_volumes(per_volume: dict[int, dict[str, float]]) -> dict[str, float]:
+    """Epoch figures of the rows of ``case_figures``: ``summarize_cases`` for the liver and for lesions."""
+    figures = {}
+    for part in PARTS:
+        cases = {v: {k.split("/", 1)[1]: x for k, x in row.items() if k.startswith(f"{part}/")} for v, row in per_volume.items()}
+        figures |= {f"{part}/{key}": value for key, value in summarize_cases(cases).items()}
+    return figures
+
+
+def error_counts(per_volume: dict[int, dict[str, float]], part: str) -> dict[int, dict[str, float]]:
+    """Per volume, one part's (``liver`` or ``lesion``) TP / FP / FN voxels and Dice, as mask mining's error report reads them."""
+    counts = {}
+    for volume, row in per_volume.items():
+        tp, pred, truth = (row[f"{part}/{k}"] for k in ("intersection_voxels", "pred_voxels", "truth_voxels"))
+        counts[volume] = {"tp_voxels": tp, "fp_voxels": pred - tp, "fn_voxels": truth - tp, "dice_volume": row[f"{part}/dice"]}
+    return counts

@@ -1,0 +1,169 @@
+"""The 2D cascade end to end: `lits run` (liver, then lesion), `lits predict` on a re-oriented scan, `lits evaluate`."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+
+from datamodules import DataError
+from experiments.evaluate import evaluate_main
+from experiments.predict import predict_main
+from lightning_modules import CheckpointError
+from tests.synthetic import tiny_experiment
+
+
+def lits(*args, cwd):
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env.pop("LITS_RUN_VERSION", None)
+    return subprocess.run([sys.executable, "-m", "experiments.cli", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def write_cascade(folder, liver_epochs=1, lesion_epochs=1):
+    liver = tiny_experiment(folder, volumes=4, split=(2, 1, 1), max_epochs=liver_epochs, lr=0.003)
+    lesion = yaml.safe_load(yaml.safe_dump(liver))
+    lesion["model"]["init_args"].update(seg_loss="pwce_over_dice")
+    lesion["data"].update(sampling="liver_roi", target="lesion", crop_size=32)
+    lesion["trainer"]["max_epochs"] = lesion_epochs
+    (folder / "liver.yaml").write_text(yaml.safe_dump(liver))
+    (folder / "lesion.yaml").write_text(yaml.safe_dump(lesion))
+    (folder / "cascade.yaml").write_text(yaml.safe_dump({"name": "cascade", "stages": [
+        {"name": "liver", "config": "liver.yaml"},
+        {"name": "lesion", "config": "lesion.yaml", "weights_from": "liver", "weights_arg": "model.init_args.liver_checkpoint"}]}))
+
+
+@pytest.fixture(scope="module")
+def cascade_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cascade")
+    write_cascade(folder, liver_epochs=2, lesion_epochs=2)
+    result = lits("run", "cascade.yaml", "--trainer.default_root_dir=out", cwd=folder)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
+    return folder
+
+
+def per_volume(path):
+    return {row["volume"]: row for row in csv.DictReader(open(path))}
+
+
+def test_cascade_run_reports_liver_and_lesion_figures(cascade_run):
+    final = json.loads((cascade_run / "out" / "cascade" / "metrics.json").read_text())
+    for stage in ("val", "test"):
+        for part in ("liver", "lesion"):
+            for key in ("dice", "dice_global", "voe", "rvd", "assd_mm", "mssd_mm", "hd95_mm"):
+                assert np.isfinite(final[f"{stage}/{part}/{key}"]), (stage, part, key)
+        assert 0 <= final[f"{stage}/lesion/lesion_recall"] <= 1 and final[f"{stage}/lesion/truth_lesions"] >= 1
+    assert final["stage_metrics"]["liver"]["test/dice_volume"] > 0  # the liver stage's own figures beside the cascade's
+    assert final["best_checkpoint"].endswith("lesion/checkpoints/best.ckpt")
+    assert (cascade_run / "out" / "cascade" / "lesion" / "test_overlays.png").stat().st_size > 3000
+
+
+def reoriented_copy(source_dir, volume_id, target_dir, ornt):
+    """The volume and its mask stored in another voxel order (same patient space)."""
+    target_dir.mkdir(parents=True, exist_ok=True)
+    for name in (f"volume-{volume_id}.nii.gz", f"segmentation-{volume_id}.nii.gz"):
+        nib.save(nib.load(source_dir / name).as_reoriented(ornt), target_dir / name)
+
+
+def test_predict_then_evaluate_gives_the_figures_of_lits_test(cascade_run, tmp_path):
+    run = cascade_run / "out" / "cascade"
+    test_volume = next(iter(per_volume(run / "lesion" / "test_per_volume.csv")))
+    # the test scan stored left-right and front-back flipped (LPS) and with rows and columns swapped
+    scans = tmp_path / "scans"
+    reoriented_copy(cascade_run / "data", test_volume, scans, [[1, -1], [0, -1], [2, 1]])
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    (scans / f"segmentation-{test_volume}.nii.gz").rename(truth / f"segmentation-{test_volume}.nii.gz")
+    predict_main([str(run), "--input", str(scans), "--output", str(tmp_path / "pred")])
+    written = nib.load(tmp_path / "pred" / f"segmentation-{test_volume}.nii")
+    reference = nib.load(scans / f"volume-{test_volume}.nii.gz")
+    assert written.shape == reference.shape and np.allclose(written.affine, reference.affine)
+    assert nib.aff2axcodes(written.affine) == nib.aff2axcodes(reference.affine) != ("R", "A", "S")
+    labels = np.asarray(written.dataobj)
+    assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2} and (labels >= 1).any()
+    # voxel by voxel against its own (re-oriented) ground truth: the same overlap as lits test found
+    own_truth = np.asarray(nib.load(truth / f"segmentation-{test_volume}.nii.gz").dataobj)
+    dice = 2 * ((labels >= 1) & (own_truth >= 1)).sum() / ((labels >= 1).sum() + (own_truth >= 1).sum())
+    tested = per_volume(run / "lesion" / "test_per_volume.csv")[test_volume]
+    assert dice == pytest.approx(float(tested["liver/dice"]), abs=1e-5)
+    evaluate_main(["--pred", str(tmp_path / "pred"), "--truth", str(truth)])
+    evaluated = next(csv.DictReader(open(tmp_path / "pred" / "evaluation" / "per_case.csv")))
+    for key in ("liver/dice", "liver/assd_mm", "liver/hd95_mm", "lesion/dice", "lesion/voe", "lesion/mssd_mm"):
+        column = key.replace("/", "_")
+        assert float(evaluated[column]) == pytest.approx(float(tested[key]), rel=1e-4, abs=1e-4), key
+    # the liver network alone: labels 0/1, the liver stage's own per-volume Dice
+    predict_main([str(run / "liver"), "--input", str(scans), "--output", str(tmp_path / "liver_only")])
+    liver_only = np.asarray(nib.load(tmp_path / "liver_only" / f"segmentation-{test_volume}.nii").dataobj)
+    assert set(np.unique(liver_only)) <= {0, 1}
+    liver_dice = 2 * (liver_only & (own_truth >= 1)).sum() / (liver_only.sum() + (own_truth >= 1).sum())
+    liver_stage = per_volume(run / "liver" / "test_per_volume.csv")[test_volume]
+    assert liver_dice == pytest.approx(float(liver_stage["dice_volume"]), abs=1e-5)
+
+
+def test_predict_rejects_bad_input_in_one_line(cascade_run, tmp_path):
+    run = cascade_run / "out" / "cascade"
+    not_nifti = tmp_path / "in" / "volume-9.nii"
+    not_nifti.parent.mkdir()
+    not_nifti.write_text("not an image")
+    with pytest.raises(DataError, match="volume-9.nii: cannot be read as NIfTI"):
+        predict_main([str(run), "--input", str(not_nifti.parent), "--output", str(tmp_path / "out1")])
+    assert not any((tmp_path / "out1").glob("*.nii"))
+    truncated = tmp_path / "trunc" / "volume-8.nii.gz"
+    truncated.parent.mkdir()
+    data = (cascade_run / "data" / "volume-0.nii.gz").read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="volume-8.nii.gz: truncated or corrupt"):
+        predict_main([str(run), "--input", str(truncated), "--output", str(tmp_path / "out2")])
+    assert not [p for p in (tmp_path / "out2").iterdir()]
+    foreign = tmp_path / "foreign.ckpt"
+    foreign.write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match="foreign.ckpt"):
+        predict_main([str(foreign), "--input", str(cascade_run / "data" / "volume-0.nii.gz"), "--output", str(tmp_path / "out3")])
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(DataError, match="cannot be written"):
+        predict_main([str(run), "--input", str(cascade_run / "data" / "volume-0.nii.gz"), "--output", str(blocker / "sub")])
+    lesion_only = tmp_path / "lesion_only"
+    lesion_only.mkdir()
+    missing_liver = str(tmp_path / "gone.ckpt")
+    with pytest.raises(CheckpointError, match="liver"):
+        predict_main([str(run), "--input", str(cascade_run / "data" / "volume-0.nii.gz"), "--output", str(lesion_only),
+                      "--liver_checkpoint", missing_liver])
+
+
+def test_lesion_stage_without_a_liver_model_fails_in_one_line(tmp_path):
+    write_cascade(tmp_path)
+    result = lits("fit", "--config", "lesion.yaml", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "liver_checkpoint" in result.stderr.strip().splitlines()[-1]
+
+
+def test_mask_mining_on_the_cascade_lesion_network(cascade_run):
+    run = cascade_run / "out" / "cascade"
+    mine = yaml.safe_load((cascade_run / "lesion.yaml").read_text())
+    mine["model"] = {"class_path": "lightning_modules.MaskMining", "init_args": {"loss": "dice", "lr": 0.001}}
+    mine["trainer"]["max_epochs"] = 1
+    (cascade_run / "mine.yaml").write_text(yaml.safe_dump(mine))
+    (cascade_run / "mm.yaml").write_text(yaml.safe_dump({"name": "mm", "stages": [
+        {"name": "liver", "config": "liver.yaml"},
+        {"name": "lesion", "config": "lesion.yaml", "weights_from": "liver", "weights_arg": "model.init_args.liver_checkpoint"},
+        {"name": "mine", "config": "mine.yaml",
+         "weights": {"model.init_args.base_checkpoint": "lesion", "model.init_args.liver_checkpoint": "liver"}}]}))
+    result = lits("run", "mm.yaml", "--trainer.default_root_dir=mm_out", f"--liver_ckpt={run / 'liver/checkpoints/best.ckpt'}",
+                  f"--lesion_ckpt={run / 'lesion/checkpoints/best.ckpt'}", cwd=cascade_run)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
+    final = json.loads((cascade_run / "mm_out" / "mm" / "metrics.json").read_text())
+    lesion_stage = json.loads((run / "lesion" / "metrics.json").read_text())
+    # "before" is the base lesion network in the same cascade: exactly the lesion stage's own figures
+    for key in ("test/lesion/dice", "test/liver/dice", "test/lesion/dice_global"):
+        assert final[key.replace("test/", "test/before/")] == pytest.approx(lesion_stage[key], abs=1e-6)
+        assert np.isfinite(final[key])
+    report = cascade_run / "mm_out" / "mm" / "mine"
+    for part in ("liver", "lesion"):
+        rows = list(csv.DictReader(open(report / f"test_{part}_error_types.csv")))
+        assert rows[-1]["volume"] == "total" and int(rows[-1]["tp_before"]) == sum(int(r["tp_before"]) for r in rows[:-1])
+    assert (report / "val_lesion_error_types.png").is_file()
