@@ -164,8 +164,9 @@ class LitsCLI(LightningCLI):
         expected_in = 2 * data.context_slices + 1
         if "in_channels" in model and model.in_channels != expected_in:
             raise DataError(f"--model.init_args.in_channels={model.in_channels} but --data.context_slices={data.context_slices} gives {expected_in} input channels; make them agree")
-        if "out_channels" in model and model.out_channels < self.datamodule.num_target_channels:
-            raise DataError(f"--model.init_args.out_channels={model.out_channels} is too few for --data.target={data.target}; set it to {self.datamodule.num_target_channels}")
+        out_channels = getattr(self.model, "output_channels", None)
+        if out_channels is not None and out_channels < self.datamodule.num_target_channels:
+            raise DataError(f"--model.init_args.out_channels={out_channels} is too few for --data.target={data.target}; set it to {self.datamodule.num_target_channels}")
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # DDP workers find the cache ready
             self.datamodule.prepare_data()
 

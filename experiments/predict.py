@@ -36,6 +36,7 @@ from datamodules.nifti import NIFTI_SUFFIXES, _open, _read
 from lightning_modules.backbone import UNet
 from lightning_modules.cascade import CASCADE_DEFAULTS, predict_volume
 from lightning_modules.classification import CheckpointError
+from lightning_modules.combined import CombinedLiverLesion
 from lightning_modules.segmentation_checkpoint import BaseArchitecture, foreground_probability, frozen_model, read_base_checkpoint
 
 
@@ -82,16 +83,25 @@ def resolve_model(model: str) -> str:
 
 
 class CascadePredictor:
-    """The liver network, and the lesion network when MODEL is a cascade's: the same inference as ``lits test``."""
+    """The liver network, and the lesion network when MODEL is a cascade's or a combined model: the same
+    inference as ``lits test``."""
 
     def __init__(self, model: str, liver_checkpoint: str | None = None, device: str | None = None, batch_size: int = 16):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        main = load_network(resolve_model(model), self.device)
+        path = resolve_model(model)
+        main = load_network(path, self.device)
+        self.combined = None
+        if any(k.startswith("liver_model.") for k in torch.load(path, map_location="cpu", weights_only=True)["state_dict"]):
+            # a combined model: both networks in one checkpoint, the liver network at the liver resolution
+            self.combined = CombinedLiverLesion.load_from_checkpoint(path, map_location=self.device).eval()
+            liver_checkpoint = None
         liver_path = liver_checkpoint or main.hparams.get("liver_checkpoint")
         if liver_path:
             if not Path(liver_path).is_file():
                 raise CheckpointError(f"{main.path} names its liver network {liver_path}, which does not exist; pass --liver_checkpoint=PATH")
             self.liver, self.lesion = load_network(liver_path, self.device), main
+        elif self.combined is not None:
+            self.liver, self.lesion = main, main
         else:
             if main.arch.target == "lesion":
                 raise CheckpointError(f"{main.path} is a lesion network without a liver network; pass --liver_checkpoint=PATH (the cascade's liver stage)")
@@ -112,12 +122,16 @@ class CascadePredictor:
         def read_image(box):
             return read_box(full, [[0, n] for n in full.shape], box, np.float32)
 
-        return predict_volume(
-            self.liver.predictor(), self.lesion.predictor() if self.lesion else None, image, read_image, hu_display.shape,
-            liver_in_channels=self.liver.arch.in_channels,
-            lesion_in_channels=self.lesion.arch.in_channels if self.lesion else 1,
-            threshold=self.threshold, batch_size=self.batch_size, probabilities=probabilities, **self.settings,
-        )
+        if self.combined is not None:
+            sample = {"image": image, "full_shape": torch.tensor(hu_display.shape)}
+            liver, liver_channels, lesion, lesion_channels = self.combined.cascade_networks(sample)
+        else:
+            liver, liver_channels = self.liver.predictor(), self.liver.arch.in_channels
+            lesion = self.lesion.predictor() if self.lesion else None
+            lesion_channels = self.lesion.arch.in_channels if self.lesion else 1
+        return predict_volume(liver, lesion, image, read_image, hu_display.shape, liver_in_channels=liver_channels,
+                              lesion_in_channels=lesion_channels, threshold=self.threshold, batch_size=self.batch_size,
+                              probabilities=probabilities, **self.settings)
 
 
 # -- files -----------------------------------------------------------------------------------------

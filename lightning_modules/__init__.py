@@ -5,6 +5,7 @@ from .base import BaseTask
 from .baseline import BaselineUNet
 from .classification import CheckpointError
 from .cmunet import CMUNet
+from .combined import CombinedLiverLesion
 from .encoder_pretraining import EncoderPretraining
 from .mask_mining import MaskMining
 from .pretrained_unet import PretrainedUNet
@@ -18,6 +19,7 @@ __all__ = [
     "EncoderPretraining",
     "PretrainedUNet",
     "CMUNet",
+    "CombinedLiverLesion",
     "MaskMining",
     "CheckpointError",
 ]

@@ -28,34 +28,32 @@ PARTS = ("liver", "lesion")
 FIGURE_KEYS = [f"liver/{k}" for k in CASE_KEYS] + [f"lesion/{k}" for k in CASE_KEYS + DETECTION_KEYS]
 
 
-class CascadeEvaluation:
-    """The frozen liver network of a cascade and the whole-volume evaluation of its lesion network.
+class LiverNetwork:
+    """A cascade's frozen liver network, rebuilt from its checkpoint.
 
-    The liver network lives outside the task's module tree: not trained, not checkpointed (the task's
-    hyperparameters name its checkpoint), not wrapped by DDP.
+    It lives outside the task's module tree: not trained, not checkpointed (the task's hyperparameters
+    name its checkpoint), not wrapped by DDP.
     """
 
-    def __init__(self, liver_checkpoint: str, threshold: float, region_margin: int, region_margin_slices: int, lesion_dilation: int,
-                 batch_size: int = 16):
-        self.arch, weights = read_base_checkpoint(liver_checkpoint)
+    def __init__(self, checkpoint: str):
+        self.arch, weights = read_base_checkpoint(checkpoint)
         if self.arch.target not in (None, "liver") or self.arch.out_channels != 1:
-            raise CheckpointError(f"liver_checkpoint {liver_checkpoint} was trained on target {self.arch.target!r}; pass the cascade's liver network (--data.target=liver)")
+            raise CheckpointError(f"liver_checkpoint {checkpoint} was trained on target {self.arch.target!r}; pass the cascade's liver network (--data.target=liver)")
         self.model = frozen_model(self.arch, weights)
-        self.settings = dict(threshold=threshold, region_margin=region_margin, region_margin_slices=region_margin_slices,
-                             lesion_dilation=lesion_dilation, batch_size=batch_size)
 
-    def liver(self, device: torch.device) -> Predictor:
+    def predictor(self, device: torch.device) -> Predictor:
         model = self.model.to(device)
         return lambda image: foreground_probability(model, self.arch, image)
 
-    def predict(self, lesion: Predictor, lesion_in_channels: int, sample: dict) -> dict[str, np.ndarray]:
-        """``cascade.predict_volume`` on one ``VolumeDataset`` sample (already on the device)."""
-        roi, roi_box = sample["roi_image"].cpu().numpy(), sample["roi_box"].tolist()
-        return predict_volume(
-            self.liver(sample["image"].device), lesion, sample["image"], lambda box: read_box(roi, roi_box, box, np.float32),
-            sample["full_shape"].tolist(), liver_in_channels=self.arch.in_channels, lesion_in_channels=lesion_in_channels,
-            **self.settings,
-        )
+
+def predict_sample(liver: Predictor, liver_in_channels: int, lesion: Predictor, lesion_in_channels: int, sample: dict,
+                   **settings) -> dict[str, np.ndarray]:
+    """``cascade.predict_volume`` on one ``VolumeDataset`` sample (already on the device); ``settings`` are its region
+    and threshold arguments."""
+    roi, roi_box = sample["roi_image"].cpu().numpy(), sample["roi_box"].tolist()
+    return predict_volume(liver, lesion, sample["image"], lambda box: read_box(roi, roi_box, box, np.float32),
+                          sample["full_shape"].tolist(), liver_in_channels=liver_in_channels,
+                          lesion_in_channels=lesion_in_channels, **settings)
 
 
 def case_figures(labels: np.ndarray, truth: np.ndarray, spacing) -> dict[str, float]:

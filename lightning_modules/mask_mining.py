@@ -200,12 +200,12 @@ class MaskMining(SegmentationTask):
         super()._evaluation_step(batch, stage)
         if "roi_image" in batch and stage not in self._before:  # a cascade's lesion network: the base in its place
             base, arch = self._base[0].to(batch["image"].device), self.base_architecture
-            result = self.cascade.predict(lambda image: model_probability(base, arch, image), self.hparams.in_channels, batch)
+            result = self.predict_cascade(batch, lesion=lambda image: model_probability(base, arch, image))
             volume = self.trainer.datamodule.volumes[int(batch["volume_index"])]
             self.before_volume_records[stage].update(int(batch["volume_index"]), case_figures(result["labels"], volume.label_full(), volume.spacing))
 
     def _summarize_before(self, stage: str) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
-        per_volume = self.before_volume_records[stage].compute()
+        per_volume = self.before_volume_records[stage].compute() if self.before_volume_records[stage].update_count else {}
         self.before_volume_records[stage].reset()
         records = self.before_records[stage].compute()
         self.before_records[stage].reset()
@@ -229,7 +229,7 @@ class MaskMining(SegmentationTask):
         before, per_volume_before = self._before[stage]
         after = self.per_volume[stage]
         figures |= {f"{stage}/before/{k}": v for k, v in before.items()}
-        if self.cascade is not None and "liver/dice" in before:  # one report for the liver, one for lesions
+        if self.evaluates_cascade and "liver/dice" in before:  # one report for the liver, one for lesions
             for part in PARTS:
                 self._write_error_report(f"{stage}_{part}", error_counts(per_volume_before, part), error_counts(after, part))
         else:

@@ -29,8 +29,9 @@ from .backbone import UNet
 from .base import BaseTask
 from datamodules import DataError
 
-from .cascade import CASCADE_DEFAULTS
-from .cascade_evaluation import FIGURE_KEYS, CascadeEvaluation, case_figures, summarize_volumes as summarize_cascade
+from .cascade import CASCADE_DEFAULTS, Predictor
+from .cascade_evaluation import FIGURE_KEYS, LiverNetwork, case_figures, predict_sample
+from .cascade_evaluation import summarize_volumes as summarize_cascade
 from .classification import CheckpointError
 from .figures import overlay_figure, save_figure
 from .losses import SEG_LOSSES, build_segmentation_loss
@@ -91,8 +92,13 @@ class SegmentationTask(BaseTask):
 
     # -- hooks -----------------------------------------------------------------------------------
     @property
+    def output_channels(self) -> int:
+        """Channels of the ``seg`` output (``out_channels``; the combined model always has 2)."""
+        return self.hparams.out_channels
+
+    @property
     def monitor(self) -> tuple[str, str]:
-        return ("val/lesion/dice", "max") if self.hparams.get("liver_checkpoint") else ("val/dice_volume", "max")
+        return ("val/lesion/dice", "max") if self.evaluates_cascade else ("val/dice_volume", "max")
 
     def configure_models(self) -> None:
         h = self.hparams
@@ -100,14 +106,31 @@ class SegmentationTask(BaseTask):
         self.configure_cascade()
 
     def configure_cascade(self) -> None:
+        path = self.hparams.get("liver_checkpoint")
+        self._liver_network = [LiverNetwork(path)] if path else []  # a list: kept out of the module tree
+
+    @property
+    def evaluates_cascade(self) -> bool:
+        """Whether whole-volume samples are evaluated as a cascade (this network has a liver network)."""
+        return bool(self._liver_network)
+
+    def cascade_networks(self, sample: dict) -> tuple[Predictor, int, Predictor, int]:
+        """(liver predictor, its input channels, lesion predictor, its input channels) for one volume sample."""
+        liver = self._liver_network[0]
+        return (liver.predictor(sample["image"].device), liver.arch.in_channels,
+                lambda image: self.foreground_probability(self(image)), self.hparams.in_channels)
+
+    def predict_cascade(self, sample: dict, lesion: Predictor | None = None) -> dict[str, np.ndarray]:
+        """The cascade on one volume sample; ``lesion`` replaces this network's lesion predictor (mask mining's base)."""
         h = self.hparams
-        self.cascade = None
-        if h.get("liver_checkpoint"):
-            self.cascade = CascadeEvaluation(h.liver_checkpoint, h.threshold, h.region_margin, h.region_margin_slices, h.lesion_dilation)
+        liver, liver_channels, own, lesion_channels = self.cascade_networks(sample)
+        return predict_sample(liver, liver_channels, lesion or own, lesion_channels, sample, threshold=h.threshold,
+                              region_margin=h.region_margin, region_margin_slices=h.region_margin_slices,
+                              lesion_dilation=h.lesion_dilation)
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule if self._trainer is not None else None
-        if datamodule is not None and datamodule.hparams.get("sampling") == "liver_roi" and self.cascade is None:
+        if datamodule is not None and datamodule.hparams.get("sampling") == "liver_roi" and not self.evaluates_cascade:
             raise DataError("--data.sampling=liver_roi evaluates whole volumes as a cascade, which needs the liver network: "
                             "set --model.init_args.liver_checkpoint=<liver run>/checkpoints/best.ckpt")
 
@@ -149,7 +172,7 @@ class SegmentationTask(BaseTask):
     def _evaluation_step(self, batch: dict, stage: str) -> None:
         if "roi_image" not in batch:  # slices
             return super()._evaluation_step(batch, stage)
-        result = self.cascade.predict(lambda image: self.foreground_probability(self(image)), self.hparams.in_channels, batch)
+        result = self.predict_cascade(batch)
         volume = self.trainer.datamodule.volumes[int(batch["volume_index"])]
         truth = volume.label_full()
         self.volume_records[stage].update(int(batch["volume_index"]), case_figures(result["labels"], truth, volume.spacing))
@@ -174,7 +197,7 @@ class SegmentationTask(BaseTask):
         )
 
     def compute_metrics(self, stage: str) -> dict[str, float]:
-        per_volume = self.volume_records[stage].compute()
+        per_volume = self.volume_records[stage].compute() if self.volume_records[stage].update_count else {}
         self.volume_records[stage].reset()
         if per_volume:
             self.per_volume[stage] = per_volume

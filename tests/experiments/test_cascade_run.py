@@ -167,3 +167,28 @@ def test_mask_mining_on_the_cascade_lesion_network(cascade_run):
         rows = list(csv.DictReader(open(report / f"test_{part}_error_types.csv")))
         assert rows[-1]["volume"] == "total" and int(rows[-1]["tp_before"]) == sum(int(r["tp_before"]) for r in rows[:-1])
     assert (report / "val_lesion_error_types.png").is_file()
+
+
+def test_combined_model_trains_both_networks_and_predicts_like_lits_test(cascade_run, tmp_path):
+    combined = yaml.safe_load((cascade_run / "lesion.yaml").read_text())
+    combined["model"] = {"class_path": "lightning_modules.CombinedLiverLesion",
+                         "init_args": {"base_channels": 4, "seg_loss": "pwce_over_dice", "lr": 0.003}}
+    combined["data"]["target"] = "both"
+    (cascade_run / "combined.yaml").write_text(yaml.safe_dump(combined))
+    result = lits("fit", "--config", "combined.yaml", "--trainer.default_root_dir=cmb_out", cwd=cascade_run)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
+    run = next((cascade_run / "cmb_out" / "combined").glob("version_*"))
+    figures = json.loads((run / "metrics.json").read_text())
+    assert np.isfinite(figures["test/liver/dice"]) and np.isfinite(figures["test/lesion/dice"])
+    tested = per_volume(run / "test_per_volume.csv")
+    test_volume = next(iter(tested))
+    scans = tmp_path / "scans"
+    reoriented_copy(cascade_run / "data", test_volume, scans, [[0, -1], [1, 1], [2, -1]])
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    (scans / f"segmentation-{test_volume}.nii.gz").rename(truth / f"segmentation-{test_volume}.nii.gz")
+    predict_main([str(run / "checkpoints" / "best.ckpt"), "--input", str(scans), "--output", str(tmp_path / "pred")])
+    evaluate_main(["--pred", str(tmp_path / "pred"), "--truth", str(truth)])
+    evaluated = next(csv.DictReader(open(tmp_path / "pred" / "evaluation" / "per_case.csv")))
+    for key in ("liver/dice", "liver/hd95_mm", "lesion/dice", "lesion/voe"):
+        assert float(evaluated[key.replace("/", "_")]) == pytest.approx(float(tested[test_volume][key]), rel=1e-4, abs=1e-4), key
