@@ -10,6 +10,13 @@
 (d) the mask-mining train step (on-the-fly mining: one extra forward pass of the frozen base per
     batch) against the baseline's train step, both under Lightning: the price of mining on the fly
     instead of storing error masks.
+(e) cached full-resolution lesion crops through the cascade's ``LiverCropDataset`` (target lesion, crop
+    256, 1 input channel, no augmentation), one worker, on volumes of LiTS' in-plane size (512x512);
+    target at least 5,000 crops/s.
+(f) the 2D cascade's whole-volume inference on the CPU (``benchmarks/cascade_inference.py``): ``lits
+    predict`` of one 512x512x100 volume (``--quick``: 512x512x8; model loading excluded) and where
+    that time goes, and one ``lits test`` evaluation pass (cascade + LiTS metrics) over the same
+    volume, in seconds per volume.
 
 Ratios are measured within one run, alternating the two sides and keeping each side's best
 repeat, because these machines are noisy. The last line printed is a JSON object of the figures.
@@ -34,7 +41,10 @@ from datamodules.cache import CachedVolume, PreprocessSettings, build_cache
 from datamodules.dataset import SliceDataset
 from datamodules.nifti import discover
 from datamodules.phantom import write_phantom_dataset
+from datamodules.roi_dataset import LiverCropDataset
 from lightning_modules import BaselineUNet, MaskMining
+
+from .cascade_inference import bench_cascade
 
 
 def best_of(repeats: int, *functions) -> list[float]:
@@ -78,6 +88,27 @@ def bench_loading(work: Path, samples: int) -> dict:
         dataset[i]
     elapsed = time.perf_counter() - start
     return {"samples": samples, "seconds": elapsed, "slices_per_s": samples / elapsed}
+
+
+def bench_lesion_crops(entries: list[Path], samples: int) -> dict:
+    volumes = [CachedVolume(entry) for entry in entries]
+    dataset = LiverCropDataset(volumes, range(len(volumes)), target="lesion", context_slices=0, crop_size=256)
+    order = np.random.default_rng(0).integers(0, len(dataset), samples)
+    torch.manual_seed(0)  # the crop centres
+    # One torch thread, as in a DataLoader worker (torch sets it there): read_box converts float16 -> float32
+    # with torch, and on a busy machine a 2-thread copy of one crop can wait milliseconds for the second core.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i in order[:200]:  # open the memory maps and warm the page cache, as a worker does after its first batch
+            dataset[i]
+        start = time.perf_counter()
+        for i in order:
+            dataset[i]
+        elapsed = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+    return {"samples": samples, "volumes": len(volumes), "shape": CachedVolume(entries[0]).full_shape, "crops_per_s": samples / elapsed}
 
 
 class StepTimer(pl.Callback):
@@ -170,6 +201,14 @@ def main() -> None:
         load = bench_loading(work, samples=2000 if args.quick else 20000)
         size, steps, repeats = (128, 3, 1) if args.quick else (256, 12, 3)
         mining = bench_mining_step(work, steps=steps, warmup=2, batch_size=6, size=size, repeats=repeats)
+        if args.quick:  # (a)'s volumes are smaller than LiTS' 512x512 slices: 2 volumes of 512x512x20 for (e)
+            write_phantom_dataset(work / "lits_size", volumes=2, seed=0, shape=(512, 512, 20), spacing=(0.8, 0.8, 2.5))
+            entries = build_cache(discover(work / "lits_size"), work / "lits_size_cache", PreprocessSettings(image_size=256), progress=False)
+        else:  # (a)'s cache: 4 volumes of 512x512x48
+            entries = sorted(entry for entry in (work / "cache").iterdir() if not entry.name.startswith("."))
+        crops = bench_lesion_crops(entries, samples=2000 if args.quick else 20000)
+        write_phantom_dataset(work / "volume", volumes=1, seed=1, shape=(512, 512, 8 if args.quick else 100), spacing=(0.8, 0.8, 2.5))
+        cascade = bench_cascade(work / "volume", work / "cascade")
     step = bench_train_step(steps=steps, warmup=2, batch_size=6, size=size, repeats=repeats)
 
     rows = [
@@ -178,6 +217,11 @@ def main() -> None:
         ("(b) cached random slices", f"{load['samples']} samples, 1 worker", f"{load['slices_per_s']:,.0f} slices/s", "", ">= 10,000/s"),
         ("(c) Lightning step vs plain loop", f"{step['steps']} steps of {step['batch']}", f"{step['lightning_s']:.2f} s vs {step['plain_s']:.2f} s", f"{step['ratio']:.3f}x", "<= 1.05x"),
         ("(d) mask-mining step vs baseline", f"{mining['steps']} steps of {mining['batch']}", f"{mining['mining_s']:.2f} s vs {mining['baseline_s']:.2f} s", f"{mining['ratio']:.3f}x", ""),
+        ("(e) cached lesion crops, 1 worker", f"{crops['samples']} from {crops['volumes']} vols {crops['shape'][1]}x{crops['shape'][2]}x{crops['shape'][0]}", f"{crops['crops_per_s']:,.0f} crops/s", "", ">= 5,000/s"),
+        ("(f) lits predict, 2D cascade, CPU", f"1 vol {cascade['shape']}, {torch.get_num_threads()} threads", f"{cascade['predict_s']:.2f} s/volume", "", ""),
+        *((f"      {part}", "", f"{seconds:.2f} s", f"{seconds / cascade['predict_s']:.1%}", "") for part, seconds in cascade["parts"].items()),
+        ("    lits test pass, same volume", "cascade + LiTS metrics", f"{cascade['test_s']:.2f} s/volume", "", ""),
+        ("      LiTS metrics", "", f"{cascade['metrics_s']:.2f} s", f"{cascade['metrics_s'] / cascade['test_s']:.1%}", ""),
     ]
     print(f"\n{'benchmark':34s} {'workload':30s} {'measured':24s} {'ratio':8s} target")
     for row in rows:
@@ -188,6 +232,9 @@ def main() -> None:
         "cached_slices_per_s": round(load["slices_per_s"], 1),
         "step_vs_plain_loop": round(step["ratio"], 3),
         "mining_step_vs_baseline_step": round(mining["ratio"], 3),
+        "lesion_crops_per_s": round(crops["crops_per_s"], 1),
+        "predict_s_per_volume": round(cascade["predict_s"], 3),
+        "test_pass_s_per_volume": round(cascade["test_s"], 3),
     }))
 
 

@@ -192,3 +192,22 @@ def test_combined_model_trains_both_networks_and_predicts_like_lits_test(cascade
     evaluated = next(csv.DictReader(open(tmp_path / "pred" / "evaluation" / "per_case.csv")))
     for key in ("liver/dice", "liver/hd95_mm", "lesion/dice", "lesion/voe"):
         assert float(evaluated[key.replace("/", "_")]) == pytest.approx(float(tested[test_volume][key]), rel=1e-4, abs=1e-4), key
+
+
+def test_cascade_figures_are_exact_under_ddp(cascade_run):
+    """3 test volumes over 2 processes: each rank scores its own volumes, the sampler repeats one; same figures as 1 process."""
+    run = cascade_run / "out" / "cascade"
+    common = ["test", "--config", "lesion.yaml", f"--ckpt_path={run / 'lesion/checkpoints/best.ckpt'}",
+              f"--model.init_args.liver_checkpoint={run / 'liver/checkpoints/best.ckpt'}", "--data.split=[1,0,3]",
+              "--trainer.default_root_dir=ddp_out"]
+    figures = {}
+    for name, extra in (("single", []), ("ddp", ["--trainer.devices=2", "--trainer.strategy=ddp"])):
+        result = lits(*common, f"--name={name}", *extra, cwd=cascade_run)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
+        figures[name] = json.loads((cascade_run / "ddp_out" / name / "version_0" / "metrics.json").read_text())
+    assert (figures["single"]["world_size"], figures["ddp"]["world_size"]) == (1, 2)
+    assert figures["single"]["test/lesion/cases"] == 3
+    names = [k for k in figures["single"] if k.startswith(("test/liver/", "test/lesion/"))]
+    assert len(names) == 24  # 9 liver and 15 lesion figures
+    for name in names:
+        assert figures["ddp"][name] == pytest.approx(figures["single"][name], abs=1e-6), name
