@@ -63,6 +63,10 @@ class LiverCropDataset(Dataset):
     K = 2 * context_slices + 1; neighbours beyond the volume's ends repeat the edge slice, as in
     ``SliceDataset``; neighbours beyond the cached region (more than ``roi_margin_slices`` past the
     liver) are 0.
+
+    ``liver_boxes`` (one ``[[z0, z1], [y0, y1], [x0, x1]]`` or None per volume) replaces the ground-truth
+    liver by another liver's box, e.g. the liver network's prediction (``roi_from: prediction``): the
+    samples are then that box's slices and the centres are drawn in its in-plane extent.
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class LiverCropDataset(Dataset):
         crop_size: int = 256,
         crop_margin: int = 16,
         transform: Callable | None = None,
+        liver_boxes: Sequence | None = None,
     ):
         if target not in TARGETS:
             raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
@@ -89,11 +94,17 @@ class LiverCropDataset(Dataset):
         for position, volume in enumerate(self.volumes):
             (z0, _), (ly0, ly1), (lx0, lx1) = volume.liver_box
             _, (ry0, ry1), (rx0, rx1) = volume.roi_box
+            if liver_boxes is not None:  # roi_from: prediction, the liver network's box (None: no liver found)
+                box = liver_boxes[position]
+                (z0, z1), (ly0, ly1), (lx0, lx1) = box if box is not None else ((0, 0), (ly0, ly1), (lx0, lx1))
             self._regions.append((ry0, ry1, rx0, rx1))
             self._centres.append(
                 (max(ly0 - crop_margin, ry0), min(ly1 + crop_margin, ry1), max(lx0 - crop_margin, rx0), min(lx1 + crop_margin, rx1))
             )
-            liver_slices = np.flatnonzero((np.asarray(volume.label_box) >= 1).any(axis=(1, 2))) + z0
+            if liver_boxes is not None:
+                liver_slices = np.arange(z0, z1)
+            else:
+                liver_slices = np.flatnonzero((np.asarray(volume.label_box) >= 1).any(axis=(1, 2))) + z0
             index.append(np.stack([np.full(len(liver_slices), position), liver_slices], 1))
         self.index = np.concatenate(index or [np.zeros((0, 2))]).astype(np.int64)
 

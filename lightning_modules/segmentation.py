@@ -24,12 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .backbone import UNet
 from .base import BaseTask
 from datamodules import DataError
 
-from .cascade import CASCADE_DEFAULTS, Predictor
+from .cascade import CASCADE_DEFAULTS, Predictor, liver_mask, mask_box, slice_probabilities
 from .cascade_evaluation import FIGURE_KEYS, LiverNetwork, case_figures, predict_sample
 from .cascade_evaluation import summarize_volumes as summarize_cascade
 from .classification import CheckpointError
@@ -133,6 +134,26 @@ class SegmentationTask(BaseTask):
         if datamodule is not None and datamodule.hparams.get("sampling") == "liver_roi" and not self.evaluates_cascade:
             raise DataError("--data.sampling=liver_roi evaluates whole volumes as a cascade, which needs the liver network: "
                             "set --model.init_args.liver_checkpoint=<liver run>/checkpoints/best.ckpt")
+        if stage == "fit" and datamodule is not None and datamodule.hparams.get("roi_from") == "prediction":
+            if not self._liver_network:
+                raise DataError("--data.roi_from=prediction draws the training crops around a trained liver network's prediction: "
+                                "it needs --model.init_args.liver_checkpoint (a cascade's lesion network)")
+            datamodule.use_predicted_liver(self._predicted_liver_boxes(datamodule))
+
+    @torch.no_grad()
+    def _predicted_liver_boxes(self, datamodule) -> dict[int, list | None]:
+        """The liver network's liver (largest component) box in each training volume, on the run's device."""
+        liver = self._liver_network[0]
+        device = self.trainer.strategy.root_device
+        predict = liver.predictor(device)
+        indices = datamodule.datasets["train"].volume_indices
+        boxes = {}
+        for index in tqdm(indices, desc="Predicting the liver of the training volumes", unit="vol", disable=not self.trainer.is_global_zero):
+            volume = datamodule.volumes[index]
+            image = torch.from_numpy(np.asarray(volume.image, dtype=np.float32)).to(device)
+            probs = slice_probabilities(predict, image, liver.arch.in_channels)
+            boxes[index] = mask_box(liver_mask(probs, tuple(volume.full_shape[1:]), self.hparams.threshold), 0, 0)
+        return boxes
 
     def configure_losses(self) -> None:
         h = self.hparams

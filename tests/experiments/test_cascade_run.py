@@ -211,3 +211,37 @@ def test_cascade_figures_are_exact_under_ddp(cascade_run):
     assert len(names) == 24  # 9 liver and 15 lesion figures
     for name in names:
         assert figures["ddp"][name] == pytest.approx(figures["single"][name], abs=1e-6), name
+
+
+def test_roi_from_prediction_draws_the_crops_around_the_liver_networks_liver(cascade_run):
+    import torch
+    from types import SimpleNamespace
+
+    from datamodules import LiTSDataModule
+    from lightning_modules import BaselineUNet
+    from lightning_modules.cascade import liver_mask, mask_box, slice_probabilities
+
+    liver_ckpt = str(cascade_run / "out" / "cascade" / "liver" / "checkpoints" / "best.ckpt")
+    config = yaml.safe_load((cascade_run / "lesion.yaml").read_text())["data"]
+    data = LiTSDataModule(**{**config, "root": str(cascade_run / "data"), "cache_dir": str(cascade_run / "cache"), "roi_from": "prediction"})
+    data.prepare_data()
+    data.setup("fit")
+    truth_slices = len(data.datasets["train"])
+    model = BaselineUNet(base_channels=4, liver_checkpoint=liver_ckpt)
+    model._trainer = SimpleNamespace(datamodule=data, strategy=SimpleNamespace(root_device=torch.device("cpu")), is_global_zero=True)
+    model.setup("fit")
+    crops = data.datasets["train"]
+    liver = model._liver_network[0]
+    expected = 0
+    for index in crops.volume_indices:
+        volume = data.volumes[index]
+        probs = slice_probabilities(liver.predictor(torch.device("cpu")), torch.from_numpy(np.asarray(volume.image, np.float32)), 1)
+        box = mask_box(liver_mask(probs, tuple(volume.full_shape[1:])), 0, 0)
+        expected += box[0][1] - box[0][0] if box else 0
+        position = crops.volume_indices.index(index)
+        if box:
+            assert set(crops.index[crops.index[:, 0] == position, 1]) == set(range(*box[0]))
+            cy0, cy1, cx0, cx1 = crops._centres[position]
+            assert cy0 == max(box[1][0] - crops.crop_margin, crops._regions[position][0])
+    assert len(crops) == expected and expected > 0
+    assert truth_slices > 0  # the ground-truth path served the same volumes before
