@@ -64,6 +64,9 @@ class LiTSDataModule(pl.LightningDataModule):
         crop_size: ``liver_roi`` training crop side in full-resolution pixels (paper: 256; divisible by 16).
         crop_margin: ``liver_roi`` crop centres are drawn uniformly in the liver's bounding box grown by
             this many pixels (and clipped to the cached region).
+        roi_from: ``liver_roi`` training crops around the ground-truth liver (``"truth"``, the paper) or
+            around the liver network's prediction (``"prediction"``, as at inference: the cascade's lesion
+            network computes it once before training, largest component, its slices and in-plane box).
         roi_margin_px, roi_margin_slices: the full-resolution region cached around the liver is its
             bounding box grown by these margins (pixels in-plane, slices in z), clipped to the volume;
             beyond it ``liver_roi`` crops read 0. Changing them rebuilds the cache.
@@ -73,6 +76,11 @@ class LiTSDataModule(pl.LightningDataModule):
         preprocess_workers: processes for preprocessing (default: all cores).
         phantom_volumes, phantom_seed, phantom_shape, phantom_spacing: the phantom dataset used when
             ``root`` is ``None``.
+        test_split: which split's volumes the test loader (``lits test``, the test after ``lits fit``)
+            evaluates: ``"test"`` (default), ``"val"`` or ``"train"`` (e.g. the mask-mining paper's
+            training-set Dice: ``lits test ... --data.test_split=train``). It is evaluated like a test
+            split: every slice of its volumes, no augmentation (``liver_roi``: whole ``VolumeDataset``
+            volumes); ``splits`` still names the true assignment, ``datasets["test"]`` holds what is tested.
     """
 
     def __init__(
@@ -100,6 +108,7 @@ class LiTSDataModule(pl.LightningDataModule):
         sampling: str = "slices",
         crop_size: int = 256,
         crop_margin: int = 16,
+        roi_from: str = "truth",
         roi_margin_px: int = 64,
         roi_margin_slices: int = 4,
         batch_size: int = 10,
@@ -110,6 +119,7 @@ class LiTSDataModule(pl.LightningDataModule):
         phantom_seed: int = 0,
         phantom_shape: tuple[int, int, int] = (192, 192, 48),
         phantom_spacing: tuple[float, float, float] = (2.0, 2.0, 5.0),
+        test_split: str = "test",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -117,6 +127,8 @@ class LiTSDataModule(pl.LightningDataModule):
             raise ValueError(f"image_size must be divisible by 16 (four U-Net poolings), got {image_size}")
         if holdout_fold is not None and not 0 <= holdout_fold < num_folds:
             raise DataError(f"--data.holdout_fold={holdout_fold} needs --data.num_folds above it (folds are 0..num_folds-1)")
+        if roi_from not in ("truth", "prediction"):
+            raise DataError(f"--data.roi_from must be truth or prediction, got {roi_from!r}")
         if sampling not in SAMPLING_MODES:
             raise DataError(
                 f"--data.sampling={sampling!r} is not one of {', '.join(SAMPLING_MODES)}; use slices (whole resized slices) "
@@ -124,6 +136,8 @@ class LiTSDataModule(pl.LightningDataModule):
             )
         if crop_size <= 0 or crop_size % 16:
             raise DataError(f"--data.crop_size={crop_size} must be a positive multiple of 16 (four U-Net poolings), e.g. 256")
+        if test_split not in SPLIT_NAMES:
+            raise DataError(f"--data.test_split={test_split!r} is not one of {', '.join(SPLIT_NAMES)}; it names the split that `lits test` evaluates")
         if min(crop_margin, roi_margin_px, roi_margin_slices) < 0:
             raise DataError("--data.crop_margin, --data.roi_margin_px and --data.roi_margin_slices must be non-negative")
         self.settings = PreprocessSettings(
@@ -202,7 +216,8 @@ class LiTSDataModule(pl.LightningDataModule):
             )
         datasets = {}
         for name in SPLIT_NAMES:
-            indices = [position[i] for i in splits[name]]
+            # the test loader evaluates the volumes of `test_split` (default: the test split itself)
+            indices = [position[i] for i in splits[h.test_split if name == "test" else name]]
             chosen = [volumes[i] for i in indices]
             transform = self._augmentation() if name == "train" and h.augment else None
             if h.sampling == "liver_roi" and name == "train":
@@ -218,6 +233,14 @@ class LiTSDataModule(pl.LightningDataModule):
                 slices = [self._training_slices(v) if name == "train" else np.arange(v.num_slices) for v in chosen]
                 datasets[name] = SliceDataset(chosen, indices, slices, h.target, h.context_slices, transform)
         self.volumes, self.splits, self.train_folds, self.datasets = volumes, splits, train_folds, datasets
+
+    def use_predicted_liver(self, boxes: dict[int, list | None]) -> None:
+        """``roi_from: prediction``: draw the training crops around the liver network's liver instead of the
+        ground truth's (``boxes``: volume index -> the predicted liver's box, None where none was found)."""
+        train = self.datasets["train"]
+        h = self.hparams
+        self.datasets["train"] = LiverCropDataset(train.volumes, train.volume_indices, h.target, h.context_slices, h.crop_size,
+                                                  h.crop_margin, train.transform, [boxes[i] for i in train.volume_indices])
 
     def _training_slices(self, volume: CachedVolume) -> np.ndarray:
         margin = self.hparams.foreground_margin
@@ -237,7 +260,8 @@ class LiTSDataModule(pl.LightningDataModule):
     def _loader(self, name: str, train: bool) -> DataLoader:
         dataset = self.datasets[name]
         if len(dataset) == 0:
-            raise DataError(f"the {name} split of {self.data_root} is empty; give it volumes with --data.split or --data.{name}_ids")
+            split = self.hparams.test_split if name == "test" else name
+            raise DataError(f"the {split} split of {self.data_root} is empty; give it volumes with --data.split or --data.{split}_ids")
         h = self.hparams
         sampler = None
         if train and h.positive_fraction is not None:
