@@ -78,8 +78,13 @@ def test_predict_then_evaluate_gives_the_figures_of_lits_test(cascade_run, tmp_p
     truth = tmp_path / "truth"
     truth.mkdir()
     (scans / f"segmentation-{test_volume}.nii.gz").rename(truth / f"segmentation-{test_volume}.nii.gz")
-    predict_main([str(run), "--input", str(scans), "--output", str(tmp_path / "pred")])
+    predict_main([str(run), "--input", str(scans), "--output", str(tmp_path / "pred"), "--probabilities"])
     written = nib.load(tmp_path / "pred" / f"segmentation-{test_volume}.nii")
+    lesion_probability = nib.load(tmp_path / "pred" / f"segmentation-{test_volume}_lesion_probability.nii.gz")
+    liver_probability = np.asarray(nib.load(tmp_path / "pred" / f"segmentation-{test_volume}_liver_probability.nii.gz").dataobj)
+    assert lesion_probability.shape == written.shape and lesion_probability.get_data_dtype() == np.float32
+    assert liver_probability.min() >= 0 and liver_probability.max() <= 1
+    assert ((np.asarray(lesion_probability.dataobj) >= 0.5) >= (np.asarray(written.dataobj) == 2)).all()  # lesions come from it
     reference = nib.load(scans / f"volume-{test_volume}.nii.gz")
     assert written.shape == reference.shape and np.allclose(written.affine, reference.affine)
     assert nib.aff2axcodes(written.affine) == nib.aff2axcodes(reference.affine) != ("R", "A", "S")
