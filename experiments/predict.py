@@ -37,6 +37,7 @@ from lightning_modules.backbone import UNet
 from lightning_modules.cascade import CASCADE_DEFAULTS, predict_volume
 from lightning_modules.classification import CheckpointError
 from lightning_modules.combined import CombinedLiverLesion
+from lightning_modules.combined_mask_mining import CombinedMaskMining
 from lightning_modules.segmentation_checkpoint import BaseArchitecture, foreground_probability, frozen_model, read_base_checkpoint
 
 
@@ -91,9 +92,12 @@ class CascadePredictor:
         path = resolve_model(model)
         main = load_network(path, self.device)
         self.combined = None
-        if any(k.startswith("liver_model.") for k in torch.load(path, map_location="cpu", weights_only=True)["state_dict"]):
-            # a combined model: both networks in one checkpoint, the liver network at the liver resolution
-            self.combined = CombinedLiverLesion.load_from_checkpoint(path, map_location=self.device).eval()
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        if any(k.startswith("liver_model.") for k in state):
+            # a combined model: both networks in one checkpoint, the liver network at the liver resolution;
+            # mask-mined when its networks have error heads
+            combined = CombinedMaskMining if "liver_model.error_head.weight" in state else CombinedLiverLesion
+            self.combined = combined.load_from_checkpoint(path, map_location=self.device).eval()
             liver_checkpoint = None
         liver_path = liver_checkpoint or main.hparams.get("liver_checkpoint")
         if liver_path:

@@ -6,6 +6,7 @@ from .baseline import BaselineUNet
 from .classification import CheckpointError
 from .cmunet import CMUNet
 from .combined import CombinedLiverLesion
+from .combined_mask_mining import CombinedMaskMining
 from .encoder_pretraining import EncoderPretraining
 from .mask_mining import MaskMining
 from .pretrained_unet import PretrainedUNet
@@ -20,6 +21,7 @@ __all__ = [
     "PretrainedUNet",
     "CMUNet",
     "CombinedLiverLesion",
+    "CombinedMaskMining",
     "MaskMining",
     "CheckpointError",
 ]

@@ -34,12 +34,14 @@ _DIVISOR = 16  # four U-Net poolings
 class CombinedLiverLesion(SegmentationTask):
     """Liver and lesion networks trained together; the lesion network also sees the liver's probability.
 
+    The output is always 2 channels, liver and lesion logits in that order, whatever ``out_channels``; the
+    backbone, optimisation and evaluation arguments are ``SegmentationTask``'s and ``BaseTask``'s.
+
     Args:
         liver_loss: the liver network's loss (``dice``, ``pwce`` or ``pwce_over_dice``); ``seg_loss`` is the
             lesion network's (the mask-mining paper: pwce for the liver, pwce over Dice for lesions).
-        liver_weight, lesion_weight: weights of the two terms.
-        (the output is always 2 channels, liver and lesion logits in that order, whatever ``out_channels``; the backbone, optimisation and
-        evaluation arguments are ``SegmentationTask``'s and ``BaseTask``'s.)
+        liver_weight: weight of the liver term of the loss.
+        lesion_weight: weight of the lesion term of the loss.
     """
 
     def __init__(self, liver_loss: str = "dice", liver_weight: float = 1.0, lesion_weight: float = 1.0, **kwargs) -> None:
@@ -47,31 +49,35 @@ class CombinedLiverLesion(SegmentationTask):
             raise CheckpointError(f"unknown liver loss {liver_loss!r}; choose one of: {', '.join(SEG_LOSSES)} (--model.init_args.liver_loss)")
         super().__init__(**kwargs)
 
+    #: error channels beside each network's segmentation head (``None``: none; mask mining's subclass has 4)
+    num_error_classes: int | None = None
+
     # -- networks ----------------------------------------------------------------------------------
     def configure_models(self) -> None:
-        h = self.hparams
-        self.liver_model = UNet(h.in_channels, 1, h.base_channels, h.norm)
-        self.model = UNet(h.in_channels + 1, 1, h.base_channels, h.norm)  # the lesion network: CT + liver probability
+        h, errors = self.hparams, self.num_error_classes
+        self.liver_model = UNet(h.in_channels, 1, h.base_channels, h.norm, num_error_classes=errors)
+        # the lesion network: CT + liver probability
+        self.model = UNet(h.in_channels + 1, 1, h.base_channels, h.norm, num_error_classes=errors)
         self.liver_scale = 1.0  # liver resolution / input resolution, set per batch
-        self.configure_cascade()
 
     def configure_losses(self) -> None:
         super().configure_losses()
         h = self.hparams
         self.liver_loss = build_segmentation_loss(h.liver_loss, h.distance_weights, h.distance_w0, h.distance_sigma)
 
-    def liver_logits(self, image: torch.Tensor) -> torch.Tensor:
-        """The liver network on ``image`` seen at ``liver_scale``, logits back at the image's size."""
+    def liver_outputs(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The liver network on ``image`` seen at ``liver_scale``, its outputs (logits) back at the image's size."""
         if self.liver_scale == 1.0:
-            return self.liver_model(image)["seg"]
+            return self.liver_model(image)
         size = [max(_DIVISOR, round(n * self.liver_scale / _DIVISOR) * _DIVISOR) for n in image.shape[-2:]]
-        small = self.liver_model(F.interpolate(image, size=size, mode="area"))["seg"]
-        return F.interpolate(small, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        small = self.liver_model(F.interpolate(image, size=size, mode="area"))
+        return {key: F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False) for key, logits in small.items()}
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        liver = self.liver_logits(image)
-        lesion = self.model(torch.cat([image, torch.sigmoid(liver)], dim=1))["seg"]
-        return {"seg": torch.cat([liver, lesion], dim=1)}
+        """Each output of both networks, liver channels first; the lesion network sees the liver's ``foreground_probability``."""
+        liver = self.liver_outputs(image)
+        lesion = self.model(torch.cat([image, self.foreground_probability(liver)], dim=1))
+        return {key: torch.cat([liver[key], lesion[key]], dim=1) for key in lesion}
 
     def compute_losses(self, outputs: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
         seg, mask = outputs["seg"], batch["mask"]
@@ -113,11 +119,11 @@ class CombinedLiverLesion(SegmentationTask):
         scale = sample["image"].shape[-1] / full_width
 
         def liver(image: torch.Tensor) -> torch.Tensor:  # resized whole slices: the liver network alone
-            return torch.sigmoid(self.liver_model(image)["seg"])
+            return self.foreground_probability(self.liver_model(image))
 
         def lesion(image: torch.Tensor) -> torch.Tensor:  # the region at full resolution: both networks
             self.liver_scale = scale
-            return torch.sigmoid(self(image)["seg"][:, 1:2])
+            return self.foreground_probability(self(image))[:, 1:2]
 
         channels = self.hparams.in_channels
         return liver, channels, lesion, channels

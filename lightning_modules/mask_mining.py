@@ -40,6 +40,24 @@ from .segmentation_checkpoint import foreground_probability as model_probability
 from .segmentation_checkpoint import frozen_model, read_base_checkpoint
 
 
+def load_with_error_head(model: UNet, weights: dict[str, torch.Tensor]) -> None:
+    """Load a base's weights into ``model``, the same U-Net with the four error channels (TN, FP, FN, TP).
+
+    Error channels the base lacks start as its own decision: TP carries the segmentation head's weights, TN
+    their negation, FP and FN zero, so the decoded error head gives exactly the base's mask. A base that has
+    them (an earlier mining round) keeps its own.
+    """
+    missing, _ = model.load_state_dict(weights, strict=False)
+    if missing:
+        assert sorted(missing) == ["error_head.bias", "error_head.weight"], missing
+        with torch.no_grad():
+            head, errors = model.segmentation_head, model.error_head
+            errors.weight.zero_()
+            errors.bias.zero_()
+            errors.weight[TP], errors.bias[TP] = head.weight[0], head.bias[0]
+            errors.weight[TN], errors.bias[TN] = -head.weight[0], -head.bias[0]
+
+
 class MaskMining(SegmentationTask):
     """Retrain a base segmentation model on its TN / FP / FN / TP error masks.
 
@@ -105,15 +123,7 @@ class MaskMining(SegmentationTask):
             raise CheckpointError(f"cls_weight={h.cls_weight} keeps a classification loss, but {path} has no classification head (a CMU-Net base has one); set cls_weight to 0")
         self.model = UNet(arch.in_channels, 1, arch.base_channels, arch.norm,
                           num_classes=1 if arch.has_classification_head else None, num_error_classes=4)
-        missing, _ = self.model.load_state_dict(weights, strict=False)
-        if not arch.has_error_head:  # the appended channels start as the base's own decision
-            assert sorted(missing) == ["error_head.bias", "error_head.weight"], missing
-            with torch.no_grad():
-                head, errors = self.model.segmentation_head, self.model.error_head
-                errors.weight.zero_()
-                errors.bias.zero_()
-                errors.weight[TP], errors.bias[TP] = head.weight[0], head.bias[0]
-                errors.weight[TN], errors.bias[TN] = -head.weight[0], -head.bias[0]
+        load_with_error_head(self.model, weights)
         # Frozen miners live outside the module tree: not trained, not in checkpoints, not in DDP.
         self._base = [frozen_model(arch, weights)]
         self._miners: list[UNet] = []
@@ -122,7 +132,6 @@ class MaskMining(SegmentationTask):
             if (miner_arch.in_channels, miner_arch.base_channels, miner_arch.norm) != (arch.in_channels, arch.base_channels, arch.norm):
                 raise CheckpointError(f"fold model {miner_path} has another architecture than the base {path}; train the fold models with the base's config")
             self._miners.append(frozen_model(miner_arch, miner_weights))
-        self.configure_cascade()  # a cascade's lesion network: evaluated with its liver network
 
     def configure_losses(self) -> None:
         h = self.hparams
@@ -175,6 +184,7 @@ class MaskMining(SegmentationTask):
         return batch
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        batch = super().on_after_batch_transfer(batch, dataloader_idx)
         if isinstance(batch, dict) and "mask" in batch:  # after augmentation and transfer: the exact input
             batch = self.mine(batch, training=self.trainer.training)
         return batch
@@ -199,10 +209,14 @@ class MaskMining(SegmentationTask):
     def _evaluation_step(self, batch: dict, stage: str) -> None:
         super()._evaluation_step(batch, stage)
         if "roi_image" in batch and stage not in self._before:  # a cascade's lesion network: the base in its place
-            base, arch = self._base[0].to(batch["image"].device), self.base_architecture
-            result = self.predict_cascade(batch, lesion=lambda image: model_probability(base, arch, image))
+            result = self.predict_base_cascade(batch)
             volume = self.trainer.datamodule.volumes[int(batch["volume_index"])]
             self.before_volume_records[stage].update(int(batch["volume_index"]), case_figures(result["labels"], volume.label_full(), volume.spacing))
+
+    def predict_base_cascade(self, sample: dict) -> dict:
+        """The cascade on one volume sample with the frozen base in this network's place (the figures before mining)."""
+        base, arch = self._base[0].to(sample["image"].device), self.base_architecture
+        return self.predict_cascade(sample, lesion=lambda image: model_probability(base, arch, image))
 
     def _summarize_before(self, stage: str) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
         per_volume = self.before_volume_records[stage].compute() if self.before_volume_records[stage].update_count else {}

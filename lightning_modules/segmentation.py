@@ -90,6 +90,7 @@ class SegmentationTask(BaseTask):
         if seg_loss not in SEG_LOSSES:
             raise CheckpointError(f"unknown segmentation loss {seg_loss!r}; choose one of: {', '.join(SEG_LOSSES)} (--model.init_args.seg_loss)")
         super().__init__(**kwargs)
+        self.configure_cascade()  # after every subclass's configure_models, whatever they override
 
     # -- hooks -----------------------------------------------------------------------------------
     @property
@@ -104,7 +105,6 @@ class SegmentationTask(BaseTask):
     def configure_models(self) -> None:
         h = self.hparams
         self.model = UNet(h.in_channels, h.out_channels, h.base_channels, h.norm)
-        self.configure_cascade()
 
     def configure_cascade(self) -> None:
         path = self.hparams.get("liver_checkpoint")

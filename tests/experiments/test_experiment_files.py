@@ -10,17 +10,26 @@ from experiments.stages import load_experiment
 from experiments.study import load_study
 
 ROOT = Path(__file__).parents[2]
-EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
+
+def _is_experiment(path: Path) -> bool:
+    """An experiment or a whole `lits fit` config, not a settings file meant to be stacked on one (no class_path)."""
+    spec = yaml.safe_load(path.read_text()) or {}
+    return "stages" in spec or "class_path" in (spec.get("model") or {})
+
+
+EXPERIMENTS = sorted(p for p in (ROOT / "experiments").glob("*.yaml") if _is_experiment(p))
 STUDIES = sorted((ROOT / "experiments" / "studies").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    from lightning_modules import BaselineUNet, CMUNet, EncoderPretraining
+    from lightning_modules import BaselineUNet, CMUNet, CombinedLiverLesion, EncoderPretraining
 
     folder = tmp_path_factory.mktemp("ckpts")
     paths = {}
-    for name, module in (("encoder", EncoderPretraining()), ("unet", BaselineUNet()), ("cmunet", CMUNet())):
+    modules = (("encoder", EncoderPretraining()), ("unet", BaselineUNet()), ("cmunet", CMUNet()),
+               ("lesion", BaselineUNet(in_channels=5, norm="batch")), ("combined", CombinedLiverLesion(in_channels=5, norm="batch")))
+    for name, module in modules:
         paths[name] = str(folder / f"{name}.ckpt")
         torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, paths[name])
     return paths
@@ -32,6 +41,10 @@ def handover(argument: str, sources, configs: list[Path], checkpoints: dict) -> 
         return checkpoints["encoder"]
     if argument.endswith("miner_checkpoints"):
         return "[" + ",".join([checkpoints["unet"]] * len(sources)) + "]"
+    if any("combined" in c.name for c in configs):
+        return checkpoints["combined"]
+    if argument.endswith("base_checkpoint") and any("lesion" in c.name for c in configs):
+        return checkpoints["lesion"]  # a cascade's lesion network (2 context slices)
     return checkpoints["cmunet"] if any("cmunet" in c.name for c in configs) else checkpoints["unet"]
 
 
@@ -44,7 +57,7 @@ def test_every_stage_of_every_experiment_builds(path, checkpoints, tmp_path, mon
     for stage in stages:
         args = [x for c in stage["config"] for x in ("--config", str(c))] + list(stage.get("args", []))
         weights = dict(stage["weights"])
-        if not weights and any(yaml.safe_load(c.read_text())["model"]["class_path"].endswith("MaskMining") for c in stage["config"]):
+        if not weights and any(yaml.safe_load(c.read_text())["model"].get("class_path", "").endswith("MaskMining") for c in stage["config"]):
             weights["model.init_args.base_checkpoint"] = "base"  # a retraining config run on its own needs its base
         args += [f"--{a}={handover(a, s, stage['config'], checkpoints)}" for a, s in weights.items()]
         args += ["--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu", "--trainer.devices=1"]
