@@ -11,6 +11,9 @@ A study file::
       CMU-Net: experiments/cmunet.yaml
     args: ["--trainer.max_epochs=100"]   # optional overrides for every run
     inc: false                           # true for mask-mining experiments: see below
+    table: segmentation                  # or lits_liver_lesion (the mask-mining paper's Table 1): see below
+    rows: {U-Net: U-Net, ...}            # optional: which models are table rows, under which label
+    share_stages: false                  # true: stages several models have alike are trained once per seed
 
 Seeds are paired: seed ``s`` sets ``--seed_everything=s`` (the same initial weights for the layers
 models share, which the backbone builds in the same order) and ``--data.split_seed=s`` (the same
@@ -35,6 +38,36 @@ Spread over machines, as a W&B grid sweep over model and seed:
     lits study STUDY.yaml --from_sweep=ENTITY/PROJECT/SWEEP_ID
         the table from the sweep's finished runs (their W&B summaries).
 With a shared run folder, plain ``lits study STUDY.yaml`` also builds the table: it skips finished runs.
+
+Tables (``table:``, default ``segmentation``): ``segmentation`` is the one above (slice and volume
+Dice and Hausdorff of a one-target model on the test volumes). ``lits_liver_lesion`` is the
+mask-mining paper's Table 1 for liver-lesion models (a 2D cascade, the combined model): per-case
+liver and lesion Dice (the LiTS ``*/liver/dice``, ``*/lesion/dice``) on the training, validation and
+test volumes. For its training-volume columns the study evaluates the final stage (its best
+checkpoint) of each finished run of a table row's model (not of a model trained for the figure
+only) on the training volumes once more, with ``lits test --config <final stage>/config.yaml
+--ckpt_path <best> --data.test_split=train --run_dir <run>/train_eval``; that evaluation's
+``test/...`` figures are the run's ``train/...`` ones (``test/before/...``: the mined base's; its
+error-type reports are the training volumes'), and a rerun skips a run whose
+``train_eval/metrics.json`` exists. Without a test split
+(the paper's ``--data.split=[0.85,0.15,0]``) the test columns read n/a. It also draws the paper's
+Fig. 4, ``lesion_error_types.png``: per model labelled ``"<setup>, <mining loss>"``, the lesion FP /
+FN / TP voxels of the validation volumes before and after mining, summed over seeds, each pair of
+bars normalised to its larger bar. ``rows:`` picks and renames the models that become table rows
+(``rows: {2D: "2D, dice"}``; default every model under its own label), so a study can train more
+models (e.g. both mining losses for the figure) than its table shows. A table ``--from_sweep`` (W&B
+summaries) has no training-volume columns (n/a) and no figure: with a shared run folder, build it with
+plain ``lits study STUDY.yaml`` instead.
+
+``share_stages: true`` trains a stage once per seed when several models have it with the same settings:
+a model's leading stages (all but its last) that an earlier model of the study has with the same configs,
+args, handed-over stages and overrides are taken from that model's run at the same seed (``lits run
+--<stage>_ckpt``). With it, both mining losses mine the same base (the paper's Fig. 4 compares them on
+one base) and a mask-mining study trains each base once. A run that trained such a stage itself keeps it.
+
+Overrides given to the study (``args:`` and the command line) reach every run; one scoped to a stage
+(``--mine.trainer.max_epochs=2``, see ``lits run``) reaches the runs whose experiment has that stage
+and is dropped for a model whose experiment has no such stage while another model's does.
 """
 
 from __future__ import annotations
@@ -44,6 +77,9 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +87,8 @@ import yaml
 from scipy import stats
 
 from datamodules import DataError
-from experiments.stages import load_experiment, normalise_overrides, override_value, run_experiment
-from experiments.study_figure import qualitative_figure
+from experiments.stages import AGENT_ENV, load_experiment, normalise_overrides, override_value, run_experiment, stage_overrides
+from experiments.study_figure import ERROR_TYPES, lesion_error_types_figure, qualitative_figure
 
 METRICS = {  # column title -> metrics.json key; the per-slice pair is the CMU-Net paper's convention
     "Dice (slice)": "test/dice_slice",
@@ -60,6 +96,29 @@ METRICS = {  # column title -> metrics.json key; the per-slice pair is the CMU-N
     "Dice (volume)": "test/dice_volume",
     "HD95 (volume, mm)": "test/hd95_volume_mm",
     "HD (volume, mm)": "test/hd_volume_mm",
+}
+# the mask-mining paper's Table 1: per-case LiTS Dice of liver and lesions on the training, validation and test volumes
+LITS_LIVER_LESION = {
+    f"{part.capitalize()} Dice ({split})": f"{split}/{part}/dice" for split in ("train", "val", "test") for part in ("liver", "lesion")
+}
+
+
+@dataclass(frozen=True)
+class Table:
+    metrics: dict[str, str]  # column title -> metrics.json key (``train/...``: the training-volume evaluation)
+    caption: str  # what the figures are, for the line under the table
+    figure: str  # the study's figure: "qualitative" (CT, truth, predictions) or "lesion_error_types" (Fig. 4)
+    sweep_metric: str  # what a W&B sweep of the study reports as its metric
+
+    @property
+    def evaluates_training_volumes(self) -> bool:
+        return any(key.startswith("train/") for key in self.metrics.values())
+
+
+TABLES = {
+    "segmentation": Table(METRICS, "Test-set figures", "qualitative", "test/dice_volume"),
+    "lits_liver_lesion": Table(LITS_LIVER_LESION, "Per-case Dice (LiTS) on the training (train), validation (val) and test volumes",
+                               "lesion_error_types", "val/lesion/dice"),
 }
 
 
@@ -82,8 +141,17 @@ def load_study(path: str | Path) -> dict:
         raise DataError(f"{path}: baseline {baseline!r} is not one of the models {list(models)}")
     seeds = spec.get("seeds", 3)
     seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    table = spec.get("table", "segmentation")
+    if table not in TABLES:
+        raise DataError(f"{path}: table {table!r} is not one of {', '.join(TABLES)}")
+    rows = spec.get("rows") or {label: label for label in models}
+    if not isinstance(rows, dict) or any(model not in models for model in rows.values()):
+        raise DataError(f"{path}: `rows:` maps a table row's label to one of the models {list(models)}; got {rows!r}")
+    if not spec.get("inc") and baseline not in rows.values():
+        raise DataError(f"{path}: the baseline {baseline!r} must be one of the table's rows {list(rows.values())}")
     return {"name": spec.get("name") or path.stem, "models": models, "baseline": baseline, "seeds": seeds,
-            "args": list(spec.get("args", [])), "inc": bool(spec.get("inc", False))}
+            "args": list(spec.get("args", [])), "inc": bool(spec.get("inc", False)), "table": table, "rows": rows,
+            "share_stages": bool(spec.get("share_stages", False))}
 
 
 def _slug(label: str) -> str:
@@ -102,61 +170,80 @@ def paired_tests(values: np.ndarray, baseline: np.ndarray) -> tuple[float, float
     return t_p, w_p
 
 
-def summarize(results: dict[str, dict[int, dict]], baseline: str, references: dict[str, str] | None = None) -> list[dict]:
+def summarize(results: dict[str, dict[int, dict]], baseline: str, references: dict[str, str] | None = None,
+              metrics: dict[str, str] | None = None) -> list[dict]:
     """Rows of the table: per model, mean/std per metric and paired p-values against its reference.
 
     ``references`` maps a model to the model it is tested against (default: every model but the
-    baseline against the baseline); a model without a reference gets no p-values.
+    baseline against the baseline); a model without a reference gets no p-values. ``metrics``: column
+    title -> key (default ``METRICS``). A key no run reports (e.g. test figures without a test split)
+    gives NaN; one some runs lack is taken over the (paired) runs that have it.
     """
+    metrics = METRICS if metrics is None else metrics
     references = references if references is not None else {label: baseline for label in results if label != baseline}
     rows = []
     for label, runs in results.items():
         row = {"model": label, "runs": len(runs)}
         reference = references.get(label)
         seeds = sorted(s for s in runs if reference is None or s in results[reference])
-        for title, key in METRICS.items():
-            values = np.array([runs[s][key] for s in seeds], dtype=float)
-            row[f"{title} mean"] = float(values.mean())
-            row[f"{title} std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        for title, key in metrics.items():
+            paired = [s for s in seeds if key in runs[s] and (reference is None or key in results[reference][s])]
+            values = np.array([runs[s][key] for s in paired], dtype=float)
+            row[f"{title} mean"] = float(values.mean()) if len(values) else math.nan
+            row[f"{title} std"] = (float(values.std(ddof=1)) if len(values) > 1 else 0.0) if len(values) else math.nan
             if reference is not None:
-                t_p, w_p = paired_tests(values, np.array([results[reference][s][key] for s in seeds], dtype=float))
+                t_p, w_p = paired_tests(values, np.array([results[reference][s][key] for s in paired], dtype=float))
                 row[f"{title} t-test p"], row[f"{title} Wilcoxon p"] = t_p, w_p
         rows.append(row)
     return rows
 
 
-def before_and_after(results: dict[str, dict[int, dict]]) -> tuple[dict[str, dict[int, dict]], dict[str, str]]:
-    """Mask-mining studies: each model's row before mining (its run's ``test/before/*`` figures, the
+def _before(key: str) -> str:
+    """``test/dice_volume`` -> ``test/before/dice_volume``: the mined base's figure in a mask-mining run."""
+    split, _, rest = key.partition("/")
+    return f"{split}/before/{rest}"
+
+
+def before_and_after(results: dict[str, dict[int, dict]], metrics: dict[str, str] | None = None) -> tuple[dict[str, dict[int, dict]], dict[str, str]]:
+    """Mask-mining studies: each model's row before mining (its run's ``<split>/before/*`` figures, the
     base model evaluated in the same run) and its "Inc." row after, tested against the row before."""
+    metrics = METRICS if metrics is None else metrics
     expanded, references = {}, {}
     for label, runs in results.items():
-        missing = [s for s, m in runs.items() if any(k.replace("test/", "test/before/", 1) not in m for k in METRICS.values())]
+        missing = [s for s, m in runs.items() if any(k in m and _before(k) not in m for k in metrics.values())]
         if missing:
-            raise DataError(f"model {label!r}: its runs (seed {missing[0]}) report no test/before/* figures; `inc: true` needs mask-mining experiments")
-        expanded[label] = {s: {k: m[k.replace("test/", "test/before/", 1)] for k in METRICS.values()} for s, m in runs.items()}
+            raise DataError(f"model {label!r}: its runs (seed {missing[0]}) report no <split>/before/* figures (e.g. test/before/*); "
+                            "`inc: true` needs mask-mining experiments")
+        expanded[label] = {s: {k: m[_before(k)] for k in metrics.values() if k in m} for s, m in runs.items()}
         expanded[f"{label} Inc."] = runs
         references[f"{label} Inc."] = label
     return expanded, references
 
 
-def markdown_table(rows: list[dict], baseline: str, inc: bool = False) -> str:
-    header = ["Model", "runs", *METRICS]
+def _cell(row: dict, title: str) -> str:
+    if math.isnan(row[f"{title} mean"]):
+        return "n/a"
+    cell = f"{row[f'{title} mean']:.4f} ± {row[f'{title} std']:.4f}"
+    if f"{title} t-test p" in row:
+        cell += f" (p={row[f'{title} t-test p']:.3g} t, {row[f'{title} Wilcoxon p']:.3g} W)"
+    return cell
+
+
+def markdown_table(rows: list[dict], baseline: str, inc: bool = False, metrics: dict[str, str] | None = None,
+                   caption: str = "Test-set figures") -> str:
+    metrics = METRICS if metrics is None else metrics
+    header = ["Model", "runs", *metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["model"], str(row["runs"])]
-        for title in METRICS:
-            cell = f"{row[f'{title} mean']:.4f} ± {row[f'{title} std']:.4f}"
-            if f"{title} t-test p" in row:
-                cell += f" (p={row[f'{title} t-test p']:.3g} t, {row[f'{title} Wilcoxon p']:.3g} W)"
-            cells.append(cell)
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join([row["model"], str(row["runs"]), *(_cell(row, title) for title in metrics)]) + " |")
     against = "the same model before mask mining (Inc.: after)" if inc else baseline
-    lines.append(f"\nTest-set figures, mean ± std over seeds; p: paired t-test (t) and Wilcoxon signed-rank (W) against {against}.")
+    lines.append(f"\n{caption}, mean ± std over seeds; p: paired t-test (t) and Wilcoxon signed-rank (W) against {against}.")
     return "\n".join(lines)
 
 
-def write_tables(folder: Path, rows: list[dict], baseline: str, inc: bool = False) -> str:
-    table = markdown_table(rows, baseline, inc)
+def write_tables(folder: Path, rows: list[dict], baseline: str, inc: bool = False, metrics: dict[str, str] | None = None,
+                 caption: str = "Test-set figures") -> str:
+    table = markdown_table(rows, baseline, inc, metrics, caption)
     (folder / "results.md").write_text(table + "\n")
     (folder / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     with open(folder / "results.csv", "w", newline="") as handle:
@@ -181,15 +268,146 @@ def _split_options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     return options, rest
 
 
+def model_overrides(study: dict, label: str, overrides: list[str]) -> list[str]:
+    """The overrides one model's runs receive: all but those scoped to a stage that another model of the
+    study has and this model's experiment lacks (``--liver.trainer.max_epochs=2`` or ``--liver_ckpt=PATH``
+    for a model without a ``liver`` stage)."""
+    stages = {label: {s["name"] for s in load_experiment(path)[1]} for label, path in study["models"].items()}
+    foreign = set().union(*stages.values()) - stages[label]
+
+    def scoped_to_foreign(arg: str) -> bool:
+        key = arg[2:].split("=", 1)[0]
+        return ("." in key and key.split(".", 1)[0] in foreign) or (key.endswith("_ckpt") and key[: -len("_ckpt")] in foreign)
+
+    return [arg for arg in overrides if not scoped_to_foreign(arg)]
+
+
 def run_one(study: dict, folder: Path, label: str, seed: int, overrides: list[str]) -> dict:
-    """One model at one seed (resumable); returns its final metrics."""
+    """One model at one seed (resumable); returns its final metrics (and, for a table with training-volume
+    columns and a model that is one of its rows, the ``train/...`` figures of its training-volume evaluation)."""
     if label not in study["models"]:
         raise DataError(f"unknown model {label!r}; the study has {list(study['models'])}")
     print(f"[lits study] {label}, seed {seed}", flush=True)
     run_folder = folder / _slug(label) / f"seed_{seed}"
     seeded = [f"--seed_everything={seed}", f"--data.split_seed={seed}"]
-    run_experiment(study["models"][label], overrides + seeded, run_folder=run_folder)
-    return json.loads((run_folder / "metrics.json").read_text())
+    shared = shared_stages(study, folder, label, seed, overrides) if study.get("share_stages") else {}
+    for stage, (source, checkpoint) in shared.items():
+        print(f"[lits study] {label}, seed {seed}: stage {stage} is {source}'s (same settings), not trained again", flush=True)
+    given = [f"--{stage}_ckpt={checkpoint}" for stage, (_, checkpoint) in shared.items()]
+    run_experiment(study["models"][label], model_overrides(study, label, overrides) + seeded + given, run_folder=run_folder)
+    final = json.loads((run_folder / "metrics.json").read_text())
+    table = TABLES[study.get("table", "segmentation")]
+    if table.evaluates_training_volumes and label in (study.get("rows") or {label: label}).values():  # table rows only
+        final |= evaluate_training_volumes(run_folder)
+    if table.figure == "lesion_error_types":
+        final = with_lesion_counts(final, _final_stage(run_folder))
+    return final
+
+
+def _stage_settings(stage: dict, overrides: list[str], names: list[str]) -> tuple:
+    """Everything that decides what a stage trains: its configs, args, handed-over stages and the overrides it receives."""
+    weights = tuple(sorted((k, tuple([v] if isinstance(v, str) else v)) for k, v in stage["weights"].items()))
+    return (stage["name"], tuple(str(Path(c).resolve()) for c in stage["config"]), tuple(stage.get("args", [])), weights,
+            tuple(stage_overrides(overrides, stage["name"], names)))
+
+
+def shared_stages(study: dict, folder: Path, label: str, seed: int, overrides: list[str]) -> dict[str, tuple[str, str]]:
+    """``share_stages: true``: the leading stages (all but the last) this model has in common with an earlier
+    model of the study, with the same settings, finished in that model's run at the same seed:
+    ``{stage: (that model, its best checkpoint)}``, handed to ``lits run`` as ``--<stage>_ckpt``. Nothing
+    when this run has trained any of them itself already (a resumed study keeps its runs as they were)."""
+    _, stages = load_experiment(study["models"][label])
+    names = [s["name"] for s in stages]
+    own = model_overrides(study, label, overrides)
+    run_folder = folder / _slug(label) / f"seed_{seed}"
+    if any((run_folder / s["name"] / "metrics.json").is_file() for s in stages[:-1]):
+        return {}
+    best: dict[str, tuple[str, str]] = {}
+    for other in study["models"]:
+        if other == label:
+            break
+        _, other_stages = load_experiment(study["models"][other])
+        other_names = [s["name"] for s in other_stages]
+        theirs = model_overrides(study, other, overrides)
+        common: dict[str, tuple[str, str]] = {}
+        for mine, their in zip(stages[:-1], other_stages):
+            finished = folder / _slug(other) / f"seed_{seed}" / their["name"] / "metrics.json"
+            if _stage_settings(mine, own, names) != _stage_settings(their, theirs, other_names) or not finished.is_file():
+                break
+            checkpoint = json.loads(finished.read_text()).get("best_checkpoint")
+            if not checkpoint or not Path(checkpoint).is_file():
+                break
+            common[mine["name"]] = (other, str(Path(checkpoint).resolve()))
+        if len(common) > len(best):
+            best = common
+    return best
+
+
+TRAIN_EVAL = "train_eval"  # the run folder's sub-folder of the training-volume evaluation
+
+
+def evaluate_training_volumes(run_folder: Path) -> dict[str, float]:
+    """The final stage's best checkpoint evaluated on the training volumes (``lits test --data.test_split=train``),
+    once per run: its ``test/...`` figures as ``train/...``."""
+    target = run_folder / TRAIN_EVAL
+    if (target / "metrics.json").is_file():
+        print(f"[lits study] training-volume evaluation of {run_folder}: finished earlier, skipped")
+    else:
+        stage = _final_stage(run_folder)
+        best = json.loads((stage / "metrics.json").read_text()).get("best_checkpoint")
+        if not best:
+            raise DataError(f"{stage}/metrics.json names no best checkpoint to evaluate on the training volumes")
+        command = [sys.executable, "-m", "experiments.cli", "test", "--config", str(stage / "config.yaml"), f"--ckpt_path={best}",
+                   "--data.test_split=train", f"--name={TRAIN_EVAL}", f"--run_dir={target}"]
+        print(f"[lits study] training-volume evaluation of {run_folder}", flush=True)
+        code = subprocess.run(command, env={k: v for k, v in os.environ.items() if k not in AGENT_ENV}).returncode
+        if code:
+            print(f"lits: error: the training-volume evaluation of {run_folder} failed (exit {code}); fix it and rerun the study to resume", file=sys.stderr)
+            sys.exit(code)
+    figures = json.loads((target / "metrics.json").read_text())
+    return {f"train/{k[len('test/'):]}": v for k, v in figures.items() if k.startswith("test/")}
+
+
+COUNT_PARTS = ("intersection_voxels", "pred_voxels", "truth_voxels")
+
+
+def with_lesion_counts(figures: dict, stage_folder: Path, split: str = "val") -> dict:
+    """``figures`` with the lesion voxel counts ``<split>/lesion/{intersection,pred,truth}_voxels`` and their
+    ``<split>/before/lesion/...``, read from the mask-mining stage's error report (``<split>_lesion_error_types.csv``,
+    its ``total`` row) where the figures lack them."""
+    keys = [f"{split}/{when}lesion/{k}" for when in ("", "before/") for k in COUNT_PARTS]
+    report = stage_folder / f"{split}_lesion_error_types.csv"
+    if all(k in figures for k in keys) or not report.is_file():
+        return figures
+    with open(report, newline="") as handle:
+        total = next((row for row in csv.DictReader(handle) if row["volume"] == "total"), None)
+    if total is None:
+        return figures
+    added = {}
+    for when, column in (("", "after"), ("before/", "before")):
+        tp, fp, fn = (int(total[f"{t}_{column}"]) for t in ("tp", "fp", "fn"))
+        added |= {f"{split}/{when}lesion/intersection_voxels": tp, f"{split}/{when}lesion/pred_voxels": tp + fp,
+                  f"{split}/{when}lesion/truth_voxels": tp + fn}
+    return added | figures
+
+
+def lesion_error_counts(results: dict[str, dict[int, dict]], split: str = "val") -> dict[str, dict[str, dict[str, int]]]:
+    """Per model, lesion FP / FN / TP voxels before and after mining summed over its seeds:
+    ``{label: {"before": {"fp": .., "fn": .., "tp": ..}, "after": {...}}}``; models whose runs lack the counts are left out."""
+    counts = {}
+    for label, runs in results.items():
+        summed = {when: dict.fromkeys(ERROR_TYPES, 0) for when in ("before", "after")}
+        try:
+            for figures in runs.values():
+                for when, prefix in (("before", f"{split}/before/lesion/"), ("after", f"{split}/lesion/")):
+                    tp, pred, truth = (int(figures[prefix + k]) for k in COUNT_PARTS)
+                    for t, value in zip(ERROR_TYPES, (pred - tp, truth - tp, tp)):
+                        summed[when][t] += value
+        except KeyError:
+            continue
+        if runs:
+            counts[label] = summed
+    return counts
 
 
 def sweep_config(path: str | Path, study: dict, overrides: list[str]) -> dict:
@@ -198,7 +416,7 @@ def sweep_config(path: str | Path, study: dict, overrides: list[str]) -> dict:
         "name": study["name"],
         "program": "lits",
         "method": "grid",
-        "metric": {"name": "test/dice_volume", "goal": "maximize"},
+        "metric": {"name": TABLES[study.get("table", "segmentation")].sweep_metric, "goal": "maximize"},
         "parameters": {"model": {"values": list(study["models"])}, "seed": {"values": study["seeds"]}},
         "command": ["lits", "study", str(path), *overrides, "${args}"],
     }
@@ -275,17 +493,27 @@ def results_from_wandb(sweep_path: str, study: dict) -> dict[str, dict[int, dict
 
 def report(study: dict, folder: Path, results: dict[str, dict[int, dict]], overrides: list[str], figure: bool = True) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    references = None
+    table_kind = TABLES[study.get("table", "segmentation")]
+    rows_of = study.get("rows") or {label: label for label in results}
+    baseline = next((row for row, model in rows_of.items() if model == study["baseline"]), study["baseline"])
+    chosen, references = {row: results[model] for row, model in rows_of.items()}, None
     if study["inc"]:
-        results, references = before_and_after(results)
-    rows = summarize(results, study["baseline"], references)
-    table = write_tables(folder, rows, study["baseline"], study["inc"])
-    if figure:  # the figure needs the run folders, which a sweep spread over machines does not have here
+        chosen, references = before_and_after(chosen, table_kind.metrics)
+    rows = summarize(chosen, baseline, references, table_kind.metrics)
+    table = write_tables(folder, rows, baseline, study["inc"], table_kind.metrics, table_kind.caption)
+    figures = []
+    if table_kind.figure == "qualitative" and figure:  # it needs the run folders, which a sweep spread over machines does not have here
         first_seed = study["seeds"][0]
         finals = {label: _final_stage(folder / _slug(label) / f"seed_{first_seed}") for label in study["models"]}
-        qualitative_figure(finals, folder / "qualitative.png")
-    log_to_wandb(study["name"], folder, rows, project=override_value(overrides, "wandb_project") or "lits-suite")
-    print(f"\n{table}\n\n[lits study] tables in {folder}/results.{{md,csv,json}}" + (f", figure {folder / 'qualitative.png'}" if figure else ""))
+        figures.append(qualitative_figure(finals, folder / "qualitative.png"))
+    if table_kind.figure == "lesion_error_types":
+        counts = lesion_error_counts(results)
+        if counts:
+            figures.append(lesion_error_types_figure(counts, folder / "lesion_error_types.png", seeds=len(study["seeds"])))
+        else:
+            print("[lits study] no run reports lesion voxel counts before and after mining: no lesion_error_types.png")
+    log_to_wandb(study["name"], folder, rows, project=override_value(overrides, "wandb_project") or "lits-suite", figures=figures)
+    print(f"\n{table}\n\n[lits study] tables in {folder}/results.{{md,csv,json}}" + "".join(f", figure {f}" for f in figures))
     return folder
 
 
@@ -294,15 +522,16 @@ def _final_stage(run_folder: Path) -> Path:
     return Path(list(stages.values())[-1])
 
 
-def log_to_wandb(name: str, folder: Path, rows: list[dict], project: str) -> None:
-    """The table and the figure as one W&B run of job type `study` (offline without a key, like every run)."""
+def log_to_wandb(name: str, folder: Path, rows: list[dict], project: str, figures: list[Path] | None = None) -> None:
+    """The table and the figures as one W&B run of job type `study` (offline without a key, like every run)."""
     import wandb
 
     columns = list(dict.fromkeys(k for row in rows for k in row))
     run = wandb.init(project=project, name=name, job_type="study", dir=str(folder))
     logged = {"study/results": wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])}
-    if (folder / "qualitative.png").is_file():
-        logged["study/qualitative"] = wandb.Image(str(folder / "qualitative.png"))
+    for path in figures if figures is not None else [folder / "qualitative.png"]:
+        if Path(path).is_file():
+            logged[f"study/{Path(path).stem}"] = wandb.Image(str(path))
     run.log(logged)
     run.finish()
 

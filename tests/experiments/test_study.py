@@ -156,3 +156,82 @@ def test_unknown_model_or_broken_experiment_is_refused_before_training(tmp_path,
             main(["study", *args])
         stderr = capsys.readouterr().err
         assert exit_code.value.code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+
+
+# -- options of the mask-mining Table 1 study: table kinds, rows, stage-scoped overrides, shared stages ----------------
+def test_missing_figures_read_n_a_and_a_chosen_table_is_used():
+    from experiments.study import LITS_LIVER_LESION
+
+    results = {"A": {0: {"val/liver/dice": 0.9, "val/lesion/dice": 0.5}, 1: {"val/liver/dice": 0.8, "val/lesion/dice": 0.7}}}
+    rows = summarize(results, "A", metrics=LITS_LIVER_LESION)
+    assert rows[0]["Lesion Dice (val) mean"] == pytest.approx(0.6) and math.isnan(rows[0]["Liver Dice (train) mean"])
+    table = markdown_table(rows, "A", metrics=LITS_LIVER_LESION, caption="Per-case Dice")
+    assert "| A | 2 | n/a | n/a | 0.8500 ± 0.0707 | 0.6000 ± 0.1414 | n/a | n/a |" in table and "\nPer-case Dice, mean ± std" in table
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"models": {"A": "exp.yaml"}, "table": "huge"}, "table 'huge' is not one of segmentation, lits_liver_lesion"),
+    ({"models": {"A": "exp.yaml"}, "rows": {"row": "B"}}, "`rows:` maps a table row's label to one of the models"),
+    ({"models": {"A": "exp.yaml", "B": "exp.yaml"}, "rows": {"row": "B"}, "baseline": "A"}, "baseline 'A' must be one of the table's rows"),
+])
+def test_bad_table_options(tmp_path, spec, message):
+    (tmp_path / "exp.yaml").write_text("model: {}\n")
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(DataError, match=message):
+        load_study(tmp_path / "study.yaml")
+
+
+def two_stage_study(tmp_path, share=True):
+    """Models A and B: the same `base` stage, then each its own `mine`; C: another base config; D: a one-stage fit."""
+    for name in ("base", "other_base", "mine"):
+        (tmp_path / f"{name}.yaml").write_text("model: {}\n")
+    for label, base, loss in (("a", "base", "dice"), ("b", "base", "pwce"), ("c", "other_base", "dice")):
+        (tmp_path / f"{label}.yaml").write_text(yaml.safe_dump({"stages": [
+            {"name": "base", "config": f"{base}.yaml"},
+            {"name": "mine", "config": "mine.yaml", "args": [f"--loss={loss}"], "weights_from": "base", "weights_arg": "model.base"}]}))
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({"share_stages": share, "inc": True, "models": {
+        "A": "a.yaml", "B": "b.yaml", "C": "c.yaml", "D": "base.yaml"}}))
+    return load_study(tmp_path / "study.yaml")
+
+
+def test_stage_scoped_overrides_reach_the_models_that_have_the_stage(tmp_path):
+    from experiments.study import model_overrides
+
+    study = two_stage_study(tmp_path)
+    overrides = ["--data.root=x", "--mine.trainer.max_epochs=2", "--base_ckpt=b.ckpt", "--fit.trainer.max_epochs=3", "--model.lr=1"]
+    assert model_overrides(study, "A", overrides) == ["--data.root=x", "--mine.trainer.max_epochs=2", "--base_ckpt=b.ckpt", "--model.lr=1"]
+    assert model_overrides(study, "D", overrides) == ["--data.root=x", "--fit.trainer.max_epochs=3", "--model.lr=1"]
+
+
+def test_shared_stages_take_an_earlier_model_s_finished_stage_with_the_same_settings(tmp_path, monkeypatch):
+    from experiments import study as study_module
+
+    monkeypatch.chdir(tmp_path)
+    study = two_stage_study(tmp_path)
+    folder = tmp_path / "out"
+    assert study_module.shared_stages(study, folder, "B", 0, []) == {}  # A's base is not finished yet
+    checkpoint = tmp_path / "best.ckpt"
+    checkpoint.write_text("")
+    (folder / "A" / "seed_0" / "base").mkdir(parents=True)
+    (folder / "A" / "seed_0" / "base" / "metrics.json").write_text(json.dumps({"best_checkpoint": str(checkpoint)}))
+    assert study_module.shared_stages(study, folder, "B", 0, ["--mine.lr=1"]) == {"base": ("A", str(checkpoint))}
+    assert study_module.shared_stages(study, folder, "B", 1, []) == {}  # another seed: its own base
+    assert study_module.shared_stages(study, folder, "C", 0, []) == {}  # another base config
+    assert study_module.shared_stages(study, folder, "A", 0, []) == {}  # nothing before the first model
+    # run_one hands it over as --base_ckpt, unless sharing is off
+    seen = []
+
+    def run_experiment(path, argv, run_folder):
+        seen.append(argv)
+        run_folder.mkdir(parents=True, exist_ok=True)
+        (run_folder / "metrics.json").write_text("{}")
+
+    monkeypatch.setattr(study_module, "run_experiment", run_experiment)
+    study_module.run_one(study, folder, "B", 0, [])
+    assert f"--base_ckpt={checkpoint}" in seen[-1]
+    study_module.run_one(two_stage_study(tmp_path, share=False), folder, "B", 0, [])
+    assert not any(a.startswith("--base_ckpt") for a in seen[-1])
+    # a run that trained its base itself keeps it
+    (folder / "B" / "seed_0" / "base").mkdir(parents=True)
+    (folder / "B" / "seed_0" / "base" / "metrics.json").write_text("{}")
+    assert study_module.shared_stages(study, folder, "B", 0, []) == {}
