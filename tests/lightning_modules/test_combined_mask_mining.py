@@ -41,12 +41,17 @@ def test_decoded_masks_are_the_base_combined_models_before_retraining(base, loss
         assert outputs["errors"].shape == (3, 8, 64, 64) and outputs["seg"].shape == (3, 2, 64, 64)
         probability = mined.foreground_probability(outputs)
         assert probability.shape == (3, 2, 64, 64)
-        assert torch.equal(probability >= 0.5, torch.sigmoid(reference["seg"]) >= 0.5)  # liver and lesion masks
-        assert torch.equal(outputs["seg"], reference["seg"])  # the lesion network saw the same liver probability
+        # The error head's TP channel is the segmentation head's 1x1 conv computed inside a 4-channel conv: the same
+        # sums, but the kernel may add them in another order (it does with one thread), so equal to float rounding.
+        decided = (torch.sigmoid(reference["seg"]) - 0.5).abs() > 1e-4
+        assert torch.equal((probability >= 0.5)[decided], (torch.sigmoid(reference["seg"]) >= 0.5)[decided])  # liver and lesion masks
+        torch.testing.assert_close(outputs["seg"], reference["seg"], rtol=1e-5, atol=1e-5)  # the lesion network saw the same liver probability
         # the cascade's predictors (liver on resized slices, both networks on the region) keep the base's masks too
         sample = {"image": torch.rand(4, 32, 32), "full_shape": torch.tensor([4, 64, 64])}  # liver scale 0.5 on regions
         for own, theirs in zip(mined.cascade_networks(sample)[::2], model.cascade_networks(sample)[::2]):
-            assert torch.equal(own(image) >= 0.5, theirs(image) >= 0.5)
+            ours, reference_probability = own(image), theirs(image)
+            decided = (reference_probability - 0.5).abs() > 1e-4
+            assert torch.equal((ours >= 0.5)[decided], (reference_probability >= 0.5)[decided])
     assert torch.equal(mined._base[0].model.segmentation_head.weight, model.model.segmentation_head.weight)
     new = sum(p.numel() for net in (mined.liver_model, mined.model) for p in net.error_head.parameters())
     assert new == 2 * (4 * 4 + 4) and sum(p.numel() for p in mined.parameters()) - new == sum(p.numel() for p in model.parameters())
