@@ -40,7 +40,7 @@ def write_cascade(folder, liver_epochs=1, lesion_epochs=1):
 @pytest.fixture(scope="module")
 def cascade_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cascade")
-    write_cascade(folder, liver_epochs=2, lesion_epochs=2)
+    write_cascade(folder, liver_epochs=2, lesion_epochs=1)
     result = lits("run", "cascade.yaml", "--trainer.default_root_dir=out", cwd=folder)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
     return folder
@@ -140,63 +140,17 @@ def test_predict_rejects_bad_input_in_one_line(cascade_run, tmp_path):
                       "--liver_checkpoint", missing_liver])
 
 
-def test_lesion_stage_without_a_liver_model_fails_in_one_line(tmp_path):
+def test_lesion_stage_without_a_liver_model_fails_in_one_line(tmp_path, capsys, monkeypatch):
+    from experiments.cli import main
+
     write_cascade(tmp_path)
-    result = lits("fit", "--config", "lesion.yaml", cwd=tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "liver_checkpoint" in result.stderr.strip().splitlines()[-1]
-
-
-def test_mask_mining_on_the_cascade_lesion_network(cascade_run):
-    run = cascade_run / "out" / "cascade"
-    mine = yaml.safe_load((cascade_run / "lesion.yaml").read_text())
-    mine["model"] = {"class_path": "lightning_modules.MaskMining", "init_args": {"loss": "dice", "lr": 0.001}}
-    mine["trainer"]["max_epochs"] = 1
-    (cascade_run / "mine.yaml").write_text(yaml.safe_dump(mine))
-    (cascade_run / "mm.yaml").write_text(yaml.safe_dump({"name": "mm", "stages": [
-        {"name": "liver", "config": "liver.yaml"},
-        {"name": "lesion", "config": "lesion.yaml", "weights_from": "liver", "weights_arg": "model.init_args.liver_checkpoint"},
-        {"name": "mine", "config": "mine.yaml",
-         "weights": {"model.init_args.base_checkpoint": "lesion", "model.init_args.liver_checkpoint": "liver"}}]}))
-    result = lits("run", "mm.yaml", "--trainer.default_root_dir=mm_out", f"--liver_ckpt={run / 'liver/checkpoints/best.ckpt'}",
-                  f"--lesion_ckpt={run / 'lesion/checkpoints/best.ckpt'}", cwd=cascade_run)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
-    final = json.loads((cascade_run / "mm_out" / "mm" / "metrics.json").read_text())
-    lesion_stage = json.loads((run / "lesion" / "metrics.json").read_text())
-    # "before" is the base lesion network in the same cascade: exactly the lesion stage's own figures
-    for key in ("test/lesion/dice", "test/liver/dice", "test/lesion/dice_global"):
-        assert final[key.replace("test/", "test/before/")] == pytest.approx(lesion_stage[key], abs=1e-6)
-        assert np.isfinite(final[key])
-    report = cascade_run / "mm_out" / "mm" / "mine"
-    for part in ("liver", "lesion"):
-        rows = list(csv.DictReader(open(report / f"test_{part}_error_types.csv")))
-        assert rows[-1]["volume"] == "total" and int(rows[-1]["tp_before"]) == sum(int(r["tp_before"]) for r in rows[:-1])
-    assert (report / "val_lesion_error_types.png").is_file()
-
-
-def test_combined_model_trains_both_networks_and_predicts_like_lits_test(cascade_run, tmp_path):
-    combined = yaml.safe_load((cascade_run / "lesion.yaml").read_text())
-    combined["model"] = {"class_path": "lightning_modules.CombinedLiverLesion",
-                         "init_args": {"base_channels": 4, "seg_loss": "pwce_over_dice", "lr": 0.003}}
-    combined["data"]["target"] = "both"
-    (cascade_run / "combined.yaml").write_text(yaml.safe_dump(combined))
-    result = lits("fit", "--config", "combined.yaml", "--trainer.default_root_dir=cmb_out", cwd=cascade_run)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
-    run = next((cascade_run / "cmb_out" / "combined").glob("version_*"))
-    figures = json.loads((run / "metrics.json").read_text())
-    assert np.isfinite(figures["test/liver/dice"]) and np.isfinite(figures["test/lesion/dice"])
-    tested = per_volume(run / "test_per_volume.csv")
-    test_volume = next(iter(tested))
-    scans = tmp_path / "scans"
-    reoriented_copy(cascade_run / "data", test_volume, scans, [[0, -1], [1, 1], [2, -1]])
-    truth = tmp_path / "truth"
-    truth.mkdir()
-    (scans / f"segmentation-{test_volume}.nii.gz").rename(truth / f"segmentation-{test_volume}.nii.gz")
-    predict_main([str(run / "checkpoints" / "best.ckpt"), "--input", str(scans), "--output", str(tmp_path / "pred")])
-    evaluate_main(["--pred", str(tmp_path / "pred"), "--truth", str(truth)])
-    evaluated = next(csv.DictReader(open(tmp_path / "pred" / "evaluation" / "per_case.csv")))
-    for key in ("liver/dice", "liver/hd95_mm", "lesion/dice", "lesion/voe"):
-        assert float(evaluated[key.replace("/", "_")]) == pytest.approx(float(tested[test_volume][key]), rel=1e-4, abs=1e-4), key
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LITS_RUN_VERSION", raising=False)
+    with pytest.raises(SystemExit) as exit_code:
+        main(["fit", "--config", "lesion.yaml", "--trainer.logger=false"])
+    assert exit_code.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("lits: error:") and "liver_checkpoint" in error[-1] and "Traceback" not in "".join(error)
 
 
 def test_cascade_figures_are_exact_under_ddp(cascade_run):

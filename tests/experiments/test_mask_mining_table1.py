@@ -203,6 +203,14 @@ def test_tiny_table1_study_end_to_end_and_resume(tmp_path, monkeypatch):
     assert rows["2D"]["Lesion Dice (test) mean"] == pytest.approx(final["test/before/lesion/dice"])
     assert rows["2D Inc."]["Liver Dice (train) mean"] == pytest.approx(train_eval["test/liver/dice"])
     assert rows["2D"]["Lesion Dice (train) mean"] == pytest.approx(train_eval["test/before/lesion/dice"])
+    # mining a cascade's lesion network: "before" is the base lesion network in the same cascade, exactly the
+    # lesion stage's own figures; one error-type report for the liver and one for lesions
+    lesion_stage = json.loads((run / "lesion" / "metrics.json").read_text())
+    for key in ("test/lesion/dice", "test/liver/dice", "test/lesion/dice_global", "val/lesion/dice"):
+        assert final[key.replace("test/", "test/before/").replace("val/", "val/before/")] == pytest.approx(lesion_stage[key], abs=1e-6)
+    for part in ("liver", "lesion"):
+        report = list(csv.DictReader(open(run / "mine" / f"test_{part}_error_types.csv")))
+        assert report[-1]["volume"] == "total" and int(report[-1]["tp_before"]) == sum(int(r["tp_before"]) for r in report[:-1])
     table = (folder / "results.md").read_text()
     assert all(f"Dice ({split})" in table.splitlines()[0] for split in ("train", "val", "test")) and "| 2D Inc. | 1 |" in table
     assert (folder / "lesion_error_types.png").stat().st_size > 5_000 and not (folder / "qualitative.png").exists()
