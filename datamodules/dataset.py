@@ -56,6 +56,25 @@ def augment(transform: Callable, sample: dict) -> dict:
     return {k: torch.as_tensor(v).as_subclass(torch.Tensor) for k, v in result.items()}
 
 
+def context_indices(z: int, context: int, num_slices: int) -> np.ndarray:
+    """Slice ``z`` and ``context`` neighbours on each side; beyond the volume's ends the edge slice repeats."""
+    return np.clip(np.arange(z - context, z + context + 1), 0, num_slices - 1)
+
+
+def finish_sample(sample: dict, transform: Callable | None, volume_index: int, slice_index: int, volume_id: str) -> dict:
+    """Augment a training sample (``transform``) and add its class label and provenance.
+
+    The label is computed after augmentation, so that ``label == mask.any()`` always.
+    """
+    if transform is not None:
+        sample = augment(transform, sample)
+    sample["label"] = _CLASS_LABELS[bool((sample["mask"] > 0.5).any())]
+    sample["volume_index"] = volume_index
+    sample["slice_index"] = slice_index
+    sample["volume"] = volume_id
+    return sample
+
+
 class SliceDataset(Dataset):
     """One sample per (volume, axial slice).
 
@@ -107,11 +126,7 @@ class SliceDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         position, z = self.index[i]
         volume = self.volumes[position]
-        if self.context_slices:
-            neighbours = np.clip(np.arange(z - self.context_slices, z + self.context_slices + 1), 0, volume.num_slices - 1)
-            image = volume.image[neighbours]
-        else:
-            image = volume.image[z : z + 1]
+        image = volume.image[context_indices(z, self.context_slices, volume.num_slices)] if self.context_slices else volume.image[z : z + 1]
         labels = np.array(volume.label[z])
         mask = target_channels(labels, self.target)
         sample = {
@@ -119,13 +134,5 @@ class SliceDataset(Dataset):
             "image": torch.from_numpy(np.array(image)).float(),
             "mask": torch.from_numpy(mask.astype(np.float32)),
         }
-        if self.transform is None:
-            label = bool(mask.any())
-        else:
-            sample = augment(self.transform, sample)
-            label = bool((sample["mask"] > 0.5).any())  # after augmentation, so that label == mask.any() always
-        sample["label"] = _CLASS_LABELS[label]
-        sample["volume_index"] = self.volume_indices[position]
-        sample["slice_index"] = int(z)
-        sample["volume"] = volume.volume_id
+        sample = finish_sample(sample, self.transform, self.volume_indices[position], int(z), volume.volume_id)
         return sample

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .cache import CachedVolume
-from .dataset import _CLASS_LABELS, TARGETS, augment, target_channels
+from .dataset import TARGETS, context_indices, finish_sample, target_channels
 
 
 def crop_start(centre: int, size: int, start: int, stop: int) -> int:
@@ -136,7 +136,7 @@ class LiverCropDataset(Dataset):
         _, _, y0, x0 = self.draw_crop(position)
         rows, cols = (y0, y0 + self.crop_size), (x0, x0 + self.crop_size)
         if self.context_slices:
-            neighbours = np.clip(np.arange(z - self.context_slices, z + self.context_slices + 1), 0, volume.num_slices - 1)
+            neighbours = context_indices(z, self.context_slices, volume.num_slices)
             image = volume.read_image(((neighbours[0], neighbours[-1] + 1), rows, cols))
             if len(image) != len(neighbours):  # clipped at an end of the volume: repeat the edge slice
                 image = image[neighbours - neighbours[0]]
@@ -144,15 +144,7 @@ class LiverCropDataset(Dataset):
             image = volume.read_image(((z, z + 1), rows, cols))
         mask = target_channels(volume.read_labels(((z, z + 1), rows, cols))[0], self.target)
         sample = {"image": torch.from_numpy(image), "mask": torch.from_numpy(mask.astype(np.float32))}
-        if self.transform is None:
-            label = bool(mask.any())
-        else:
-            sample = augment(self.transform, sample)
-            label = bool((sample["mask"] > 0.5).any())  # after augmentation, so that label == mask.any() always
-        sample["label"] = _CLASS_LABELS[label]
-        sample["volume_index"] = self.volume_indices[position]
-        sample["slice_index"] = z
-        sample["volume"] = volume.volume_id
+        sample = finish_sample(sample, self.transform, self.volume_indices[position], z, volume.volume_id)
         sample["crop_origin"] = torch.tensor((y0, x0), dtype=torch.int64)
         return sample
 
