@@ -77,26 +77,14 @@ def bench_preprocess(root: Path, work: Path, repeats: int) -> dict:
             "single_s": single_s, "single_ratio": single_s / decode_s, "workers": os.cpu_count()}
 
 
-def bench_loading(work: Path, samples: int) -> dict:
-    volumes = [CachedVolume(entry) for entry in sorted((work / "cache").iterdir())]
-    dataset = SliceDataset(volumes, range(len(volumes)), [np.arange(v.num_slices) for v in volumes])
-    order = np.random.default_rng(0).integers(0, len(dataset), samples)
-    for i in order[:200]:  # open the memory maps and warm the page cache, as a worker does after its first batch
-        dataset[i]
-    start = time.perf_counter()
-    for i in order:
-        dataset[i]
-    elapsed = time.perf_counter() - start
-    return {"samples": samples, "seconds": elapsed, "slices_per_s": samples / elapsed}
+def _read_seconds(dataset, samples: int) -> float:
+    """Seconds to read ``samples`` random samples of ``dataset`` in one process with one torch thread.
 
-
-def bench_lesion_crops(entries: list[Path], samples: int) -> dict:
-    volumes = [CachedVolume(entry) for entry in entries]
-    dataset = LiverCropDataset(volumes, range(len(volumes)), target="lesion", context_slices=0, crop_size=256)
+    One thread, as in a DataLoader worker (torch sets it there): the float16 -> float32 copies go through
+    torch, and on a busy machine a 2-thread copy of one slice can wait milliseconds for the second core.
+    """
     order = np.random.default_rng(0).integers(0, len(dataset), samples)
-    torch.manual_seed(0)  # the crop centres
-    # One torch thread, as in a DataLoader worker (torch sets it there): read_box converts float16 -> float32
-    # with torch, and on a busy machine a 2-thread copy of one crop can wait milliseconds for the second core.
+    torch.manual_seed(0)  # the lesion crops' centres
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -105,9 +93,22 @@ def bench_lesion_crops(entries: list[Path], samples: int) -> dict:
         start = time.perf_counter()
         for i in order:
             dataset[i]
-        elapsed = time.perf_counter() - start
+        return time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)
+
+
+def bench_loading(work: Path, samples: int) -> dict:
+    volumes = [CachedVolume(entry) for entry in sorted((work / "cache").iterdir())]
+    dataset = SliceDataset(volumes, range(len(volumes)), [np.arange(v.num_slices) for v in volumes])
+    elapsed = _read_seconds(dataset, samples)
+    return {"samples": samples, "seconds": elapsed, "slices_per_s": samples / elapsed}
+
+
+def bench_lesion_crops(entries: list[Path], samples: int) -> dict:
+    volumes = [CachedVolume(entry) for entry in entries]
+    dataset = LiverCropDataset(volumes, range(len(volumes)), target="lesion", context_slices=0, crop_size=256)
+    elapsed = _read_seconds(dataset, samples)
     return {"samples": samples, "volumes": len(volumes), "shape": CachedVolume(entries[0]).full_shape, "crops_per_s": samples / elapsed}
 
 
