@@ -18,6 +18,10 @@
     that time goes, and one ``lits test`` evaluation pass (cascade + LiTS metrics) over the same
     volume, in seconds per volume.
 
+``--device cuda`` runs the accelerator benchmarks instead (``benchmarks/device_training.py``): training
+slices/s of the LightningModule, a plain loop and MONAI's BasicUNet (fp32 / bf16-mixed, eager /
+``torch.compile``, batch 10 and 64 at 256x256), peak device memory, and (f) on the device.
+
 Ratios are measured within one run, alternating the two sides and keeping each side's best
 repeat, because these machines are noisy. The last line printed is a JSON object of the figures.
 """
@@ -45,6 +49,7 @@ from datamodules.roi_dataset import LiverCropDataset
 from lightning_modules import BaselineUNet, MaskMining
 
 from .cascade_inference import bench_cascade
+from .device_training import bench_training, find, print_table, ratio
 
 
 def best_of(repeats: int, *functions) -> list[float]:
@@ -192,7 +197,11 @@ def bench_mining_step(work: Path, steps: int, warmup: int, batch_size: int, size
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller data and fewer repeats (a smoke run, noisier)")
+    parser.add_argument("--device", default="cpu", help="cpu (default: the suite's CPU hot paths) or an accelerator, e.g. cuda")
+    parser.add_argument("--budget", type=float, default=240.0, help="seconds the --device training matrix may take before it skips the rest")
     args = parser.parse_args()
+    if args.device != "cpu":
+        return device_main(args)
     torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
@@ -236,6 +245,36 @@ def main() -> None:
         "lesion_crops_per_s": round(crops["crops_per_s"], 1),
         "predict_s_per_volume": round(cascade["predict_s"], 3),
         "test_pass_s_per_volume": round(cascade["test_s"], 3),
+    }))
+
+
+def device_main(args) -> None:
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    steps, batch_sizes = (10, (10, 64)) if args.quick else (30, (10, 64))
+    rows = bench_training(str(device), batch_sizes=batch_sizes, steps=steps, budget_s=args.budget)
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        write_phantom_dataset(work / "volume", volumes=1, seed=1, shape=(512, 512, 8 if args.quick else 100), spacing=(0.8, 0.8, 2.5))
+        cascade = bench_cascade(work / "volume", work / "cascade", device=str(device))
+    print(f"\ndevice: {name}")
+    print_table(rows)
+    print(f"\n(f) lits predict, 2D cascade, 1 vol {cascade['shape']}: {cascade['predict_s']:.2f} s/volume")
+    for part, seconds in cascade["parts"].items():
+        print(f"      {part:32s} {seconds:.2f} s")
+    print(f"    lits test pass (validation work per volume): {cascade['test_s']:.2f} s, of which LiTS metrics {cascade['metrics_s']:.2f} s")
+    lightning, plain = find(rows, "lightning", 64, "bf16-mixed"), find(rows, "plain", 64, "bf16-mixed")
+    print(json.dumps({
+        "device": name,
+        "lightning_b64_bf16_slices_per_s": lightning.get("slices_per_s"),
+        "lightning_vs_plain_b64_bf16": ratio(lightning, plain),
+        "basicunet_vs_suite_b64_bf16": ratio(find(rows, "basicunet", 64, "bf16-mixed"), plain),
+        "channels_last_vs_nchw_b64_bf16": ratio(find(rows, "plain", 64, "bf16-mixed", channels_last=True), plain),
+        "compile_gain_b64_bf16": ratio(plain, find(rows, "plain", 64, "bf16-mixed", compiled=True)),
+        "peak_memory_gib_b64_bf16": lightning.get("peak_memory_gib"),
+        "predict_s_per_volume": round(cascade["predict_s"], 3),
+        "test_pass_s_per_volume": round(cascade["test_s"], 3),
+        "rows": rows,
     }))
 
 

@@ -143,17 +143,21 @@ def bench_predict(predictor: CascadePredictor, volume: Path, output: Path) -> di
     return {"seconds": total, "parts": parts}
 
 
-def bench_test_pass(task: BaselineUNet, entry: Path) -> dict:
-    """One volume through the test loop's per-volume work: its ``VolumeDataset`` sample, then ``_evaluation_step``."""
+def bench_test_pass(task: BaselineUNet, entry: Path, device: str = "cpu") -> dict:
+    """One volume through the test loop's per-volume work: its ``VolumeDataset`` sample (moved to ``device``, as
+    Lightning does), then ``_evaluation_step``."""
     volumes = [CachedVolume(entry)]
     dataset = VolumeDataset(volumes, [0])
     task._trainer = SimpleNamespace(datamodule=SimpleNamespace(volumes=volumes), global_rank=0)  # the stand-in Trainer
-    task.eval()
+    task.eval().to(device)
     watch = Stopwatch()
     try:
         with watch.patched(TEST_PARTS), torch.inference_mode():
             start = time.perf_counter()
-            task._evaluation_step(dataset[0], "test")
+            sample = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in dataset[0].items()}
+            task._evaluation_step(sample, "test")
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
             total = time.perf_counter() - start
     finally:
         task._trainer = None
@@ -162,15 +166,15 @@ def bench_test_pass(task: BaselineUNet, entry: Path) -> dict:
     return {"seconds": total, "metrics_s": watch.seconds["LiTS metrics"], "liver_dice": figures["liver/dice"]}
 
 
-def bench_cascade(data: Path, work: Path) -> dict:
-    """``lits predict`` and a ``lits test`` pass of the untrained cascade on the first volume of ``data``, on the CPU."""
+def bench_cascade(data: Path, work: Path, device: str = "cpu") -> dict:
+    """``lits predict`` and a ``lits test`` pass of the untrained cascade on the first volume of ``data``, on ``device``."""
     work.mkdir(parents=True, exist_ok=True)
     pairs = discover(data)[:1]
     lesion_path, lesion_task = write_checkpoints(work)
-    predictor = CascadePredictor(str(lesion_path), device="cpu")  # model loading: not timed
+    predictor = CascadePredictor(str(lesion_path), device=device)  # model loading: not timed
     predicted = bench_predict(predictor, pairs[0].image, work / "predictions")
     entry = build_cache(pairs, work / "cascade_cache", PreprocessSettings(image_size=DATA["image_size"]), workers=1, progress=False)[0]
-    tested = bench_test_pass(lesion_task, entry)
+    tested = bench_test_pass(lesion_task, entry, device)
     shape = tuple(CachedVolume(entry).full_shape)
     return {"shape": f"{shape[1]}x{shape[2]}x{shape[0]}", "predict_s": predicted["seconds"], "parts": predicted["parts"],
             "test_s": tested["seconds"], "metrics_s": tested["metrics_s"], "liver_dice": tested["liver_dice"]}

@@ -28,6 +28,7 @@ from typing import Optional
 from urllib.parse import urlparse
 
 import pytorch_lightning as pl
+import yaml
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
@@ -43,6 +44,13 @@ class LitsTrainer(pl.Trainer):
         """Check the data and build the preprocessing cache, without training."""
         datamodule.prepare(check_split=False)
         print(f"cache ready: {datamodule.data_root} -> {datamodule.entries_dir}")
+
+
+def _read_yaml(path: Path):
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
 
 
 class EpochHistory(pl.Callback):
@@ -124,9 +132,10 @@ class LitsCLI(LightningCLI):
 
     # -- run folder and loggers ------------------------------------------------------------------
     def _run_name(self) -> str:
-        config = self._get(self.config, "config") or []
-        name = self._get(self.config, "name")
-        return name or (Path(str(config[-1])).stem if config else "lits")
+        # the last experiment file's name: overlays stacked after it (gpu.yaml, *_cpu.yaml) hold no model
+        config = [Path(str(c)) for c in self._get(self.config, "config") or []]
+        experiments = [c for c in config if "model" in (_read_yaml(c) or {})] or config
+        return self._get(self.config, "name") or (experiments[-1].stem if experiments else "lits")
 
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})

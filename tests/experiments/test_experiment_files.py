@@ -70,3 +70,19 @@ def test_every_study_loads(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     study = load_study(path)
     assert study["baseline"] in study["models"] and len(study["seeds"]) >= 2
+
+
+def test_gpu_overlay_stacks_and_keeps_the_experiment_name(monkeypatch):
+    from types import SimpleNamespace
+
+    from experiments.cli import LitsCLI
+
+    monkeypatch.chdir(ROOT)
+    overlay = yaml.safe_load((ROOT / "experiments" / "gpu.yaml").read_text())
+    assert overlay == {"trainer": {"accelerator": "gpu", "precision": "bf16-mixed", "benchmark": True}}
+    assert not _is_experiment(ROOT / "experiments" / "gpu.yaml")
+    configs = [ROOT / "experiments" / "cmunet.yaml", ROOT / "experiments" / "gpu.yaml"]
+    stub = SimpleNamespace(config={"config": configs, "name": None}, _get=lambda config, key, default=None: config.get(key, default))
+    assert LitsCLI._run_name(stub) == "cmunet"  # not "gpu": the run folder is named after the experiment
+    stub.config["name"] = "mine"
+    assert LitsCLI._run_name(stub) == "mine"
