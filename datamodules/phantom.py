@@ -37,7 +37,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-PHANTOM_VERSION = 2
+PHANTOM_VERSION = 3  # 3: lesions 40-70 HU below the liver (were 20-40), 6-25 mm, 1-5 per volume with 1 in 8 lesion-free
 
 _REF_FOV_MM = (384.0, 384.0, 240.0)
 AIR, FAT, GAS = -1000.0, -100.0, -900.0
@@ -177,13 +177,16 @@ def make_phantom_volume(seed: int, shape: tuple[int, int, int] = (192, 192, 48),
     paint(liver, liver_hu + u(6, 10) * texture / 2)
     label = liver.astype(np.uint8)
 
-    # Lesions: 0-4 hypodense, roughly spherical, centred deep inside the liver.
+    # Lesions: hypodense, roughly spherical, centred deep inside the liver; 1-5 per volume, and 1 volume
+    # in 8 lesion-free (LiTS has such volumes). 40-70 HU below the liver, as hypodense metastases in
+    # portal-venous CT, i.e. a contrast-to-noise ratio of ~3-6 against the 10-15 HU noise below.
     deep = np.flatnonzero(liver & (score < 0.7))
-    for _ in range(int(rng.integers(0, 5)) if deep.size else 0):
+    count = int(rng.integers(1, 6)) if rng.uniform() >= 1 / 8 else 0
+    for _ in range(count if deep.size else 0):
         i, j, k = np.unravel_index(rng.choice(deep), shape)
-        lesion = _ellipse(x, y, (x[i, 0, 0], y[0, j, 0], z[0, 0, k]), [u(5, 20)] * 3, z) < 1 + 0.15 * texture
+        lesion = _ellipse(x, y, (x[i, 0, 0], y[0, j, 0], z[0, 0, k]), [u(6, 25)] * 3, z) < 1 + 0.15 * texture
         lesion &= liver
-        paint(lesion, liver_hu - u(20, 40) + 3 * texture)
+        paint(lesion, liver_hu - u(40, 70) + 3 * texture)
         label[lesion] = 2
 
     # CT noise (white, then correlated by the in-plane blur, which also mimics partial volume).

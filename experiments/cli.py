@@ -31,9 +31,10 @@ import pytorch_lightning as pl
 import yaml
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
-from pytorch_lightning.loggers import CSVLogger, WandbLogger
+from pytorch_lightning.loggers import WandbLogger
 
 from datamodules import DataError, LiTSDataModule
+from experiments.console import HistoryCSVLogger, quiet_library_noise, wandb_offline_hint
 from lightning_modules import BaseTask, CheckpointError
 
 RUN_VERSION_ENV = "LITS_RUN_VERSION"  # shared with DDP worker processes, which inherit the environment
@@ -149,11 +150,11 @@ class LitsCLI(LightningCLI):
             name = self._run_name()
             run_dir = self._get(self.config, "run_dir")
             if run_dir:  # a fixed folder, e.g. a stage of `lits run`, which resumes in place
-                csv_logger, title = CSVLogger(run_dir, name="", version=""), str(run_dir)
+                csv_logger, title = HistoryCSVLogger(run_dir, name="", version=""), str(run_dir)
             else:
                 root = Path(trainer_config.get("default_root_dir") or "runs")
                 version = os.environ.setdefault(RUN_VERSION_ENV, _next_version(root / name))
-                csv_logger, title = CSVLogger(root, name=name, version=version), f"{name}/{version}"
+                csv_logger, title = HistoryCSVLogger(root, name=name, version=version), f"{name}/{version}"
             wandb_logger = WandbLogger(
                 project=self._get(self.config, "wandb_project"),
                 name=title,
@@ -161,6 +162,8 @@ class LitsCLI(LightningCLI):
                 save_dir=csv_logger.log_dir,
                 log_model=False,
             )
+            # Lightning passes `anonymous=None`, which W&B >= 0.19 warns about on every run
+            getattr(wandb_logger, "_wandb_init", {}).pop("anonymous", None)
             kwargs["logger"] = [csv_logger, wandb_logger]
             self.trainer_defaults["callbacks"] += [LearningRateMonitor(), EpochHistory()]
             Path(csv_logger.log_dir).mkdir(parents=True, exist_ok=True)
@@ -193,6 +196,9 @@ class LitsCLI(LightningCLI):
         print(f"\nFinal figures -> {folder / 'metrics.json'}")
         for key, value in figures.items():
             print(f"  {key:24s} {value:.4f}")
+        hint = wandb_offline_hint(folder)
+        if hint:
+            print(hint)
 
     def after_fit(self) -> None:
         if self.trainer.interrupted:
@@ -243,9 +249,11 @@ def main(argv: list[str] | None = None) -> None:
             from experiments.sweep import sweep_main
 
             configure_wandb_mode()
+            quiet_library_noise()
             {"run": run_main, "study": study_main, "sweep": sweep_main}[argv[0]](argv[1:])
             return
         configure_wandb_mode()
+        quiet_library_noise()
         LitsCLI(args=None if argv is sys.argv[1:] or argv == sys.argv[1:] else argv)
     except Exception as error:
         cause = _suite_error(error)

@@ -42,6 +42,10 @@ def test_stages_run_in_order_and_a_killed_run_resumes(experiment):
     assert yaml.safe_load((run / "second" / "config.yaml").read_text())["model"]["init_args"]["lr"] == 0.002
     assert out.stdout.index("stage 1/2 first") < out.stdout.index("stage 2/2 second")
 
+    noise = ("Previous log files in this directory will be deleted", "litlogger", "LeafSpec")
+    assert not any(text in out.stdout + out.stderr for text in noise)  # library noise the suite causes is silenced
+    rows_before = (run / "second" / "metrics.csv").read_text().splitlines()[1:]
+
     # simulate a kill during stage 2 after its first epoch: no metrics.json, a last.ckpt from epoch 1
     first_stamp = (run / "first" / "metrics.json").stat().st_mtime_ns
     (run / "second" / "metrics.json").unlink()
@@ -52,6 +56,11 @@ def test_stages_run_in_order_and_a_killed_run_resumes(experiment):
     assert (run / "first" / "metrics.json").stat().st_mtime_ns == first_stamp
     assert "Restoring states from the checkpoint path" in out.stdout + out.stderr  # continued, not restarted
     assert json.loads((run / "second" / "metrics.json").read_text())["epochs"] == 3
+    history = (run / "second" / "metrics.csv").read_text().splitlines()
+    assert len(history) > len(rows_before) + 1  # the resumed epoch's rows follow the killed run's, which are kept
+    header = history[0].split(",")
+    epochs = {float(row.split(",")[header.index("epoch")]) for row in history[1:] if row.split(",")[header.index("epoch")]}
+    assert epochs >= {0.0, 1.0, 2.0}
 
 
 def test_overrides_are_normalised():
