@@ -36,6 +36,7 @@ from pytorch_lightning.loggers import WandbLogger
 from datamodules import DataError, LiTSDataModule
 from experiments.console import HistoryCSVLogger, quiet_library_noise, wandb_offline_hint
 from lightning_modules import BaseTask, CheckpointError
+from lightning_modules.random_state import RandomStateCheckpoint
 
 RUN_VERSION_ENV = "LITS_RUN_VERSION"  # shared with DDP worker processes, which inherit the environment
 
@@ -143,6 +144,7 @@ class LitsCLI(LightningCLI):
         metric, mode = self.model.monitor
         self.trainer_defaults["callbacks"] = [
             ModelCheckpoint(monitor=metric, mode=mode, save_last=True, filename="best", auto_insert_metric_name=False),
+            RandomStateCheckpoint(),  # a resumed run draws what the uninterrupted one would have
         ]
         if self.subcommand == "preprocess":
             kwargs["logger"] = False  # nothing to log, and no run folder

@@ -14,6 +14,7 @@ A study file::
     table: segmentation                  # or lits_liver_lesion (the mask-mining paper's Table 1): see below
     rows: {U-Net: U-Net, ...}            # optional: which models are table rows, under which label
     share_stages: false                  # true: stages several models have alike are trained once per seed
+    jobs: 1                              # runs at once (--jobs=K overrides; see experiments/study_jobs.py)
 
 Seeds are paired: seed ``s`` sets ``--seed_everything=s`` (the same initial weights for the layers
 models share, which the backbone builds in the same order) and ``--data.split_seed=s`` (the same
@@ -151,7 +152,7 @@ def load_study(path: str | Path) -> dict:
         raise DataError(f"{path}: the baseline {baseline!r} must be one of the table's rows {list(rows.values())}")
     return {"name": spec.get("name") or path.stem, "models": models, "baseline": baseline, "seeds": seeds,
             "args": list(spec.get("args", [])), "inc": bool(spec.get("inc", False)), "table": table, "rows": rows,
-            "share_stages": bool(spec.get("share_stages", False))}
+            "share_stages": bool(spec.get("share_stages", False)), "jobs": spec.get("jobs", 1)}
 
 
 def _slug(label: str) -> str:
@@ -253,11 +254,11 @@ def write_tables(folder: Path, rows: list[dict], baseline: str, inc: bool = Fals
     return table
 
 
-STUDY_OPTIONS = ("model", "seed", "sweep", "from_sweep", "trial_dir")
+STUDY_OPTIONS = ("model", "seed", "sweep", "from_sweep", "trial_dir", "jobs")
 
 
 def _split_options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
-    """The study's own options (--model, --seed, --sweep, --from_sweep, --trial_dir) and the overrides for every run."""
+    """The study's own options (--model, --seed, --sweep, --from_sweep, --trial_dir, --jobs) and the overrides for every run."""
     options, rest = {}, []
     for arg in normalise_overrides(argv):
         key, _, value = arg[2:].partition("=")
@@ -441,11 +442,27 @@ def run_study(path: str | Path, argv: list[str]) -> Path:
         if "sweep" in options:
             if run_as_sweep(path, study, folder, argv_overrides):
                 return folder
-        results = {label: {} for label in study["models"]}
-        for seed in study["seeds"]:
-            for label in study["models"]:
-                results[label][seed] = run_one(study, folder, label, seed, overrides)
+        jobs = _as_jobs(options.get("jobs", study["jobs"]))
+        if jobs > 1:
+            from experiments.study_jobs import run_parallel
+
+            results = run_parallel(path, study, folder, argv_overrides, jobs, _slug)
+        else:
+            results = {label: {} for label in study["models"]}
+            for seed in study["seeds"]:
+                for label in study["models"]:
+                    results[label][seed] = run_one(study, folder, label, seed, overrides)
     return report(study, folder, results, overrides, figure="from_sweep" not in options)
+
+
+def _as_jobs(value) -> int:
+    try:
+        jobs = int(value)
+    except (TypeError, ValueError):
+        jobs = 0
+    if jobs < 1:
+        raise DataError(f"--jobs must be a whole number of runs at once, 1 or more; got {value!r}")
+    return jobs
 
 
 def _as_seed(value: str) -> int:

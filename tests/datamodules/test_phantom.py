@@ -128,3 +128,15 @@ def test_not_solvable_by_a_hu_window():
     liver_hu = hu[label == 1]
     assert 45 < np.median(liver_hu) < 70
     assert best_window_dice(hu, label) < 0.75
+
+
+def test_lesions_are_learnable_contrast_and_most_volumes_have_one():
+    # PHANTOM_VERSION 3: lesions 40-70 HU below the liver, against 10-15 HU noise (contrast-to-noise ~3-6);
+    # version 2's 20-40 HU lesions were not learned at quickstart scale
+    with_lesions = 0
+    for seed in range(8):
+        hu, label = make_phantom_volume(seed)
+        if (label == 2).any():
+            with_lesions += 1
+            assert np.median(hu[label == 1]) - np.median(hu[label == 2]) > 30  # blur and partial volume shave a few HU
+    assert with_lesions >= 6

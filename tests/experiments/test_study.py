@@ -71,9 +71,9 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(
         {"name": "tiny", "baseline": "U-Net", "seeds": 2, "models": {"U-Net": "unet.yaml", "CMU-Net": "cmunet.yaml"}}, sort_keys=False))
 
-    def study():
-        env = {**os.environ, "WANDB_MODE": "disabled"}
-        result = subprocess.run([sys.executable, "-m", "experiments.cli", "study", "study.yaml", "--trainer.default_root_dir=out"],
+    def study(*args, root="out"):
+        env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}  # the same arithmetic in every run
+        result = subprocess.run([sys.executable, "-m", "experiments.cli", "study", "study.yaml", f"--trainer.default_root_dir={root}", *args],
                                 cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
         return result.stdout
@@ -103,6 +103,12 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
     logs = [(folder / "sweep" / "sweep_sweep" / f"{t['name']}.log").read_text() for t in trials]
     assert all("finished earlier, skipped" in log and "Final figures" not in log for log in logs)
     assert json.loads((folder / "results.json").read_text()) == rows
+
+    # the same study, two runs at a time: the same table; one line per run start and end, each run's console in its folder
+    parallel = study("--jobs=2", root="parallel")
+    assert json.loads((tmp_path / "parallel" / "tiny" / "results.json").read_text()) == rows
+    assert parallel.count(": started") == 4 and parallel.count(": done") == 4
+    assert "Final figures" in (tmp_path / "parallel" / "tiny" / "CMU-Net" / "seed_1" / "console.log").read_text()
 
 
 def test_table_from_a_wandb_sweep(tmp_path, monkeypatch):
