@@ -71,9 +71,9 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(
         {"name": "tiny", "baseline": "U-Net", "seeds": 2, "models": {"U-Net": "unet.yaml", "CMU-Net": "cmunet.yaml"}}, sort_keys=False))
 
-    def study(*args, root="out"):
+    def study(*args, root="out", file="study.yaml"):
         env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}  # the same arithmetic in every run
-        result = subprocess.run([sys.executable, "-m", "experiments.cli", "study", "study.yaml", f"--trainer.default_root_dir={root}", *args],
+        result = subprocess.run([sys.executable, "-m", "experiments.cli", "study", file, f"--trainer.default_root_dir={root}", *args],
                                 cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
         return result.stdout
@@ -104,11 +104,16 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
     assert all("finished earlier, skipped" in log and "Final figures" not in log for log in logs)
     assert json.loads((folder / "results.json").read_text()) == rows
 
-    # the same study, two runs at a time: the same table; one line per run start and end, each run's console in its folder
-    parallel = study("--jobs=2", root="parallel")
-    assert json.loads((tmp_path / "parallel" / "tiny" / "results.json").read_text()) == rows
-    assert parallel.count(": started") == 4 and parallel.count(": done") == 4
-    assert "Final figures" in (tmp_path / "parallel" / "tiny" / "CMU-Net" / "seed_1" / "console.log").read_text()
+    # the U-Net's two seeds side by side (--jobs=2): the same figures as run one by one; one line per run
+    # start and end, each run's console in its run folder
+    (tmp_path / "study_unet.yaml").write_text(yaml.safe_dump({"name": "tiny", "seeds": 2, "models": {"U-Net": "unet.yaml"}}))
+    parallel = study("--jobs=2", root="parallel", file="study_unet.yaml")
+    assert parallel.count(": started") == 2 and parallel.count(": done") == 2
+    for seed in (0, 1):
+        one_by_one, side_by_side = (json.loads((tmp_path / root / "tiny" / "U-Net" / f"seed_{seed}" / "metrics.json").read_text())
+                                    for root in ("out", "parallel"))
+        assert {k: v for k, v in side_by_side.items() if k.startswith(("val/", "test/"))} == {k: v for k, v in one_by_one.items() if k.startswith(("val/", "test/"))}
+        assert "Final figures" in (tmp_path / "parallel" / "tiny" / "U-Net" / f"seed_{seed}" / "console.log").read_text()
 
 
 def test_table_from_a_wandb_sweep(tmp_path, monkeypatch):
