@@ -22,6 +22,16 @@ def lits(*args, cwd, check=True, env=None):
     return result
 
 
+def lits_in_process(*args, capsys) -> tuple[int, str]:
+    """`lits ARGS` in this process (no interpreter start-up) for commands that stop before training: (exit code, stderr)."""
+    from experiments.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(list(args))
+    return stop.value.code, capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli")
@@ -82,12 +92,15 @@ def test_test_subcommand_reproduces_fit_figures_and_ddp_matches(fitted, workspac
         assert ddp[name] == pytest.approx(single[name], abs=1e-6), name
 
 
-def test_synth_and_preprocess(tmp_path):
-    lits("synth", "--out", "phantom", "--volumes", "2", "--shape", "48", "48", "12", cwd=tmp_path)
+def test_synth_and_preprocess(tmp_path, monkeypatch, capsys):
+    from experiments.cli import main
+
+    monkeypatch.chdir(tmp_path)  # in this process: neither command trains
+    main(["synth", "--out", "phantom", "--volumes", "2", "--shape", "48", "48", "12"])
     assert sorted(p.name for p in (tmp_path / "phantom").iterdir()) == ["segmentation-0.nii.gz", "segmentation-1.nii.gz", "volume-0.nii.gz", "volume-1.nii.gz"]
     # the issue's exact command (the default split asks for 17 volumes: preprocessing ignores the split)
-    result = lits("preprocess", "--data.root=phantom", "--data.cache_dir=cache", "--trainer.default_root_dir=runs", cwd=tmp_path)
-    assert "cache ready" in result.stdout
+    main(["preprocess", "--data.root=phantom", "--data.cache_dir=cache", "--trainer.default_root_dir=runs"])
+    assert "cache ready" in capsys.readouterr().out
     entries = list((tmp_path / "cache" / "preprocessed").glob("*/*/meta.json"))
     assert len(entries) == 2
     assert not (tmp_path / "runs").exists()
@@ -101,32 +114,32 @@ def test_synth_and_preprocess(tmp_path):
         (lambda root: write_pair(root, "1", tiny_volume(1)[0], tiny_volume(1)[1] * 3), "segmentation-1.nii.gz: label values"),
     ],
 )
-def test_bad_input_is_one_line_without_traceback(tmp_path, make_bad, message):
+def test_bad_input_is_one_line_without_traceback(tmp_path, make_bad, message, capsys):
     root = tmp_path / "data"
     for i in range(3):
         write_pair(root, str(i), *tiny_volume(i))
     make_bad(root)
-    result = lits("fit", "--model=lightning_modules.BaselineUNet", f"--data.root={root}", f"--data.cache_dir={tmp_path / 'cache'}",
-                  "--data.split=[1,1,1]", "--data.image_size=32", f"--trainer.default_root_dir={tmp_path / 'runs'}", cwd=tmp_path, check=False)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("lits: error:")]
-    assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
+    code, stderr = lits_in_process("fit", "--model=lightning_modules.BaselineUNet", f"--data.root={root}", f"--data.cache_dir={tmp_path / 'cache'}",
+                                   "--data.split=[1,1,1]", "--data.image_size=32", "--data.preprocess_workers=1",
+                                   f"--trainer.default_root_dir={tmp_path / 'runs'}", capsys=capsys)
+    assert code == 2  # a suite error: any other exception would have propagated here as a traceback
+    error_lines = [line for line in stderr.splitlines() if line.startswith("lits: error:")]
+    assert len(error_lines) == 1 and message in error_lines[0], stderr[-2000:]
     assert not list((tmp_path / "cache").rglob(".tmp-*"))
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ckpt"))
 
 
-def test_pu_net_with_a_foreign_encoder_checkpoint_fails_before_training(tmp_path):
+def test_pu_net_with_a_foreign_encoder_checkpoint_fails_before_training(tmp_path, capsys):
     import torch
 
     from lightning_modules import EncoderPretraining
 
     encoder = EncoderPretraining(base_channels=8, in_channels=3)  # wrong width and wrong in_channels
     torch.save({"state_dict": encoder.state_dict(), "hyper_parameters": dict(encoder.hparams)}, tmp_path / "encoder.ckpt")
-    result = lits("fit", "--model=lightning_modules.PretrainedUNet", "--model.init_args.base_channels=4",
-                  f"--model.init_args.encoder_checkpoint={tmp_path / 'encoder.ckpt'}", "--data.root=nowhere",
-                  f"--trainer.default_root_dir={tmp_path / 'runs'}", cwd=tmp_path, check=False)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("lits: error:")]
-    assert len(lines) == 1 and "encoder.ckpt" in lines[0] and "in_channels=3, base_channels=8" in lines[0], result.stderr[-2000:]
+    code, stderr = lits_in_process("fit", "--model=lightning_modules.PretrainedUNet", "--model.init_args.base_channels=4",
+                                   f"--model.init_args.encoder_checkpoint={tmp_path / 'encoder.ckpt'}", "--data.root=nowhere",
+                                   f"--trainer.default_root_dir={tmp_path / 'runs'}", capsys=capsys)
+    assert code == 2
+    lines = [line for line in stderr.splitlines() if line.startswith("lits: error:")]
+    assert len(lines) == 1 and "encoder.ckpt" in lines[0] and "in_channels=3, base_channels=8" in lines[0], stderr[-2000:]
     assert not (tmp_path / "runs").exists()

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from scipy import stats
 
-from experiments.study import METRICS, before_and_after, markdown_table, summarize
+from experiments.study_tables import METRICS, before_and_after, markdown_table, summarize
 from tests.synthetic import tiny_experiment
 
 

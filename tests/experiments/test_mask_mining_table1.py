@@ -18,7 +18,8 @@ from scipy import stats
 from datamodules import DataError, LiTSDataModule
 from datamodules.roi_dataset import LiverCropDataset, VolumeDataset
 from experiments import study as study_module
-from experiments.study import LITS_LIVER_LESION, TABLES, lesion_error_counts, load_study, report, with_lesion_counts
+from experiments.study import load_study, report
+from experiments.study_tables import LITS_LIVER_LESION, TABLES, lesion_error_counts, with_lesion_counts
 from experiments.study_figure import normalised_error_bars, setup_and_loss
 
 ROOT = Path(__file__).parents[2]

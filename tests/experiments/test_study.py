@@ -9,7 +9,8 @@ import yaml
 from scipy import stats
 
 from datamodules import DataError
-from experiments.study import METRICS, load_study, markdown_table, summarize
+from experiments.study import load_study
+from experiments.study_tables import METRICS, markdown_table, summarize
 
 BASE = [0.80, 0.82, 0.85, 0.79, 0.81, 0.84]
 BETTER = [0.86, 0.85, 0.90, 0.83, 0.88, 0.86]
@@ -171,7 +172,7 @@ def test_unknown_model_or_broken_experiment_is_refused_before_training(tmp_path,
 
 # -- options of the mask-mining Table 1 study: table kinds, rows, stage-scoped overrides, shared stages ----------------
 def test_missing_figures_read_n_a_and_a_chosen_table_is_used():
-    from experiments.study import LITS_LIVER_LESION
+    from experiments.study_tables import LITS_LIVER_LESION
 
     results = {"A": {0: {"val/liver/dice": 0.9, "val/lesion/dice": 0.5}, 1: {"val/liver/dice": 0.8, "val/lesion/dice": 0.7}}}
     rows = summarize(results, "A", metrics=LITS_LIVER_LESION)

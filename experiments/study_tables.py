@@ -1,0 +1,185 @@
+"""The tables of ``lits study``: which figures a table holds, mean ± std over seeds, paired tests, and
+the lesion voxel counts behind the mask-mining paper's Fig. 4. No training here: ``experiments/study.py``
+runs the studies and calls these on their final figures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from datamodules import DataError
+from experiments.study_figure import ERROR_TYPES
+
+METRICS = {  # column title -> metrics.json key; the per-slice pair is the CMU-Net paper's convention
+    "Dice (slice)": "test/dice_slice",
+    "HD (slice, px)": "test/hd_slice_px",
+    "Dice (volume)": "test/dice_volume",
+    "HD95 (volume, mm)": "test/hd95_volume_mm",
+    "HD (volume, mm)": "test/hd_volume_mm",
+}
+# the mask-mining paper's Table 1: per-case LiTS Dice of liver and lesions on the training, validation and test volumes
+LITS_LIVER_LESION = {
+    f"{part.capitalize()} Dice ({split})": f"{split}/{part}/dice" for split in ("train", "val", "test") for part in ("liver", "lesion")
+}
+
+
+@dataclass(frozen=True)
+class Table:
+    metrics: dict[str, str]  # column title -> metrics.json key (``train/...``: the training-volume evaluation)
+    caption: str  # what the figures are, for the line under the table
+    figure: str  # the study's figure: "qualitative" (CT, truth, predictions) or "lesion_error_types" (Fig. 4)
+    sweep_metric: str  # what a W&B sweep of the study reports as its metric
+
+    @property
+    def evaluates_training_volumes(self) -> bool:
+        return any(key.startswith("train/") for key in self.metrics.values())
+
+
+TABLES = {
+    "segmentation": Table(METRICS, "Test-set figures", "qualitative", "test/dice_volume"),
+    "lits_liver_lesion": Table(LITS_LIVER_LESION, "Per-case Dice (LiTS) on the training (train), validation (val) and test volumes",
+                               "lesion_error_types", "val/lesion/dice"),
+}
+
+
+def paired_tests(values: np.ndarray, baseline: np.ndarray) -> tuple[float, float]:
+    """(paired t-test p, Wilcoxon signed-rank p) of ``values`` against ``baseline`` over seeds; NaN when undefined."""
+    if len(values) < 2 or np.allclose(values, baseline):
+        return math.nan, math.nan
+    t_p = float(stats.ttest_rel(values, baseline).pvalue)
+    try:
+        w_p = float(stats.wilcoxon(values, baseline).pvalue)
+    except ValueError:
+        w_p = math.nan
+    return t_p, w_p
+
+
+def summarize(results: dict[str, dict[int, dict]], baseline: str, references: dict[str, str] | None = None,
+              metrics: dict[str, str] | None = None) -> list[dict]:
+    """Rows of the table: per model, mean/std per metric and paired p-values against its reference.
+
+    ``references`` maps a model to the model it is tested against (default: every model but the
+    baseline against the baseline); a model without a reference gets no p-values. ``metrics``: column
+    title -> key (default ``METRICS``). A key no run reports (e.g. test figures without a test split)
+    gives NaN; one some runs lack is taken over the (paired) runs that have it.
+    """
+    metrics = METRICS if metrics is None else metrics
+    references = references if references is not None else {label: baseline for label in results if label != baseline}
+    rows = []
+    for label, runs in results.items():
+        row = {"model": label, "runs": len(runs)}
+        reference = references.get(label)
+        seeds = sorted(s for s in runs if reference is None or s in results[reference])
+        for title, key in metrics.items():
+            paired = [s for s in seeds if key in runs[s] and (reference is None or key in results[reference][s])]
+            values = np.array([runs[s][key] for s in paired], dtype=float)
+            row[f"{title} mean"] = float(values.mean()) if len(values) else math.nan
+            row[f"{title} std"] = (float(values.std(ddof=1)) if len(values) > 1 else 0.0) if len(values) else math.nan
+            if reference is not None:
+                t_p, w_p = paired_tests(values, np.array([results[reference][s][key] for s in paired], dtype=float))
+                row[f"{title} t-test p"], row[f"{title} Wilcoxon p"] = t_p, w_p
+        rows.append(row)
+    return rows
+
+
+def _before(key: str) -> str:
+    """``test/dice_volume`` -> ``test/before/dice_volume``: the mined base's figure in a mask-mining run."""
+    split, _, rest = key.partition("/")
+    return f"{split}/before/{rest}"
+
+
+def before_and_after(results: dict[str, dict[int, dict]], metrics: dict[str, str] | None = None) -> tuple[dict[str, dict[int, dict]], dict[str, str]]:
+    """Mask-mining studies: each model's row before mining (its run's ``<split>/before/*`` figures, the
+    base model evaluated in the same run) and its "Inc." row after, tested against the row before."""
+    metrics = METRICS if metrics is None else metrics
+    expanded, references = {}, {}
+    for label, runs in results.items():
+        missing = [s for s, m in runs.items() if any(k in m and _before(k) not in m for k in metrics.values())]
+        if missing:
+            raise DataError(f"model {label!r}: its runs (seed {missing[0]}) report no <split>/before/* figures (e.g. test/before/*); "
+                            "`inc: true` needs mask-mining experiments")
+        expanded[label] = {s: {k: m[_before(k)] for k in metrics.values() if k in m} for s, m in runs.items()}
+        expanded[f"{label} Inc."] = runs
+        references[f"{label} Inc."] = label
+    return expanded, references
+
+
+def _cell(row: dict, title: str) -> str:
+    if math.isnan(row[f"{title} mean"]):
+        return "n/a"
+    cell = f"{row[f'{title} mean']:.4f} ± {row[f'{title} std']:.4f}"
+    if f"{title} t-test p" in row:
+        cell += f" (p={row[f'{title} t-test p']:.3g} t, {row[f'{title} Wilcoxon p']:.3g} W)"
+    return cell
+
+
+def markdown_table(rows: list[dict], baseline: str, inc: bool = False, metrics: dict[str, str] | None = None,
+                   caption: str = "Test-set figures") -> str:
+    metrics = METRICS if metrics is None else metrics
+    header = ["Model", "runs", *metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join([row["model"], str(row["runs"]), *(_cell(row, title) for title in metrics)]) + " |")
+    against = "the same model before mask mining (Inc.: after)" if inc else baseline
+    lines.append(f"\n{caption}, mean ± std over seeds; p: paired t-test (t) and Wilcoxon signed-rank (W) against {against}.")
+    return "\n".join(lines)
+
+
+def write_tables(folder: Path, rows: list[dict], baseline: str, inc: bool = False, metrics: dict[str, str] | None = None,
+                 caption: str = "Test-set figures") -> str:
+    table = markdown_table(rows, baseline, inc, metrics, caption)
+    (folder / "results.md").write_text(table + "\n")
+    (folder / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    with open(folder / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+        writer.writeheader()
+        writer.writerows(rows)
+    return table
+
+
+COUNT_PARTS = ("intersection_voxels", "pred_voxels", "truth_voxels")
+
+
+def with_lesion_counts(figures: dict, stage_folder: Path, split: str = "val") -> dict:
+    """``figures`` with the lesion voxel counts ``<split>/lesion/{intersection,pred,truth}_voxels`` and their
+    ``<split>/before/lesion/...``, read from the mask-mining stage's error report (``<split>_lesion_error_types.csv``,
+    its ``total`` row) where the figures lack them."""
+    keys = [f"{split}/{when}lesion/{k}" for when in ("", "before/") for k in COUNT_PARTS]
+    report = stage_folder / f"{split}_lesion_error_types.csv"
+    if all(k in figures for k in keys) or not report.is_file():
+        return figures
+    with open(report, newline="") as handle:
+        total = next((row for row in csv.DictReader(handle) if row["volume"] == "total"), None)
+    if total is None:
+        return figures
+    added = {}
+    for when, column in (("", "after"), ("before/", "before")):
+        tp, fp, fn = (int(total[f"{t}_{column}"]) for t in ("tp", "fp", "fn"))
+        added |= {f"{split}/{when}lesion/intersection_voxels": tp, f"{split}/{when}lesion/pred_voxels": tp + fp,
+                  f"{split}/{when}lesion/truth_voxels": tp + fn}
+    return added | figures
+
+
+def lesion_error_counts(results: dict[str, dict[int, dict]], split: str = "val") -> dict[str, dict[str, dict[str, int]]]:
+    """Per model, lesion FP / FN / TP voxels before and after mining summed over its seeds:
+    ``{label: {"before": {"fp": .., "fn": .., "tp": ..}, "after": {...}}}``; models whose runs lack the counts are left out."""
+    counts = {}
+    for label, runs in results.items():
+        summed = {when: dict.fromkeys(ERROR_TYPES, 0) for when in ("before", "after")}
+        try:
+            for figures in runs.values():
+                for when, prefix in (("before", f"{split}/before/lesion/"), ("after", f"{split}/lesion/")):
+                    tp, pred, truth = (int(figures[prefix + k]) for k in COUNT_PARTS)
+                    for t, value in zip(ERROR_TYPES, (pred - tp, truth - tp, tp)):
+                        summed[when][t] += value
+        except KeyError:
+            continue
+        if runs:
+            counts[label] = summed
+    return counts
