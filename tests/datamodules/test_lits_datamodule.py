@@ -181,3 +181,21 @@ def test_bad_liver_roi_options(options, message):
     with pytest.raises(DataError, match=message) as error:
         LiTSDataModule(**options)
     assert "\n" not in str(error.value)
+
+
+def test_the_augmentation_stream_follows_seed_everything(tiny_lits, tmp_path):
+    # MONAI's DataLoader seeds the dataset's random transforms from torch's generator when it is built, so
+    # each seed of a study draws its own augmentations, and the same seed the same ones
+    import pytorch_lightning as pl
+
+    from lightning_modules.random_state import _randomizables
+
+    def transform_states(seed):
+        pl.seed_everything(seed, verbose=False)
+        loader = make(tiny_lits, tmp_path, augment=True).train_dataloader()
+        transforms = _randomizables(loader.dataset, [], set())
+        assert transforms  # flips, rotation, zoom and their Compose
+        return [tuple(t.R.get_state()[1][:4]) for t in transforms]
+
+    assert transform_states(0) == transform_states(0)
+    assert transform_states(0) != transform_states(1)
