@@ -249,3 +249,12 @@ def test_shared_stages_take_an_earlier_model_s_finished_stage_with_the_same_sett
     (folder / "B" / "seed_0" / "base").mkdir(parents=True)
     (folder / "B" / "seed_0" / "base" / "metrics.json").write_text("{}")
     assert study_module.shared_stages(study, folder, "B", 0, []) == {}
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", ""])
+def test_bad_jobs_is_a_one_line_error(value):
+    from experiments.study import _as_jobs
+
+    with pytest.raises(DataError, match="--jobs must be a whole number of runs at once"):
+        _as_jobs(value)
+    assert _as_jobs("3") == 3 and _as_jobs(1) == 1
