@@ -50,6 +50,7 @@ from lightning_modules import BaselineUNet, MaskMining
 
 from .cascade_inference import bench_cascade
 from .device_training import bench_training, find, print_table, ratio
+from .device_training import random_batches as device_batches
 
 
 def best_of(repeats: int, *functions) -> list[float]:
@@ -132,12 +133,8 @@ class StepTimer(pl.Callback):
 
 
 def random_batches(count: int, batch_size: int, size: int) -> list[dict]:
-    generator = torch.Generator().manual_seed(0)
-    batches = []
-    for _ in range(count):
-        image = torch.rand(batch_size, 1, size, size, generator=generator)
-        batches.append({"image": image, "mask": (image > 0.6).float()})
-    return batches
+    """The accelerator benchmark's random batches, on the CPU in the default layout."""
+    return device_batches(count, batch_size, size, torch.device("cpu"), channels_last=False)
 
 
 def lightning_seconds(module: pl.LightningModule, batches: list[dict], warmup: int) -> float:
