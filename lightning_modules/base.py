@@ -26,6 +26,9 @@ import torch
 import pytorch_lightning as pl
 from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts, StepLR
 
+from .backbone import BLOCKS, SPATIAL_DIMS
+from .classification import CheckpointError
+
 SCHEDULERS = ("cosine_warm_restarts", "step", "none")
 
 
@@ -36,6 +39,9 @@ class BaseTask(pl.LightningModule):
         in_channels: input channels (``2 * data.context_slices + 1``).
         base_channels: the U-Net's first block width (16 in the paper; doubles per block up to 256).
         norm: ``instance`` (paper) or ``batch``.
+        spatial_dims: 2 (the paper's slices) or 3 (volumes, (B, C, D, H, W) inputs; the data modules serve 2D slices only).
+        block: the U-Net block: ``plain`` (paper), ``residual`` or ``dense`` (see ``lightning_modules.backbone``).
+        se: follow every U-Net block with a squeeze-and-excitation layer.
         lr: Adam learning rate.
         weight_decay: Adam L2 penalty.
         scheduler: ``cosine_warm_restarts`` (CMU-Net), ``step`` (mask mining) or ``none``.
@@ -53,6 +59,9 @@ class BaseTask(pl.LightningModule):
         in_channels: int = 1,
         base_channels: int = 16,
         norm: str = "instance",
+        spatial_dims: int = 2,
+        block: str = "plain",
+        se: bool = False,
         lr: float = 0.01,
         weight_decay: float = 0.0,
         scheduler: str = "cosine_warm_restarts",
@@ -64,8 +73,10 @@ class BaseTask(pl.LightningModule):
         super().__init__()
         # Collects the arguments of every __init__ of the subclass chain (each keeps its own).
         self.save_hyperparameters()
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+        # CheckpointError: the suite's one-line error (`lits: error: ...`), no traceback
+        for name, value, allowed in (("scheduler", scheduler, SCHEDULERS), ("spatial_dims", spatial_dims, SPATIAL_DIMS), ("block", block, BLOCKS)):
+            if value not in allowed:
+                raise CheckpointError(f"{name} must be one of {allowed}, got {value!r} (--model.init_args.{name})")
         self.configure_models()
         self.configure_losses()
         self.configure_metrics()

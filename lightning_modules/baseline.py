@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .classification import CheckpointError
+from .classification import CheckpointError, check_backbone_variant
 from .segmentation import SegmentationTask
 from .segmentation_checkpoint import read_base_checkpoint
 
@@ -36,5 +36,6 @@ class BaselineUNet(SegmentationTask):
             if found != wanted:
                 raise CheckpointError(f"{path} is a U-Net with (in_channels, out_channels, base_channels, norm) = {found}, this model has {wanted}; "
                                       "set the model's arguments to the checkpoint's")
+            check_backbone_variant(path, arch.variant, self.model.variant)
             own = self.model.state_dict()
             self.model.load_state_dict({k: v for k, v in weights.items() if k in own})

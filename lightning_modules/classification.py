@@ -4,7 +4,8 @@
 * ``classification_metrics`` / ``update_classification`` / ``compute_classification``: binary
   accuracy, AUROC and F1 as torchmetrics states, so the figures are exact under DDP;
 * ``load_encoder_weights``: the two-stage recipe's weight transfer from a pretraining checkpoint into
-  a U-Net, failing with one line (``CheckpointError``) when the checkpoint does not fit.
+  a U-Net, failing with one line (``CheckpointError``) when the checkpoint does not fit;
+* ``check_backbone_variant``: that one-line error for a checkpoint of another spatial_dims, block or se.
 """
 
 from __future__ import annotations
@@ -16,11 +17,29 @@ from monai.losses import FocalLoss
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score
 
-from .backbone import UNet
+from .backbone import UNet, backbone_variant
 
 
 class CheckpointError(ValueError):
     """A pretrained-weights checkpoint that cannot initialise this model; the message is one line."""
+
+
+def check_backbone_variant(path: str, found: dict, wanted: dict, alternative: str = "") -> None:
+    """CheckpointError naming ``path`` and the settings that fix it when the checkpoint's backbone variant
+    ``found`` (``backbone.backbone_variant``: spatial_dims, block, se, or some of them) is not ``wanted``."""
+    differing = [key for key in wanted if found[key] != wanted[key]]
+    if not differing:
+        return
+
+    def shown(variant: dict) -> str:
+        return ", ".join(f"{key}={variant[key]!r}" for key in differing)
+
+    def cli(value) -> str:  # the spelling of a command-line value (true / false for booleans)
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    settings = " ".join(f"--model.init_args.{key}={cli(found[key])}" for key in differing)
+    or_else = f" or {alternative}" if alternative else ""
+    raise CheckpointError(f"{path} holds a U-Net with {shown(found)} but this model has {shown(wanted)}; set {settings}{or_else}")
 
 
 # -- loss ------------------------------------------------------------------------------------------
@@ -64,7 +83,8 @@ def compute_classification(metrics: MetricCollection) -> dict[str, float]:
 
 
 # -- pretrained weights ----------------------------------------------------------------------------
-def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+def _read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state_dict, hyperparameters; empty when the file has none) of a Lightning checkpoint."""
     if not os.path.isfile(path):
         raise CheckpointError(
             f"pretrained checkpoint {path} does not exist (a trained model restores without it: set encoder_checkpoint to null)"
@@ -78,7 +98,8 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a Lightning checkpoint of this suite (no state_dict)")
-    return state
+    hparams = checkpoint.get("hyper_parameters")
+    return state, hparams if isinstance(hparams, dict) else {}
 
 
 def _copy_module(module: torch.nn.Module, name: str, state: dict, path: str) -> None:
@@ -89,8 +110,9 @@ def _copy_module(module: torch.nn.Module, name: str, state: dict, path: str) -> 
     if not weights:
         raise CheckpointError(f"{path} holds no {name} weights (no '{prefix}*' keys): pretrain with EncoderPretraining")
     hint = "pretrain with the same in_channels, base_channels and norm"
-    first = "blocks.0.0.weight"
-    if name == "encoder" and first in weights and first in own and weights[first].shape != own[first].shape:
+    # the first conv (the first weight of 2 or 3 spatial dimensions) takes in_channels and gives base_channels
+    first = next((key for key, tensor in own.items() if tensor.ndim >= 4), None)
+    if name == "encoder" and first in weights and weights[first].shape != own[first].shape:
         (c_out, c_in), (m_out, m_in) = weights[first].shape[:2], own[first].shape[:2]
         raise CheckpointError(
             f"{path} holds an encoder with in_channels={c_in}, base_channels={c_out} but this model has "
@@ -114,10 +136,12 @@ def load_encoder_weights(model: UNet, checkpoint_path: str, classification_head:
 
     The checkpoint is any Lightning checkpoint of this suite's tasks (keys ``model.encoder.*``),
     typically ``EncoderPretraining``'s best. Only weights are copied; a checkpoint of another
-    backbone configuration raises ``CheckpointError`` naming the file and the mismatch.
+    backbone configuration (spatial_dims, block and se from its hyperparameters, then every weight's
+    key and shape) raises ``CheckpointError`` naming the file and the mismatch.
     """
     path = str(checkpoint_path)
-    state = _read_state_dict(path)
+    state, hparams = _read_checkpoint(path)
+    check_backbone_variant(path, backbone_variant(hparams), model.variant, "pretrain the encoder with this model's")
     _copy_module(model.encoder, "encoder", state, path)
     if classification_head and model.classification_head is not None:
         if any(k.startswith("model.classification_head.") for k in state):

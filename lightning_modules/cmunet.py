@@ -48,7 +48,8 @@ class CMUNet(SegmentationTask):
 
     def configure_models(self) -> None:
         h = self.hparams
-        self.model = UNet(h.in_channels, h.out_channels, h.base_channels, h.norm, num_classes=1)
+        self.model = UNet(h.in_channels, h.out_channels, h.base_channels, h.norm, num_classes=1,
+                          spatial_dims=h.spatial_dims, block=h.block, se=h.se)
         if h.encoder_checkpoint:
             load_encoder_weights(self.model, h.encoder_checkpoint, classification_head=True)
 

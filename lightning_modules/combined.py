@@ -55,9 +55,10 @@ class CombinedLiverLesion(SegmentationTask):
     # -- networks ----------------------------------------------------------------------------------
     def configure_models(self) -> None:
         h, errors = self.hparams, self.num_error_classes
-        self.liver_model = UNet(h.in_channels, 1, h.base_channels, h.norm, num_error_classes=errors)
+        variant = dict(spatial_dims=h.spatial_dims, block=h.block, se=h.se)
+        self.liver_model = UNet(h.in_channels, 1, h.base_channels, h.norm, num_error_classes=errors, **variant)
         # the lesion network: CT + liver probability
-        self.model = UNet(h.in_channels + 1, 1, h.base_channels, h.norm, num_error_classes=errors)
+        self.model = UNet(h.in_channels + 1, 1, h.base_channels, h.norm, num_error_classes=errors, **variant)
         self.liver_scale = 1.0  # liver resolution / input resolution, set per batch
 
     def configure_losses(self) -> None:

@@ -27,8 +27,9 @@ import contextvars
 
 import torch
 
+from .backbone import backbone_variant
 from .cascade import CASCADE_DEFAULTS
-from .classification import CheckpointError
+from .classification import CheckpointError, check_backbone_variant
 from .combined import CombinedLiverLesion
 from .error_masks import error_mask
 from .error_masks import foreground_probability as error_foreground_probability
@@ -52,7 +53,7 @@ def read_combined_base(path: str, **settings) -> tuple[BaseArchitecture, Combine
     if arch.has_error_head:
         raise CheckpointError(f"{path} is already mask-mined (it has error heads); pass the CombinedLiverLesion checkpoint it was mined from")
     base = contextvars.Context().run(CombinedLiverLesion, in_channels=arch.in_channels - 1, base_channels=arch.base_channels,
-                                     norm=arch.norm, **settings)
+                                     norm=arch.norm, **arch.variant, **settings)
     try:
         base.liver_model.load_state_dict(liver_weights)
     except RuntimeError as error:
@@ -66,10 +67,10 @@ class CombinedMaskMining(MaskMining, CombinedLiverLesion):
     """Retrain both networks of a combined model (``CombinedLiverLesion``) on their TN / FP / FN / TP error masks.
 
     ``base_checkpoint`` is the combined model's checkpoint; its architecture comes from there (base_channels and
-    norm are not used, and the saved hyperparameters record the base's; in_channels must match it). ``loss``,
-    ``class_weights``, ``distance_weights`` (and its w0, sigma) are ``MaskMining``'s and apply to both networks;
-    ``liver_weight`` and ``lesion_weight`` weigh the two error losses. The optimisation defaults are
-    ``MaskMining``'s (the mask-mining paper's). Not used: ``liver_loss`` and ``seg_loss`` (the error losses
+    norm are not used, and the saved hyperparameters record the base's; in_channels, spatial_dims, block and se
+    must match it). ``loss``, ``class_weights``, ``distance_weights`` (and its w0, sigma) are ``MaskMining``'s
+    and apply to both networks; ``liver_weight`` and ``lesion_weight`` weigh the two error losses. The
+    optimisation defaults are ``MaskMining``'s (the mask-mining paper's). Not used: ``liver_loss`` and ``seg_loss`` (the error losses
     replace them), ``out_channels`` (always liver and lesion); not supported: ``miner_checkpoints`` (the base
     mines) and ``cls_weight`` (no classification head). Data: ``--data.target=both --data.sampling=liver_roi``,
     as the base's.
@@ -88,6 +89,7 @@ class CombinedMaskMining(MaskMining, CombinedLiverLesion):
         arch = self.base_architecture
         if arch.in_channels - 1 != h.in_channels:
             raise CheckpointError(f"{h.base_checkpoint} was trained with in_channels={arch.in_channels - 1} but this run has in_channels={h.in_channels}; use the base's --data.context_slices")
+        check_backbone_variant(h.base_checkpoint, arch.variant, backbone_variant(h))
         # saved with the weights, so that load_from_checkpoint rebuilds this model
         self.hparams.update(base_channels=arch.base_channels, norm=arch.norm)
         CombinedLiverLesion.configure_models(self)  # both networks, with error heads (num_error_classes)

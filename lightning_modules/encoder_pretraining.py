@@ -21,7 +21,7 @@ class EncoderPretraining(BaseTask):
     """Slice classification on the U-Net encoder with focal loss.
 
     Other arguments: ``BaseTask``'s. A U-Net that loads this encoder must use the same in_channels,
-    base_channels and norm; the paper pretrains with Adam 0.01 and cosine warm restarts every 10 epochs.
+    base_channels, norm, spatial_dims, block and se; the paper pretrains with Adam 0.01 and cosine warm restarts every 10 epochs.
 
     Args:
         focal_alpha: focal loss weight of positive slices (negatives get ``1 - focal_alpha``); the
@@ -36,7 +36,8 @@ class EncoderPretraining(BaseTask):
 
     def configure_models(self) -> None:
         h = self.hparams
-        self.model = UNet(h.in_channels, base_channels=h.base_channels, norm=h.norm, num_classes=1, decoder=False)
+        self.model = UNet(h.in_channels, base_channels=h.base_channels, norm=h.norm, num_classes=1, decoder=False,
+                          spatial_dims=h.spatial_dims, block=h.block, se=h.se)
 
     def configure_losses(self) -> None:
         self.focal_loss = focal_loss(self.hparams.focal_alpha, self.hparams.focal_gamma)

@@ -26,8 +26,8 @@ from torch import nn
 
 from datamodules import DataError
 
-from .backbone import UNet
-from .classification import CheckpointError, focal_loss, slice_labels
+from .backbone import UNet, backbone_variant
+from .classification import CheckpointError, check_backbone_variant, focal_loss, slice_labels
 from .error_masks import LOSSES, TN, TP, build_error_loss, error_mask
 from .error_masks import foreground_probability as error_foreground_probability
 from .cascade_evaluation import FIGURE_KEYS, PARTS, case_figures, error_counts
@@ -61,10 +61,10 @@ def load_with_error_head(model: UNet, weights: dict[str, torch.Tensor]) -> None:
 class MaskMining(SegmentationTask):
     """Retrain a base segmentation model on its TN / FP / FN / TP error masks.
 
-    The backbone's arguments come from the base: in_channels and out_channels must match it (checked;
-    out_channels must be 1), base_channels and norm are not used and the saved hyperparameters record
-    the base's. The error head trains with ``loss``, so ``seg_loss`` is not used; ``distance_weights``,
-    ``distance_w0`` and ``distance_sigma`` weight ``pwce``. The optimisation defaults are the
+    The backbone's arguments come from the base: in_channels, out_channels, spatial_dims, block and se
+    must match it (checked; out_channels must be 1), base_channels and norm are not used and the saved
+    hyperparameters record the base's. The error head trains with ``loss``, so ``seg_loss`` is not used;
+    ``distance_weights``, ``distance_w0`` and ``distance_sigma`` weight ``pwce``. The optimisation defaults are the
     mask-mining paper's (Adam with L2 1e-5, a step schedule). Other arguments: ``SegmentationTask``'s
     and ``BaseTask``'s.
 
@@ -119,17 +119,19 @@ class MaskMining(SegmentationTask):
             raise CheckpointError(f"{path} has out_channels={arch.out_channels}; mask mining retrains one target channel (liver or lesion): out_channels must be 1")
         if arch.in_channels != h.in_channels:
             raise CheckpointError(f"{path} was trained with in_channels={arch.in_channels} but this run has in_channels={h.in_channels}; use the base's --data.context_slices")
+        check_backbone_variant(path, arch.variant, backbone_variant(h))
         if h.cls_weight > 0 and not arch.has_classification_head:
             raise CheckpointError(f"cls_weight={h.cls_weight} keeps a classification loss, but {path} has no classification head (a CMU-Net base has one); set cls_weight to 0")
         self.model = UNet(arch.in_channels, 1, arch.base_channels, arch.norm,
-                          num_classes=1 if arch.has_classification_head else None, num_error_classes=4)
+                          num_classes=1 if arch.has_classification_head else None, num_error_classes=4, **arch.variant)
         load_with_error_head(self.model, weights)
         # Frozen miners live outside the module tree: not trained, not in checkpoints, not in DDP.
         self._base = [frozen_model(arch, weights)]
         self._miners: list[UNet] = []
         for miner_path in h.miner_checkpoints or []:
             miner_arch, miner_weights = read_base_checkpoint(miner_path)
-            if (miner_arch.in_channels, miner_arch.base_channels, miner_arch.norm) != (arch.in_channels, arch.base_channels, arch.norm):
+            miner_network = (miner_arch.in_channels, miner_arch.base_channels, miner_arch.norm, miner_arch.variant)
+            if miner_network != (arch.in_channels, arch.base_channels, arch.norm, arch.variant):
                 raise CheckpointError(f"fold model {miner_path} has another architecture than the base {path}; train the fold models with the base's config")
             self._miners.append(frozen_model(miner_arch, miner_weights))
 

@@ -23,7 +23,7 @@ class PretrainedUNet(BaselineUNet):
     Args:
         encoder_checkpoint: Lightning checkpoint whose ``model.encoder.*`` weights initialise the
             encoder (weights only: optimiser and schedule start afresh). ``None`` gives the baseline.
-            in_channels, base_channels and norm must match the checkpoint's.
+            in_channels, base_channels, norm, spatial_dims, block and se must match the checkpoint's.
         freeze_encoder_epochs: 0 never freezes; ``k > 0`` freezes the encoder for the first ``k``
             epochs; -1 for the whole run. A frozen encoder gets no gradient and runs in eval mode
             (batch-norm statistics stay those of pretraining).

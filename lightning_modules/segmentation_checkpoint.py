@@ -1,6 +1,8 @@
 """Reading a segmentation checkpoint of the suite: its architecture and weights, checked in one line.
 
 Mask mining rebuilds its base from one; a baseline U-Net can start from one (``init_checkpoint``).
+The backbone variant (spatial_dims, block, se) comes from the hyperparameters; a checkpoint saved before
+the variants existed is the paper's 2D plain U-Net without squeeze-and-excitation.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .backbone import UNet
+from .backbone import UNet, backbone_variant
 from .classification import CheckpointError
 from .error_masks import foreground_probability as error_foreground_probability
 
@@ -23,15 +25,23 @@ class BaseArchitecture:
     out_channels: int
     base_channels: int
     norm: str
+    spatial_dims: int
+    block: str
+    se: bool
     has_classification_head: bool
     has_error_head: bool
     loss: str | None  # the decoding of an earlier mining round's error head
     target: str | None  # the data target it was trained on, when the checkpoint records it
 
+    @property
+    def variant(self) -> dict:
+        """``spatial_dims``, ``block`` and ``se``, keyed as ``UNet.variant``."""
+        return {"spatial_dims": self.spatial_dims, "block": self.block, "se": self.se}
+
     def build(self) -> UNet:
         return UNet(self.in_channels, self.out_channels, self.base_channels, self.norm,
                     num_classes=1 if self.has_classification_head else None,
-                    num_error_classes=4 if self.has_error_head else None)
+                    num_error_classes=4 if self.has_error_head else None, **self.variant)
 
 
 def read_base_checkpoint(path: str) -> tuple[BaseArchitecture, dict[str, torch.Tensor]]:
@@ -50,13 +60,15 @@ def read_base_checkpoint(path: str) -> tuple[BaseArchitecture, dict[str, torch.T
     if not any(k.startswith("decoder.") for k in weights) or "segmentation_head.weight" not in weights:
         raise CheckpointError(f"{path} is not a segmentation model (no decoder or segmentation head: an encoder pretraining checkpoint?); pass a BaselineUNet, PretrainedUNet, CMUNet or MaskMining checkpoint")
     head = weights["segmentation_head.weight"]
-    first = weights.get("encoder.blocks.0.0.weight")
+    # the encoder's first conv (its first weight of 2 or 3 spatial dimensions, whatever the block) takes in_channels
+    first = next((v for k, v in weights.items() if k.startswith("encoder.") and v.ndim >= 4), None)
     data = checkpoint.get("datamodule_hyper_parameters") or {}
     arch = BaseArchitecture(
         in_channels=int(first.shape[1]) if first is not None else int(hparams.get("in_channels", 1)),
         out_channels=int(head.shape[0]),
         base_channels=int(head.shape[1]),
         norm=str(hparams.get("norm", "instance")),
+        **backbone_variant(hparams),
         has_classification_head=any(k.startswith("classification_head.") for k in weights),
         has_error_head="error_head.weight" in weights,
         loss=hparams.get("loss") if "error_head.weight" in weights else None,
@@ -64,7 +76,7 @@ def read_base_checkpoint(path: str) -> tuple[BaseArchitecture, dict[str, torch.T
     )
     try:
         arch.build().load_state_dict(weights)
-    except RuntimeError as error:
+    except (RuntimeError, ValueError) as error:  # ValueError: hyperparameters naming no variant of this backbone
         reason = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
         raise CheckpointError(f"{path} does not hold this suite's U-Net ({reason}); pass a checkpoint of the suite's segmentation modules") from None
     return arch, weights

@@ -43,14 +43,16 @@ BEFORE = {
 # * MaskMining inherits the backbone's base_channels and norm: already in its saved hyperparameters, where they
 #   now record the base checkpoint's architecture instead of the unused defaults.
 # * every segmentation module can be a cascade's lesion network (its liver network and region settings).
+# * every module chooses the backbone's variant (2D or 3D, block, squeeze-and-excitation); the defaults are the paper's.
 SEG_LOSS = dict(seg_loss="dice", distance_weights=False, distance_w0=10.0, distance_sigma=5.0,
                 liver_checkpoint=None, region_margin=16, region_margin_slices=2, lesion_dilation=8)
+VARIANT = dict(spatial_dims=2, block="plain", se=False)
 ADDED = {
-    BaselineUNet: SEG_LOSS,
-    PretrainedUNet: dict(**SEG_LOSS, init_checkpoint=None),
-    CMUNet: SEG_LOSS,
-    EncoderPretraining: {},
-    MaskMining: dict(**SEG_LOSS, base_channels=16, norm="instance"),
+    BaselineUNet: dict(**SEG_LOSS, **VARIANT),
+    PretrainedUNet: dict(**SEG_LOSS, **VARIANT, init_checkpoint=None),
+    CMUNet: dict(**SEG_LOSS, **VARIANT),
+    EncoderPretraining: VARIANT,
+    MaskMining: dict(**SEG_LOSS, **VARIANT, base_channels=16, norm="instance"),
 }
 EXPECTED = {cls: {**BEFORE[cls], **ADDED[cls]} for cls in BEFORE}
 # Modules added since: their whole schema.

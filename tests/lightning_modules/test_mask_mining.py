@@ -7,7 +7,8 @@ import torch
 
 from datamodules import DataError, LiTSDataModule
 from lightning_modules import BaselineUNet, CheckpointError, CMUNet, EncoderPretraining, MaskMining
-from lightning_modules.error_masks import FN, FP, TN, TP, decode_argmax
+from lightning_modules.error_masks import FN, FP, LOSSES, TN, TP, decode_argmax
+from lightning_modules.error_masks import foreground_probability as error_foreground_probability
 
 TINY = dict(base_channels=4)
 
@@ -24,21 +25,40 @@ def base_ckpt(tmp_path):
     return save(BaselineUNet(), tmp_path / "base.ckpt")
 
 
-@pytest.mark.parametrize("loss", ["dice", "pwce"])
-def test_appended_channels_keep_the_base_output_exactly(base_ckpt, loss):
-    base = BaselineUNet()
-    base.load_state_dict(torch.load(base_ckpt, weights_only=True)["state_dict"])
-    mined = MaskMining(base_checkpoint=base_ckpt, loss=loss)
-    image = torch.randn(3, 1, 64, 64)
+# Every backbone variant: the paper's network at full width on 64 x 64 slices, the others tiny (base_channels 4;
+# 16 x 32 slices, 16 x 16 x 32 volumes: the deepest features keep more than one element for instance norm).
+DEFAULT_VARIANT = dict(spatial_dims=2, block="plain", se=False)
+VARIANTS = [dict(spatial_dims=d, block=b, se=s) for d in (2, 3) for b in ("plain", "residual", "dense") for s in (False, True)]
+
+
+def variant_id(variant: dict) -> str:
+    return f"{variant['spatial_dims']}d-{variant['block']}{'-se' if variant['se'] else ''}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_appended_channels_keep_the_base_output_exactly(tmp_path, request, variant):
+    if variant == DEFAULT_VARIANT:
+        path, width, spatial = request.getfixturevalue("base_ckpt"), 16, (64, 64)
+    else:
+        torch.manual_seed(0)
+        path, width = save(BaselineUNet(**TINY, **variant), tmp_path / "variant.ckpt"), TINY["base_channels"]
+        spatial = (16, 16, 32) if variant["spatial_dims"] == 3 else (16, 32)
+    base = BaselineUNet(base_channels=width, **variant)
+    base.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
+    mined = MaskMining(base_checkpoint=path, **variant)
+    image = torch.randn(3, 1, *spatial)
     with torch.no_grad():
         outputs, reference = mined(image), base(image)
     assert torch.equal(outputs["seg"], reference["seg"])  # the original output, bit for bit
-    assert outputs["errors"].shape == (3, 4, 64, 64)
-    # the appended channels start as the base's decision, so the decoded mask is the base's mask
-    assert torch.equal(mined.foreground_probability(outputs) >= 0.5, torch.sigmoid(reference["seg"]) >= 0.5)
+    assert outputs["errors"].shape == (3, 4, *spatial)
+    # the appended channels start as the base's decision (whatever the loss that will retrain them), so the mask
+    # decoded as either loss decodes it (MaskMining.foreground_probability) is the base's mask
+    for loss in LOSSES:
+        assert torch.equal(error_foreground_probability(outputs["errors"], loss) >= 0.5, torch.sigmoid(reference["seg"]) >= 0.5)
+    assert torch.equal(mined.foreground_probability(outputs), error_foreground_probability(outputs["errors"], mined.hparams.loss))
     new = sum(p.numel() for p in mined.model.error_head.parameters())
     total = sum(p.numel() for p in mined.model.parameters())
-    assert new == 4 * 16 + 4 and new / total < 0.001
+    assert new == 4 * width + 4 and new / total < 0.001
     assert sum(p.numel() for p in base.parameters()) == total - new  # every other weight is the base's
 
 
