@@ -12,6 +12,7 @@ import torch
 from monai.data import DataLoader
 from torch.utils.data import Dataset, WeightedRandomSampler, default_convert
 
+from .batch_augmentation import BatchAugmentation
 from .cache import CachedVolume, PreprocessSettings, build_cache
 from .dataset import SliceDataset, target_channels, training_augmentation
 from .nifti import DataError, discover
@@ -20,6 +21,7 @@ from .roi_dataset import LiverCropDataset, VolumeDataset
 from .splits import SPLIT_NAMES, split_volumes
 
 SAMPLING_MODES = ("slices", "liver_roi")
+AUGMENT_ON = ("sample", "batch")
 
 
 def default_cache_base() -> Path:
@@ -58,6 +60,16 @@ class LiTSDataModule(pl.LightningDataModule):
         positive_fraction: if set, training samples positive slices with this probability (``liver_roi``:
             slices whose whole full-resolution slice has target foreground).
         augment: random flips, rotation and zoom in the axial plane, training only.
+        augment_on: where ``augment`` runs. ``"sample"`` (default): MONAI's transforms
+            (``training_augmentation``) on each sample in the DataLoader workers, on the CPU.
+            ``"batch"``: the training datasets return un-augmented samples and
+            ``on_after_batch_transfer`` augments each training batch where it is (the GPU when training on
+            one) with ``BatchAugmentation``: the same parameter distributions, one resampling per sample,
+            ``label`` recomputed from the augmented mask; validation, test and prediction batches are never
+            augmented. Both sampling modes. Its random stream starts at ``setup("fit")`` from
+            ``torch.initial_seed()`` (``seed_everything``) and the trainer's global rank, and the data
+            module's ``state_dict`` (stored by Lightning in every checkpoint, restored on resume) carries it.
+            Both modes give the same augmentation statistics, not the same random draws.
         sampling: ``"slices"`` or ``"liver_roi"`` (see above). ``liver_roi`` trains on every slice with
             liver (``foreground_margin`` does not apply) and evaluates one volume per step
             (``eval_batch_size`` does not apply); ``target`` and ``context_slices`` apply to both.
@@ -101,6 +113,7 @@ class LiTSDataModule(pl.LightningDataModule):
         foreground_margin: int | None = None,
         positive_fraction: float | None = None,
         augment: bool = True,
+        augment_on: str = "sample",
         flip_prob: float = 0.5,
         rotate_degrees: float = 15.0,
         zoom_range: tuple[float, float] = (0.9, 1.1),
@@ -123,6 +136,8 @@ class LiTSDataModule(pl.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        if augment_on not in AUGMENT_ON:
+            raise ValueError(f"augment_on must be one of {', '.join(AUGMENT_ON)}, got {augment_on!r}")
         if image_size % 16:
             raise ValueError(f"image_size must be divisible by 16 (four U-Net poolings), got {image_size}")
         if holdout_fold is not None and not 0 <= holdout_fold < num_folds:
@@ -148,6 +163,9 @@ class LiTSDataModule(pl.LightningDataModule):
         self.splits: dict[str, list[str]] = {}
         # slices: a SliceDataset per split; liver_roi: a LiverCropDataset for train, VolumeDatasets for val and test
         self.datasets: dict[str, Dataset] = {}
+        self.batch_augmentation = (
+            BatchAugmentation(flip_prob, rotate_degrees, zoom_range, augment_prob) if augment and augment_on == "batch" else None
+        )
 
     # -- locations ---------------------------------------------------------------------------
     @property
@@ -195,6 +213,10 @@ class LiTSDataModule(pl.LightningDataModule):
         return split_volumes(volume_ids, self.hparams.split, self.hparams.split_seed, explicit)
 
     def setup(self, stage: str | None = None) -> None:
+        if self.batch_augmentation is not None and stage in (None, "fit"):
+            # Lightning restores a resumed run's stream (load_state_dict) after this
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            self.batch_augmentation.seed(torch.initial_seed(), rank)
         if self.volumes:
             return
         h = self.hparams
@@ -219,7 +241,7 @@ class LiTSDataModule(pl.LightningDataModule):
             # the test loader evaluates the volumes of `test_split` (default: the test split itself)
             indices = [position[i] for i in splits[h.test_split if name == "test" else name]]
             chosen = [volumes[i] for i in indices]
-            transform = self._augmentation() if name == "train" and h.augment else None
+            transform = self._augmentation() if name == "train" and h.augment and h.augment_on == "sample" else None
             if h.sampling == "liver_roi" and name == "train":
                 datasets[name] = LiverCropDataset(chosen, indices, h.target, h.context_slices, h.crop_size, h.crop_margin, transform)
                 if chosen and not len(datasets[name]):
@@ -255,6 +277,29 @@ class LiTSDataModule(pl.LightningDataModule):
     def _augmentation(self):
         h = self.hparams
         return training_augmentation(h.flip_prob, h.rotate_degrees, h.zoom_range, h.augment_prob)
+
+    # -- batch augmentation (augment_on: batch) ---------------------------------------------------
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Augment training batches (``augment_on: batch``), then run the LightningModule's own hook.
+
+        Lightning calls only the data module's ``on_after_batch_transfer`` when both define one (and
+        warns that it does), so this one calls the module's, which then sees the augmented batch, as
+        mask mining needs (its error masks are computed from the exact input).
+        """
+        trainer = self.trainer
+        if trainer is None:
+            return batch
+        if self.batch_augmentation is not None and trainer.training and isinstance(batch, dict):
+            batch = self.batch_augmentation(batch)
+        return trainer.lightning_module.on_after_batch_transfer(batch, dataloader_idx)
+
+    def state_dict(self) -> dict:
+        """The batch augmentation's random stream (``augment_on: batch``); nothing otherwise."""
+        return {"batch_augmentation": self.batch_augmentation.state_dict()} if self.batch_augmentation is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self.batch_augmentation is not None and "batch_augmentation" in state_dict:
+            self.batch_augmentation.load_state_dict(state_dict["batch_augmentation"])
 
     # -- loaders -----------------------------------------------------------------------------
     def _loader(self, name: str, train: bool) -> DataLoader:
