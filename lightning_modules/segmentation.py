@@ -12,7 +12,9 @@ evaluated on whole volumes instead, with the LiTS metrics (``{stage}/liver/...``
 see ``cascade_evaluation``).
 
 Per-slice predictions are collected in a torchmetrics state gathered over DDP ranks and
-de-duplicated, so the figures are exact whatever the number of devices. See
+de-duplicated; each rank then reassembles and scores its share of the volumes and the per-volume rows
+are gathered, so the figures are exact whatever the number of devices and the per-volume work is
+divided by it. See
 ``lightning_modules.metrics`` for the empty-mask conventions.
 """
 
@@ -33,11 +35,11 @@ from datamodules import DataError
 from .cascade import CASCADE_DEFAULTS, Predictor, liver_mask, mask_box, slice_probabilities
 from .cascade_evaluation import FIGURE_KEYS, LiverNetwork, case_figures, predict_sample
 from .cascade_evaluation import summarize_volumes as summarize_cascade
-from .classification import CheckpointError
+from .classification import CheckpointError, check_backbone_variant
 from .figures import overlay_figure, save_figure
 from .losses import SEG_LOSSES, build_segmentation_loss
-from .metrics import COUNT_KEYS, SliceRecords, summarize_slices, summarize_volumes
-from .volume_records import VolumeRecords
+from .metrics import COUNT_KEYS, SliceRecords, mean_volume_figures, record_volumes, summarize_slices, volume_figures
+from .volume_records import VolumeRecords, gather_volume_rows, volume_share
 
 STAGES = ("val", "test")
 
@@ -68,8 +70,6 @@ class SegmentationTask(BaseTask):
         region_margin_slices: its margin in slices.
         lesion_dilation: lesions are kept inside the predicted liver dilated in-plane by this many pixels.
     """
-
-    monitor = ("val/dice_volume", "max")
 
     def __init__(
         self,
@@ -104,11 +104,14 @@ class SegmentationTask(BaseTask):
 
     def configure_models(self) -> None:
         h = self.hparams
-        self.model = UNet(h.in_channels, h.out_channels, h.base_channels, h.norm)
+        self.model = UNet(h.in_channels, h.out_channels, h.base_channels, h.norm, spatial_dims=h.spatial_dims, block=h.block, se=h.se)
 
     def configure_cascade(self) -> None:
         path = self.hparams.get("liver_checkpoint")
         self._liver_network = [LiverNetwork(path)] if path else []  # a list: kept out of the module tree
+        if path:  # both networks of a cascade see the same kind of input: slices or volumes
+            check_backbone_variant(path, self._liver_network[0].arch.variant, {"spatial_dims": self.hparams.spatial_dims},
+                                   "pass a liver network of this model's spatial_dims")
 
     @property
     def evaluates_cascade(self) -> bool:
@@ -183,11 +186,12 @@ class SegmentationTask(BaseTask):
         """Epoch figures (slice and volume means, voxel counts summed over volumes) and per-volume figures of ``SliceRecords.compute()``."""
         datamodule = self.trainer.datamodule
         lcc_channels = (0,) if self.hparams.largest_component and datamodule.hparams.target != "lesion" else ()
-        volumes, per_volume = summarize_volumes(
-            records, datamodule.eval_target, lcc_channels, self.hparams.threshold, return_per_volume=True
-        )
+        # Every rank holds every slice's record; each scores its share of the volumes and the rows are gathered.
+        share = volume_share(record_volumes(records), self.global_rank, self.trainer.world_size)
+        rows = volume_figures(records, datamodule.eval_target, lcc_channels, self.hparams.threshold, share)
+        per_volume = gather_volume_rows(rows)
         counts = {key: float(sum(figures[key] for figures in per_volume.values())) for key in COUNT_KEYS}
-        return {**summarize_slices(records), **volumes, **counts}, per_volume
+        return {**summarize_slices(records), **mean_volume_figures(per_volume), **counts}, per_volume
 
     # -- whole volumes (the cascade) -------------------------------------------------------------
     def _evaluation_step(self, batch: dict, stage: str) -> None:

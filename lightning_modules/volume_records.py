@@ -1,9 +1,13 @@
-"""VolumeRecords: per-volume figures computed where the volume was evaluated, gathered exactly over DDP ranks.
+"""Per-volume figures computed where the volume was evaluated, gathered exactly over DDP ranks.
 
 Whole-volume evaluation (the cascade) shards volumes over ranks: each rank scores its own volumes
-and records one row of figures per volume. The rows are torchmetrics list states gathered with
-``dist_reduce_fx='cat'``; ``compute`` drops the repeats that DistributedSampler's padding adds, so
-the figures are those of one process whatever the number of devices.
+and records one row of figures per volume (``VolumeRecords``). The rows are torchmetrics list states
+gathered with ``dist_reduce_fx='cat'``; ``compute`` drops the repeats that DistributedSampler's padding
+adds, so the figures are those of one process whatever the number of devices.
+
+Slice evaluation gathers every slice's prediction to every rank; the per-volume work that follows
+(reassembly at the original resolution, largest component, surface distances) is then shared out:
+``volume_share`` picks a rank's volumes and ``gather_volume_rows`` merges the ranks' rows.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
@@ -50,3 +55,19 @@ class VolumeRecords(Metric):
         for volume, row in zip(volumes, rows):
             result.setdefault(int(volume), dict(zip(self.keys, row)))
         return dict(sorted(result.items()))
+
+
+def volume_share(volumes: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """The volumes rank ``rank`` of ``world_size`` scores: every ``world_size``-th, so the shares differ by one
+    volume at most. The figures of a volume do not depend on which rank computes them."""
+    return list(volumes)[rank::world_size]
+
+
+def gather_volume_rows(rows: dict[int, dict[str, float]]) -> dict[int, dict[str, float]]:
+    """Every rank's ``{volume_index: figures}`` merged, on every rank (a collective call under DDP), sorted by
+    volume; without an initialised process group of more than one rank, ``rows`` sorted."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        shares: list = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, rows)
+        rows = {volume: figures for share in shares for volume, figures in share.items()}
+    return dict(sorted(rows.items()))

@@ -90,6 +90,9 @@ def test_test_subcommand_reproduces_fit_figures_and_ddp_matches(fitted, workspac
     for name in names:
         assert single[name] == pytest.approx(fit[name], abs=1e-6), name
         assert ddp[name] == pytest.approx(single[name], abs=1e-6), name
+    # each rank scored its share of the volumes (rank 0 two, rank 1 one); the gathered rows are one process's
+    rows = {name: list(csv.DictReader(open(workspace / "runs" / name / "version_0" / "test_per_volume.csv"))) for name in ("single", "ddp")}
+    assert len(rows["ddp"]) == 3 and rows["ddp"] == rows["single"]
 
 
 def test_synth_and_preprocess(tmp_path, monkeypatch, capsys):

@@ -14,9 +14,13 @@ from lightning_modules.metrics import (
     largest_connected_component,
     slice_dice_hausdorff,
     summarize_slices,
+    mean_volume_figures,
+    record_volumes,
     summarize_volumes,
     volume_dice_hausdorff,
+    volume_figures,
 )
+from lightning_modules.volume_records import gather_volume_rows, volume_share
 
 H = W = 16
 
@@ -298,6 +302,13 @@ def test_summarize_volumes_same_result_across_simulated_ranks():
     # Shift by 2 px at full resolution along x: HD = 2 * sx, per volume.
     assert expected[1][0]["hd_volume_mm"] == pytest.approx(2 * 0.8)
     assert expected[1][1]["hd_volume_mm"] == pytest.approx(2 * 0.7)
+    # Sharded per-volume work: each simulated rank scores its share, the merged rows are one process's rows.
+    shares = [volume_share(record_volumes(single), rank, 2) for rank in range(2)]
+    assert shares == [[0], [1]]
+    rows = [volume_figures(single, load, (0,), 0.5, share) for share in shares]
+    assert gather_volume_rows(rows[1] | rows[0]) == expected[1]
+    assert list(gather_volume_rows(rows[1] | rows[0])) == [0, 1]
+    assert mean_volume_figures(expected[1]) == expected[0]
     assert 0 < expected[0]["dice_volume"] < 1
 
 
