@@ -22,16 +22,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from .errors import DataError
+
 LABELS = (0, 1, 2)  # background, liver, lesion
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 DATA_HELP = (
     "point --data.root at a LiTS folder (volume-<id>.nii[.gz] + segmentation-<id>.nii[.gz]) or an MSD "
     "Task03_Liver folder (imagesTr/ + labelsTr/), or leave it unset to use the synthetic phantom"
 )
-
-
-class DataError(Exception):
-    """Bad input data. The message is one line naming the file and what to do; the CLI prints it without a traceback."""
 
 
 @dataclass(frozen=True)

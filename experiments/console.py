@@ -6,6 +6,11 @@ Silenced, each because the suite makes it pointless:
 * Lightning's "Tip: ... litlogger" advertisement, printed by every Trainer.
 * Lightning's ``isinstance(treespec, LeafSpec)`` deprecation (Lightning's own use of torch's pytree,
   not the suite's; it repeats at every fit, validation and test).
+* Lightning's "You have overridden `on_after_batch_transfer` in both `LightningModule` and
+  `LightningDataModule`": ``LiTSDataModule``'s hook (the batch augmentation) calls the module's own
+  (mask mining's error masks) on purpose.
+* Lightning's "You're resuming from a checkpoint that ended before the epoch ended and your dataloader is
+  not resumable": ``RandomStateCheckpoint`` replays the epoch's data draws up to the checkpoint (exact resume).
 * W&B's console chatter in offline mode (``WANDB_SILENT``; the run's folder and the ``wandb sync``
   command are printed once by the suite instead). A user's own ``WANDB_SILENT`` wins.
 Every other warning still shows.
@@ -26,6 +31,8 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 def quiet_library_noise() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
     warnings.filterwarnings("ignore", message=r".*Previous log files in this directory will be deleted")
+    warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer` in both `LightningModule` and `LightningDataModule`")
+    warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable")
 
     class _NoTip(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:

@@ -1,18 +1,8 @@
-"""The ``lits`` command: LightningCLI over the suite's modules and the LiTS DataModule.
+"""The ``lits`` command's training side: LightningCLI over the suite's modules and the LiTS DataModule.
 
-    lits fit --config experiments/quickstart.yaml [--config more.yaml] [--key=value ...]
-    lits validate|test --config ... --ckpt_path RUN/checkpoints/best.ckpt
-    lits preprocess --data.root DIR [--data.cache_dir DIR]
-    lits synth --out DIR [--volumes N --seed S]
-    lits predict MODEL --input PATH --output DIR   (see experiments/predict.py)
-    lits evaluate --pred DIR --truth DIR [--out DIR] [--workers N] [--no-lesions]   (see experiments/evaluate.py)
-    lits run experiments/pu_net.yaml [--key=value ...]     (multi-stage, see experiments/stages.py)
-    lits study experiments/studies/quickstart.yaml [--key=value ...]   (see experiments/study.py)
-    lits sweep experiments/sweeps/cmunet.yaml --count 20 [--key=value ...]   (see experiments/sweep.py)
-
-Every run gets a folder ``<trainer.default_root_dir>/<name>/version_<n>`` holding ``config.yaml``
-(the resolved config), ``metrics.json`` (the final figures), CSV logs, checkpoints, per-volume
-tables and overlay figures; W&B logs there too (offline without an API key or network).
+``lits fit|validate|test|preprocess`` (``LitsCLI``), ``lits synth``, ``lits predict`` and ``lits evaluate``
+run here; ``experiments/cli.py`` is the entry point, which imports this module (torch, Lightning,
+MONAI, W&B: ~6 s on a 2-core CPU) only for these commands.
 """
 
 from __future__ import annotations
@@ -20,12 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import sys
-import warnings
 from pathlib import Path
 from typing import Optional
-from urllib.parse import urlparse
 
 import pytorch_lightning as pl
 import yaml
@@ -34,8 +20,9 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 
 from datamodules import DataError, LiTSDataModule
+from experiments.cli import configure_wandb_mode
 from experiments.console import HistoryCSVLogger, quiet_library_noise, wandb_offline_hint
-from lightning_modules import BaseTask, CheckpointError
+from lightning_modules import BaseTask
 from lightning_modules.random_state import RandomStateCheckpoint
 
 RUN_VERSION_ENV = "LITS_RUN_VERSION"  # shared with DDP worker processes, which inherit the environment
@@ -63,10 +50,13 @@ class EpochHistory(pl.Callback):
     """
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or not trainer.log_dir or trainer.state.fn != "fit":
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        folder = trainer.log_dir  # a collective call under DDP (a broadcast): every rank makes it
+        if not trainer.is_global_zero or not folder:
             return
         figures = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
-        with open(Path(trainer.log_dir) / "history.jsonl", "a") as handle:
+        with open(Path(folder) / "history.jsonl", "a") as handle:
             handle.write(json.dumps({"epoch": trainer.current_epoch, "step": trainer.global_step, **figures}) + "\n")
 
 
@@ -77,28 +67,6 @@ class ConfigToLoggers(SaveConfigCallback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.experiment.config.update(self.config.clone().as_dict(), allow_val_change=True)
-
-
-def configure_wandb_mode() -> None:
-    """Offline unless an API key and the W&B host are reachable; an explicit WANDB_MODE always wins."""
-    if "WANDB_MODE" in os.environ:
-        return
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in _read(Path.home() / ".netrc")
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
-    if has_key:
-        try:
-            socket.create_connection((host, 443), timeout=3).close()
-            return
-        except OSError:
-            warnings.warn(f"W&B host {host} unreachable: logging offline (sync later with `wandb sync`)")
-    os.environ["WANDB_MODE"] = "offline"
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError:
-        return ""
 
 
 def _next_version(folder: Path) -> str:
@@ -130,6 +98,8 @@ class LitsCLI(LightningCLI):
         parser.add_argument("--name", type=Optional[str], default=None, help="Run name (default: the last --config file's name)")
         parser.add_argument("--wandb_project", type=str, default="lits-suite", help="W&B project")
         parser.add_argument("--run_dir", type=Optional[str], default=None, help="Exact run folder (default: <default_root_dir>/<name>/version_<n>)")
+        parser.add_argument("--checkpoint_every_n_steps", type=Optional[int], default=None,
+                            help="Also write last.ckpt every N training steps, for epochs that take hours (default: at epoch ends only); best.ckpt stays the best validation epoch")
         parser.set_defaults({"model": {"class_path": "lightning_modules.BaselineUNet"}})
 
     # -- run folder and loggers ------------------------------------------------------------------
@@ -142,10 +112,20 @@ class LitsCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})
         metric, mode = self.model.monitor
+        every = self._get(self.config, "checkpoint_every_n_steps")
+        if every is not None and every < 1:
+            raise DataError(f"--checkpoint_every_n_steps must be a whole number of training steps, 1 or more; got {every}")
+        # With step checkpoints two callbacks write last.ckpt: neither may take the other's file for a stale one and
+        # write last-v1.ckpt instead (Lightning's version counter)
+        versions = every is None
         self.trainer_defaults["callbacks"] = [
-            ModelCheckpoint(monitor=metric, mode=mode, save_last=True, filename="best", auto_insert_metric_name=False),
+            ModelCheckpoint(monitor=metric, mode=mode, save_last=True, filename="best", auto_insert_metric_name=False,
+                            enable_version_counter=versions),
             RandomStateCheckpoint(),  # a resumed run draws what the uninterrupted one would have
         ]
+        if every is not None:  # after the best one, which stays the trainer's checkpoint_callback (after_fit reads it)
+            self.trainer_defaults["callbacks"].append(
+                ModelCheckpoint(every_n_train_steps=every, save_top_k=0, save_last=True, enable_version_counter=False))
         if self.subcommand == "preprocess":
             kwargs["logger"] = False  # nothing to log, and no run folder
         elif trainer_config.get("logger") in (None, True):
@@ -233,48 +213,18 @@ def synth_main(argv: list[str]) -> None:
     print(f"wrote {len(paths)} phantom volumes with masks to {args.out}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        if argv and argv[0] == "synth":
-            synth_main(argv[1:])
-            return
-        if argv and argv[0] in ("evaluate", "predict"):
-            from experiments.evaluate import evaluate_main
-            from experiments.predict import predict_main
+def run_command(argv: list[str], from_command_line: bool) -> None:
+    """``lits fit|validate|test|preprocess|synth|predict|evaluate ...``; ``from_command_line``: ``argv`` is the
+    process's own ``sys.argv[1:]`` (LightningCLI then reads it itself)."""
+    if argv and argv[0] == "synth":
+        synth_main(argv[1:])
+        return
+    if argv and argv[0] in ("evaluate", "predict"):
+        from experiments.evaluate import evaluate_main
+        from experiments.predict import predict_main
 
-            {"evaluate": evaluate_main, "predict": predict_main}[argv[0]](argv[1:])
-            return
-        if argv and argv[0] in ("run", "study", "sweep"):
-            from experiments.stages import run_main
-            from experiments.study import study_main
-            from experiments.sweep import sweep_main
-
-            configure_wandb_mode()
-            quiet_library_noise()
-            {"run": run_main, "study": study_main, "sweep": sweep_main}[argv[0]](argv[1:])
-            return
-        configure_wandb_mode()
-        quiet_library_noise()
-        LitsCLI(args=None if argv is sys.argv[1:] or argv == sys.argv[1:] else argv)
-    except Exception as error:
-        cause = _suite_error(error)
-        if cause is None:
-            raise
-        print(f"lits: error: {cause}", file=sys.stderr)
-        sys.exit(2)
-
-
-def _suite_error(error: BaseException | None) -> Exception | None:
-    """The suite's own one-line error behind ``error``, if any: jsonargparse wraps errors raised while it instantiates the model."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, (DataError, CheckpointError)):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
-
-
-if __name__ == "__main__":
-    main()
+        {"evaluate": evaluate_main, "predict": predict_main}[argv[0]](argv[1:])
+        return
+    configure_wandb_mode()
+    quiet_library_noise()
+    LitsCLI(args=None if from_command_line else argv)

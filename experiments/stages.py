@@ -23,20 +23,21 @@ figures, and each earlier stage's under ``stage_metrics``). Overrides given on t
 of its best checkpoint. A rerun skips finished stages (those with a ``metrics.json``) and resumes an
 unfinished one from its ``last.ckpt``.
 
-Each stage runs as its own ``lits fit`` process, so DDP launches, crashes and memory stay per stage.
+Each stage runs as its own ``lits fit`` process, so DDP launches, crashes and memory stay per stage
+(forked from a fork server that has the suite imported: ``experiments/processes.py``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
 from datamodules import DataError
+from experiments.processes import run_cli
 
 # Set by `wandb agent` for the one run it started; stage processes must not all claim that run.
 AGENT_ENV = ("WANDB_RUN_ID", "WANDB_SWEEP_ID", "WANDB_SWEEP_PARAM_PATH")
@@ -133,7 +134,7 @@ def best_checkpoint(run_folder: Path, stage: str, given: dict[str, str]) -> str:
 
 
 def stage_command(stage: dict, folder: Path, run_folder: Path, overrides: list[str], given: dict[str, str] | None = None) -> list[str]:
-    command = [sys.executable, "-m", "experiments.cli", "fit"]
+    command = ["fit"]
     for config in stage["config"]:
         command += ["--config", str(config)]
     command += list(stage.get("args", []))
@@ -169,7 +170,7 @@ def run_experiment(path: str | Path, argv: list[str], run_folder: Path | None = 
         command = stage_command(stage, folder, run_folder, stage_overrides(overrides, stage["name"], names), given)
         resumed = " (resuming from last.ckpt)" if any(a.startswith("--ckpt_path=") for a in command) else ""
         print(f"[lits run] stage {index}/{len(stages)} {stage['name']}{resumed}", flush=True)
-        code = subprocess.run(command, env={k: v for k, v in os.environ.items() if k not in AGENT_ENV}).returncode
+        code = run_cli(command, {k: v for k, v in os.environ.items() if k not in AGENT_ENV})
         if code:
             print(f"lits: error: stage {stage['name']} of {path} failed (exit {code}); fix it and rerun the same command to resume", file=sys.stderr)
             sys.exit(code)

@@ -15,6 +15,7 @@ A study file::
     rows: {U-Net: U-Net, ...}            # optional: which models are table rows, under which label
     share_stages: false                  # true: stages several models have alike are trained once per seed
     jobs: 1                              # runs at once (--jobs=K overrides; see experiments/study_jobs.py)
+    runs_per_device: 1                   # or: runs per GPU (the CPU: one device), so jobs = devices x N
 
 Seeds are paired: seed ``s`` sets ``--seed_everything=s`` (the same initial weights for the layers
 models share, which the backbone builds in the same order) and ``--data.split_seed=s`` (the same
@@ -76,15 +77,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
 from datamodules import DataError
+from experiments.processes import run_cli
 from experiments.stages import AGENT_ENV, load_experiment, normalise_overrides, override_value, run_experiment, stage_overrides
-from experiments.study_figure import lesion_error_types_figure, qualitative_figure
+from experiments.study_jobs import run_parallel, runs_at_once
 from experiments.study_tables import TABLES, before_and_after, lesion_error_counts, summarize, with_lesion_counts, write_tables
 
 
@@ -117,18 +118,19 @@ def load_study(path: str | Path) -> dict:
         raise DataError(f"{path}: the baseline {baseline!r} must be one of the table's rows {list(rows.values())}")
     return {"name": spec.get("name") or path.stem, "models": models, "baseline": baseline, "seeds": seeds,
             "args": list(spec.get("args", [])), "inc": bool(spec.get("inc", False)), "table": table, "rows": rows,
-            "share_stages": bool(spec.get("share_stages", False)), "jobs": spec.get("jobs", 1)}
+            "share_stages": bool(spec.get("share_stages", False)), "jobs": spec.get("jobs"),
+            "runs_per_device": spec.get("runs_per_device")}
 
 
 def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
 
 
-STUDY_OPTIONS = ("model", "seed", "sweep", "from_sweep", "trial_dir", "jobs")
+STUDY_OPTIONS = ("model", "seed", "sweep", "from_sweep", "trial_dir", "jobs", "runs_per_device")
 
 
 def _split_options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
-    """The study's own options (--model, --seed, --sweep, --from_sweep, --trial_dir, --jobs) and the overrides for every run."""
+    """The study's own options (--model, --seed, --sweep, --from_sweep, --trial_dir, --jobs, --runs_per_device) and the overrides for every run."""
     options, rest = {}, []
     for arg in normalise_overrides(argv):
         key, _, value = arg[2:].partition("=")
@@ -228,10 +230,10 @@ def evaluate_training_volumes(run_folder: Path) -> dict[str, float]:
         best = json.loads((stage / "metrics.json").read_text()).get("best_checkpoint")
         if not best:
             raise DataError(f"{stage}/metrics.json names no best checkpoint to evaluate on the training volumes")
-        command = [sys.executable, "-m", "experiments.cli", "test", "--config", str(stage / "config.yaml"), f"--ckpt_path={best}",
+        command = ["test", "--config", str(stage / "config.yaml"), f"--ckpt_path={best}",
                    "--data.test_split=train", f"--name={TRAIN_EVAL}", f"--run_dir={target}"]
         print(f"[lits study] training-volume evaluation of {run_folder}", flush=True)
-        code = subprocess.run(command, env={k: v for k, v in os.environ.items() if k not in AGENT_ENV}).returncode
+        code = run_cli(command, {k: v for k, v in os.environ.items() if k not in AGENT_ENV})
         if code:
             print(f"lits: error: the training-volume evaluation of {run_folder} failed (exit {code}); fix it and rerun the study to resume", file=sys.stderr)
             sys.exit(code)
@@ -270,10 +272,8 @@ def run_study(path: str | Path, argv: list[str]) -> Path:
         if "sweep" in options:
             if run_as_sweep(path, study, folder, argv_overrides):
                 return folder
-        jobs = _as_jobs(options.get("jobs", study["jobs"]))
+        jobs = _runs_at_once(options, study)
         if jobs > 1:
-            from experiments.study_jobs import run_parallel
-
             results = run_parallel(path, study, folder, argv_overrides, jobs, _slug)
         else:
             results = {label: {} for label in study["models"]}
@@ -283,14 +283,10 @@ def run_study(path: str | Path, argv: list[str]) -> Path:
     return report(study, folder, results, overrides, figure="from_sweep" not in options)
 
 
-def _as_jobs(value) -> int:
-    try:
-        jobs = int(value)
-    except (TypeError, ValueError):
-        jobs = 0
-    if jobs < 1:
-        raise DataError(f"--jobs must be a whole number of runs at once, 1 or more; got {value!r}")
-    return jobs
+def _runs_at_once(options: dict, study: dict) -> int:
+    """Runs at once from the command line's --jobs / --runs_per_device if it has either, else from the study file's."""
+    source = options if "jobs" in options or "runs_per_device" in options else study
+    return runs_at_once(source.get("jobs"), source.get("runs_per_device"))
 
 
 def _as_seed(value: str) -> int:
@@ -346,6 +342,9 @@ def report(study: dict, folder: Path, results: dict[str, dict[int, dict]], overr
         chosen, references = before_and_after(chosen, table_kind.metrics)
     rows = summarize(chosen, baseline, references, table_kind.metrics)
     table = write_tables(folder, rows, baseline, study["inc"], table_kind.metrics, table_kind.caption)
+    # here, not at the top: the figures need torch and matplotlib, a study's runs do not
+    from experiments.study_figure import lesion_error_types_figure, qualitative_figure
+
     figures = []
     if table_kind.figure == "qualitative" and figure:  # it needs the run folders, which a sweep spread over machines does not have here
         first_seed = study["seeds"][0]

@@ -15,6 +15,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from datamodules import LiTSDataModule  # noqa: E402
+from experiments.study_tables import ERROR_TYPES  # noqa: E402
 
 
 def _load_model(stage_folder: Path):
@@ -67,7 +68,6 @@ def qualitative_figure(model_folders: dict[str, Path], path: Path, slices_per_fi
 
 
 # -- the mask-mining paper's Fig. 4: lesion error types before and after mining ------------------------------------
-ERROR_TYPES = ("fp", "fn", "tp")
 ERROR_TITLES = {"fp": "FP", "fn": "FN", "tp": "TP"}
 _LOSS_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 from datamodules import DataError
-from experiments.study_figure import ERROR_TYPES
+
+ERROR_TYPES = ("fp", "fn", "tp")  # the lesion error types of Fig. 4, in the figure's order
 
 METRICS = {  # column title -> metrics.json key; the per-slice pair is the CMU-Net paper's convention
     "Dice (slice)": "test/dice_slice",
@@ -52,6 +52,8 @@ def paired_tests(values: np.ndarray, baseline: np.ndarray) -> tuple[float, float
     """(paired t-test p, Wilcoxon signed-rank p) of ``values`` against ``baseline`` over seeds; NaN when undefined."""
     if len(values) < 2 or np.allclose(values, baseline):
         return math.nan, math.nan
+    from scipy import stats  # here: a study's runs import this module and never test
+
     t_p = float(stats.ttest_rel(values, baseline).pvalue)
     try:
         w_p = float(stats.wilcoxon(values, baseline).pvalue)

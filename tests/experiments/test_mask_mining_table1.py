@@ -219,8 +219,8 @@ def test_tiny_table1_study_end_to_end_and_resume(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(study_module, "log_to_wandb", lambda *a, **k: None)
     calls = []
-    monkeypatch.setattr(study_module.subprocess, "run", lambda *a, **k: calls.append(a))
-    monkeypatch.setattr("experiments.stages.subprocess.run", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(study_module, "run_cli", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr("experiments.stages.run_cli", lambda *a, **k: calls.append(a))
     study_module.run_study("study.yaml", ["--trainer.default_root_dir=out"])
     assert calls == [] and (folder / "results.md").read_text() == table
     assert load_study("study.yaml")["rows"] == {"2D": "2D, dice"}

@@ -89,3 +89,14 @@ def test_stage_prefixed_overrides_reach_one_stage_and_given_checkpoints_replace_
         given_checkpoints(overrides, ["first", "second"])
     (tmp_path / "x.ckpt").write_bytes(b"0")
     assert given_checkpoints([f"--first_ckpt={tmp_path / 'x.ckpt'}"], ["first", "second"]) == {"first": str(tmp_path / "x.ckpt")}
+
+
+def test_a_stage_trains_under_ddp_in_its_forked_process(experiment):
+    # A stage is forked from the fork server (experiments/processes.py): its DDP launch must start the other
+    # rank with the stage's own command, and every collective call of the fit (validation figures, run
+    # folder, checkpoints, epoch history) must be made by both ranks.
+    lits("run", "base.yaml", "--trainer.default_root_dir=out", "--trainer.devices=2", "--trainer.strategy=ddp",
+         "--trainer.accelerator=cpu", cwd=experiment)
+    figures = json.loads((experiment / "out" / "base" / "metrics.json").read_text())
+    assert figures["world_size"] == 2 and figures["epochs"] == 1 and figures["test/dice_volume"] >= 0
+    assert len((experiment / "out" / "base" / "fit" / "history.jsonl").read_text().splitlines()) == 1
