@@ -1,4 +1,4 @@
-"""``lits study STUDY.yaml --jobs K``: a study's runs K at a time, each in its own process.
+"""Runs side by side: ``lits study STUDY.yaml --jobs K`` (and the pieces ``lits sweep --jobs K`` shares).
 
 A study's runs are chains, one per seed: the models of a seed run in the study's order, because
 ``share_stages`` hands a seed's finished stages to the later models of the same seed. Chains are
@@ -8,10 +8,13 @@ that the runs then read (caches that only later stages use are built by their fi
 also what a W&B sweep agent runs): the same code, the same seeds and resumable stages as a sequential
 study, so the figures are the same where the arithmetic is (same threads per run: see ``threads``).
 
+How many at once: ``--jobs K``, or ``--runs_per_device N`` for K = devices x N, where the devices are the
+visible GPUs, or the CPU as one device (there N runs share its cores: K = N). ``--jobs`` wins when both
+are given; the command line wins over the study file's ``jobs:`` / ``runs_per_device:``.
 On a CPU the cores are shared out: each run gets ``cores // K`` intra-op threads (``OMP_NUM_THREADS``;
 a value the user set is kept).
-On GPUs, runs are spread over the visible devices round-robin (``CUDA_VISIBLE_DEVICES``), ``K`` runs in
-all, so ``--jobs`` = devices x runs per device. Each run's console goes to ``console.log`` in its run
+On GPUs, each run starts on the visible device that runs the fewest runs then (``CUDA_VISIBLE_DEVICES``), so
+K = devices x N keeps N runs on every device. Each run's console goes to ``console.log`` in its run
 folder; the study prints one line when a run starts and when it ends. A failed run stops new runs
 from starting, lets the running ones finish, and names its log. A killed parallel study resumes like a
 sequential one: finished runs are skipped, unfinished ones continue from their last checkpoint.
@@ -24,7 +27,9 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from datamodules import DataError
@@ -37,10 +42,11 @@ def threads(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
-def _devices() -> list[str]:
+def devices() -> list[str]:
+    """The visible GPUs (``CUDA_VISIBLE_DEVICES`` if set, else every CUDA device); none on a CPU machine."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return [d for d in visible.split(",") if d.strip()]
+        return [d.strip() for d in visible.split(",") if d.strip()]
     try:
         import torch
 
@@ -49,24 +55,146 @@ def _devices() -> list[str]:
         return []
 
 
-def _preprocess(study: dict, overrides: list[str]) -> None:
-    """``lits preprocess`` with the first model's first stage's settings, before runs start side by side."""
-    from experiments.stages import load_experiment, normalise_overrides, stage_overrides
-    from experiments.study import model_overrides
+def whole_number(option: str, value, what: str) -> int:
+    """``value`` (text from the command line, or a YAML value) as an integer of at least 1; one-line DataError otherwise."""
+    try:
+        number = int(str(value).strip())  # through text: 2.5, true or null are refused, not rounded
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise DataError(f"--{option} must be a whole number of {what}, 1 or more; got {value!r}")
+    return number
 
-    label = next(iter(study["models"]))
-    _, stages = load_experiment(study["models"][label])
-    names = [stage["name"] for stage in stages]
-    command = [sys.executable, "-m", "experiments.cli", "preprocess"]
-    for config in stages[0]["config"]:
-        command += ["--config", str(config)]
-    every = model_overrides(study, label, normalise_overrides(study["args"]) + overrides)
-    every += [f"--seed_everything={study['seeds'][0]}", f"--data.split_seed={study['seeds'][0]}"]
-    command += list(stages[0].get("args", [])) + stage_overrides(every, names[0], names)
-    print("[lits study] preparing the data cache", flush=True)
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise DataError(f"preparing the data for {label} failed: {(result.stderr.strip().splitlines() or ['(no output)'])[-1]}")
+
+def runs_at_once(jobs=None, runs_per_device=None) -> int:
+    """K: ``jobs`` if given, else the devices (visible GPUs, or the CPU as one) x ``runs_per_device``, else 1."""
+    per_device = whole_number("runs_per_device", runs_per_device, "runs per device") if runs_per_device is not None else None
+    if jobs is not None:
+        return whole_number("jobs", jobs, "runs at once")
+    if per_device is None:
+        return 1
+    return max(1, len(devices())) * per_device
+
+
+@dataclass
+class Started:
+    """A run started by a ``Launcher``: its process, its GPU (None: no GPU assigned) and its console log."""
+
+    process: subprocess.Popen
+    device: str | None
+    log: Path
+    freed: bool = False
+
+    @property
+    def where(self) -> str:
+        return f" on GPU {self.device}" if self.device is not None else ""
+
+
+class Launcher:
+    """Starts suite commands as processes for ``jobs`` runs at once, each with its console appended to a log.
+
+    With ``jobs`` > 1 each run gets ``threads(jobs)`` intra-op threads and, on GPUs, the visible device
+    that runs the fewest of this launcher's runs at its start (ties: the first); with ``jobs`` = 1 a run
+    inherits the environment unchanged, as a run started by hand would.
+    """
+
+    def __init__(self, jobs: int):
+        self.jobs = jobs
+        self._load = {device: 0 for device in devices()} if jobs > 1 else {}
+        self._lock = threading.Lock()
+
+    def start(self, command: list[str], log: Path, own_session: bool = False) -> Started:
+        """Start ``command``; ``own_session`` puts it in a process group of its own, which ``os.killpg`` ends with its children."""
+        env = dict(os.environ)
+        device = None
+        if self.jobs > 1:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads(self.jobs))
+            if self._load:
+                with self._lock:
+                    device = min(self._load, key=self._load.__getitem__)
+                    self._load[device] += 1
+                env["CUDA_VISIBLE_DEVICES"] = device
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as handle:
+            process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=own_session)
+        return Started(process, device, log)
+
+    def poll(self, run: Started) -> int | None:
+        """The run's exit code once it has ended (its GPU is then free for the next run), else None."""
+        code = run.process.poll()
+        if code is not None:
+            self._free(run)
+        return code
+
+    def wait(self, run: Started) -> int:
+        """Wait for the run to end; its exit code (its GPU is then free for the next run)."""
+        code = run.process.wait()
+        self._free(run)
+        return code
+
+    def _free(self, run: Started) -> None:
+        with self._lock:
+            if run.device is not None and not run.freed:
+                self._load[run.device] -= 1
+            run.freed = True
+
+
+def failure(what: str, code: int, log: Path) -> str:
+    """A failed run's message: its exit code and the last lines of its console."""
+    tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
+    return f"{what} failed (exit {code}); last lines of {log}:\n{tail}"
+
+
+def prepare_data(command: list[str], tag: str) -> None:
+    """Before runs start side by side: ``lits preprocess`` (in this process) with the data settings of ``command``'s first training.
+
+    ``command`` is a suite command line (``python -m experiments.cli fit|run|study ...``): of a ``lits fit``
+    its own arguments, of a ``lits run`` its first stage's, of a ``lits study`` the first stage of the model
+    it runs (``--model``, else the study's first). The runs then find the data cache built instead of each
+    building it at once (the cache's builders clear each other's unfinished entries). Another command: nothing.
+    """
+    from experiments.stages import load_experiment, normalise_overrides, stage_overrides
+
+    subcommand, rest = (command[3], command[4:]) if command[1:3] == ["-m", "experiments.cli"] and len(command) > 4 else (None, [])
+    if subcommand == "fit":
+        args = [a for a in rest if not a.startswith(("--run_dir=", "--ckpt_path="))]
+        what = " ".join(["lits fit", *(a for a in args if not a.startswith("--"))])
+    elif subcommand in ("run", "study"):
+        if subcommand == "run":
+            experiment, what = rest[0], str(rest[0])
+            every = normalise_overrides(rest[1:])
+        else:
+            from experiments.study import _split_options, load_study, model_overrides
+
+            study = load_study(rest[0])
+            options, overrides = _split_options(rest[1:])
+            what = options.get("model") or next(iter(study["models"]))
+            seed = options.get("seed") or study["seeds"][0]
+            experiment = study["models"][what]
+            every = model_overrides(study, what, normalise_overrides(study["args"]) + overrides)
+            every += [f"--seed_everything={seed}", f"--data.split_seed={seed}"]
+        _, stages = load_experiment(experiment)
+        names = [stage["name"] for stage in stages]
+        args = [x for config in stages[0]["config"] for x in ("--config", str(config))]
+        args += list(stages[0].get("args", [])) + stage_overrides(every, names[0], names)
+    else:
+        return
+    from experiments.cli import _suite_error
+    from experiments.console import quiet_library_noise
+    from experiments.lightning_cli import LitsCLI
+
+    quiet_library_noise()
+
+    print(f"[{tag}] preparing the data cache", flush=True)
+    try:  # in this process, which has the suite imported already: no second interpreter start
+        with warnings.catch_warnings():  # Lightning warns that this process's own command line is not these args
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            LitsCLI(args=["preprocess", *args])
+    except Exception as error:
+        cause = _suite_error(error)
+        if cause is None:
+            raise
+        raise DataError(f"preparing the data for {what} failed: {cause}") from None
 
 
 def run_parallel(path: str | Path, study: dict, folder: Path, overrides: list[str], jobs: int, slug) -> dict:
@@ -74,35 +202,24 @@ def run_parallel(path: str | Path, study: dict, folder: Path, overrides: list[st
 
     ``overrides`` are the command line's (the study file's own ``args`` are read again by each run).
     """
-    devices = _devices()
+    launcher = Launcher(jobs)
     results: dict = {label: {} for label in study["models"]}
     stop = threading.Event()
-    lock = threading.Lock()
-    started = [0]
+
+    def command(label: str, seed: int) -> list[str]:
+        trial = folder / ".jobs" / f"{slug(label)}_seed_{seed}"
+        return [sys.executable, "-m", "experiments.cli", "study", str(path), *overrides,
+                f"--model={label}", f"--seed={seed}", f"--trial_dir={trial}"]
 
     def run(label: str, seed: int) -> None:
-        run_folder = folder / slug(label) / f"seed_{seed}"
-        run_folder.mkdir(parents=True, exist_ok=True)
-        trial = folder / ".jobs" / f"{slug(label)}_seed_{seed}"
-        log = run_folder / "console.log"
-        with lock:
-            slot = started[0]
-            started[0] += 1
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads(jobs)), "MKL_NUM_THREADS": str(threads(jobs))}
-        where = ""
-        if devices:
-            env["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)]
-            where = f" on GPU {env['CUDA_VISIBLE_DEVICES']}"
-        command = [sys.executable, "-m", "experiments.cli", "study", str(path), *overrides,
-                   f"--model={label}", f"--seed={seed}", f"--trial_dir={trial}"]
-        print(f"[lits study] {label}, seed {seed}: started{where} (console: {log})", flush=True)
-        with open(log, "a") as handle:
-            code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env).returncode
+        log = folder / slug(label) / f"seed_{seed}" / "console.log"
+        started = launcher.start(command(label, seed), log)
+        print(f"[lits study] {label}, seed {seed}: started{started.where} (console: {log})", flush=True)
+        code = launcher.wait(started)
         if code != 0:
             stop.set()
-            tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
-            raise DataError(f"{label}, seed {seed} failed (exit {code}); last lines of {log}:\n{tail}")
-        results[label][seed] = json.loads((trial / "metrics.json").read_text())
+            raise DataError(failure(f"{label}, seed {seed}", code, log))
+        results[label][seed] = json.loads((folder / ".jobs" / f"{slug(label)}_seed_{seed}" / "metrics.json").read_text())
         print(f"[lits study] {label}, seed {seed}: done", flush=True)
 
     def chain(runs: list[tuple[str, int]]) -> None:
@@ -111,7 +228,7 @@ def run_parallel(path: str | Path, study: dict, folder: Path, overrides: list[st
                 return
             run(label, seed)
 
-    _preprocess(study, overrides)
+    prepare_data(command(next(iter(study["models"])), study["seeds"][0]), "lits study")
     chains = [[(label, seed) for label in study["models"]] for seed in study["seeds"]]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = [pool.submit(chain, c) for c in chains if c]

@@ -1,28 +1,38 @@
-"""``lits sweep SWEEP.yaml --count N [--key=value ...]``: a W&B sweep YAML run on this machine, no server needed.
+"""``lits sweep SWEEP.yaml --count N [--jobs K] [--key=value ...]``: a W&B sweep YAML run on this machine, no server needed.
 
 The YAML is W&B's own sweep format (``experiments/sweeps/*.yaml``); online, ``wandb sweep`` and
-``wandb agent`` run it unchanged. Offline, this command asks W&B's open-source sweep engine (the
-``sweeps`` package, the one the W&B server runs) for each next configuration, so random, grid and
-bayes search behave as they do online, and runs the YAML's ``command`` with the same argument
-macros (``${args}``, ``${env}``, ...) as ``wandb agent``. While a trial runs, its validation
-history (``history.jsonl`` of its run folder) is fed to the engine's early-termination rule
-(e.g. hyperband); a trial the rule stops is terminated and recorded as stopped.
+``wandb agent`` run it unchanged (and in parallel by starting more agents: one per GPU with
+``CUDA_VISIBLE_DEVICES=i wandb agent ID``, or one per machine). Offline, this command asks W&B's
+open-source sweep engine (the ``sweeps`` package, the one the W&B server runs) for each next
+configuration, so random, grid and bayes search behave as they do online, and runs the YAML's
+``command`` with the same argument macros (``${args}``, ``${env}``, ...) as ``wandb agent``. While a
+trial runs, its validation history (``history.jsonl`` of its run folder) is fed to the engine's
+early-termination rule (e.g. hyperband); a trial the rule stops is terminated and recorded as stopped.
+
+``--jobs K`` runs K trials at once, each in its own process, placed as ``lits study --jobs`` places its
+runs (``experiments/study_jobs.py``: ``cores // K`` threads each on a CPU, the least busy visible GPU
+each on GPUs; ``--runs_per_device N`` for K = devices x N). Each next configuration is proposed from the
+finished trials and the running ones, which the engine counts as in flight (a grid skips them, bayes
+search proposes around them, as the W&B server does for concurrent agents). Before the first trial
+starts, ``lits preprocess`` builds the data cache that the trials then share; a sweep that varies a
+setting the cache is built with (``data.image_size``, ``data.hu_window``, ...) is refused with ``--jobs``.
+A failed trial is recorded as failed and the sweep goes on, as it does one trial at a time.
 
 Everything lands in ``<trainer.default_root_dir>/sweep_<yaml name>/`` (default ``runs/``): a folder
-per trial, ``sweep.json`` (every trial's configuration, state, metric and history) and
-``results.md`` (the trials ranked). ``--count N`` is the sweep's total number of trials: a rerun
-after a kill keeps the finished trials, resumes the interrupted one and goes on up to N (a grid
-stops earlier when it is exhausted). Overrides (``--data.root=DIR``, ``--trainer.max_epochs=5``...)
+per trial, its console (``trial_<n>.log``), ``sweep.json`` (every trial's configuration, state, metric
+and history) and ``results.md`` (the trials ranked). ``--count N`` is the sweep's total number of
+trials: a rerun after a kill keeps the finished trials, resumes the interrupted ones and goes on up to
+N (a grid stops earlier when it is exhausted). Overrides (``--data.root=DIR``, ``--trainer.max_epochs=5``...)
 reach every trial; the swept parameters are given after them, so the sweep's values win.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 import warnings
@@ -32,8 +42,12 @@ import yaml
 
 from datamodules import DataError
 from experiments.stages import normalise_overrides, override_value
+from experiments.study_jobs import Launcher, Started, prepare_data, runs_at_once, whole_number
 
 POLL_SECONDS = 2.0
+# Data settings the preprocessing cache is built with: trials side by side share one cache, so they must agree on them
+CACHE_SETTINGS = ("data.root", "data.cache_dir", "data.image_size", "data.hu_window", "data.roi_margin_px",
+                  "data.roi_margin_slices", "data.phantom_")
 
 
 def _engine():
@@ -121,41 +135,57 @@ def _metric_value(trial: dict, metric: str, goal: str) -> float | None:
     return max(values) if goal == "maximize" else min(values)
 
 
-def _engine_run(trial: dict, metric: str, goal: str, running: bool = False):
+def _engine_run(trial: dict, metric: str, goal: str):
+    """The trial as the engine's ``SweepRun``; a running trial is in flight: a grid skips it, bayes search proposes around it."""
     sweeps = _engine()
     value = _metric_value(trial, metric, goal)
-    states = {"finished": sweeps.RunState.finished, "stopped": sweeps.RunState.killed, "failed": sweeps.RunState.failed}
+    states = {"running": sweeps.RunState.running, "finished": sweeps.RunState.finished,
+              "stopped": sweeps.RunState.killed, "failed": sweeps.RunState.failed}
     return sweeps.SweepRun(
         name=trial["name"],
         config={k: {"value": v} for k, v in trial["params"].items()},
-        state=sweeps.RunState.running if running else states[trial["state"]],
+        state=states[trial["state"]],
         summary_metrics={metric: value} if value is not None else {},
         history=[{metric: h[metric], "_step": i} for i, h in enumerate(trial.get("history", [])) if metric in h],
     )
 
 
-def run_trial(config: dict, trial: dict, command: list[str], finished: list[dict], log_path: Path) -> None:
-    """Run one trial, feeding its history to the engine's early-termination rule while it runs."""
-    sweeps = _engine()
+def propose(config: dict, trials: list[dict], folder: Path) -> dict | None:
+    """The engine's next trial from every trial so far (the running ones in flight), appended to ``trials`` and
+    saved; None when the search space is exhausted."""
     metric, goal = config["metric"]["name"], config["metric"].get("goal", "minimize")
+    proposal = _engine().next_run(config, [_engine_run(t, metric, goal) for t in trials])
+    if proposal is None:
+        return None
+    name = f"trial_{len(trials):03d}"
+    trial = {"name": name, "params": {k: v["value"] for k, v in proposal.config.items()}, "state": "running",
+             "folder": str(folder / name), "history": []}
+    trials.append(trial)
+    write_results(folder, trials, config)  # the proposal survives a kill
+    return trial
+
+
+def stop_early(config: dict, trials: list[dict], running: dict[str, Started], stopped: set[str]) -> None:
+    """Terminate the running trials that the engine's early-termination rule stops given every trial's history."""
+    watched = {t["name"] for t in trials if t["name"] in running and t["history"] and t["name"] not in stopped}
+    if "early_terminate" not in config or not watched:
+        return
+    metric, goal = config["metric"]["name"], config["metric"].get("goal", "minimize")
+    for run in _engine().stop_runs(config, [_engine_run(t, metric, goal) for t in trials]):
+        if run.name in watched:
+            validations = len(next(t for t in trials if t["name"] == run.name)["history"])
+            print(f"[lits sweep] {run.name}: stopped early by {config['early_terminate']['type']} after {validations} validations", flush=True)
+            with contextlib.suppress(ProcessLookupError):  # it may have ended since the last look
+                os.killpg(running[run.name].process.pid, signal.SIGTERM)
+            stopped.add(run.name)
+
+
+def finish(trial: dict, code: int, stopped: bool) -> None:
+    """Record an ended trial: its history, its final figures and its state."""
     folder = Path(trial["folder"])
-    with open(log_path, "a") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        stopped = False
-        while process.poll() is None:
-            time.sleep(POLL_SECONDS)
-            trial["history"] = read_history(folder)
-            if "early_terminate" in config and trial["history"] and not stopped:
-                runs = [_engine_run(t, metric, goal) for t in finished] + [_engine_run(trial, metric, goal, running=True)]
-                if any(r.name == trial["name"] for r in sweeps.stop_runs(config, runs)):
-                    print(f"[lits sweep] {trial['name']}: stopped early by {config['early_terminate']['type']} "
-                          f"after {len(trial['history'])} validations", flush=True)
-                    os.killpg(process.pid, signal.SIGTERM)
-                    stopped = True
-        process.wait()
     trial["history"] = read_history(folder)
     trial["result"] = read_result(folder)
-    trial["state"] = "stopped" if stopped else ("finished" if process.returncode == 0 and trial["result"] else "failed")
+    trial["state"] = "stopped" if stopped else ("finished" if code == 0 and trial["result"] else "failed")
 
 
 def ranked(trials: list[dict], metric: str, goal: str) -> list[tuple[float, dict]]:
@@ -177,40 +207,63 @@ def write_results(folder: Path, trials: list[dict], config: dict) -> str:
 
 
 def run_sweep(path: str | Path, argv: list[str]) -> Path:
+    """The sweep of ``path`` with the options (``--count``, ``--jobs``, ``--runs_per_device``) and overrides of ``argv``; its folder."""
     config = load_sweep(path)
-    sweeps = _engine()
-    count, overrides = _take_count(normalise_overrides(argv))
+    count, jobs, overrides = _take_options(normalise_overrides(argv))
+    if jobs > 1:
+        _check_side_by_side(config, path)
     metric, goal = config["metric"]["name"], config["metric"].get("goal", "minimize")
     folder = (Path(override_value(overrides, "trainer.default_root_dir") or "runs") / f"sweep_{Path(path).stem}").resolve()
     folder.mkdir(parents=True, exist_ok=True)
     state_file = folder / "sweep.json"
     trials: list[dict] = json.loads(state_file.read_text())["trials"] if state_file.is_file() else []
-    while True:
-        pending = next((t for t in trials if t["state"] == "running"), None)  # interrupted by a kill
-        if pending is None:
-            if len(trials) >= count:
+    forwarded = [a for a in overrides if not a.startswith("--trainer.default_root_dir=")]  # each trial has its own
+    launcher = Launcher(jobs)
+    running: dict[str, Started] = {}
+    stopped: set[str] = set()
+    exhausted, prepared = False, jobs == 1
+    try:
+        while True:
+            while len(running) < jobs:
+                trial = next((t for t in trials if t["state"] == "running" and t["name"] not in running), None)  # interrupted by a kill
+                if trial is not None:
+                    print(f"[lits sweep] {trial['name']}: resuming")
+                elif exhausted or len(trials) >= count:
+                    break
+                elif (trial := propose(config, trials, folder)) is None:
+                    print("[lits sweep] the search space is exhausted")
+                    exhausted = True
+                    break
+                command = trial_command(config, trial["params"], forwarded, Path(trial["folder"]))
+                if not prepared:  # side by side, the trials would each build the data cache at once
+                    prepare_data(command, "lits sweep")
+                    prepared = True
+                log = folder / f"{trial['name']}.log"
+                running[trial["name"]] = started = launcher.start(command, log, own_session=True)
+                shown = " ".join(f"{k}={v}" for k, v in trial["params"].items())
+                print(f"[lits sweep] {trial['name']} ({trials.index(trial) + 1}/{count}){started.where}: {shown} (console: {log})", flush=True)
+            if not running:
                 break
-            finished = [_engine_run(t, metric, goal) for t in trials]
-            proposal = sweeps.next_run(config, finished)
-            if proposal is None:
-                print("[lits sweep] the search space is exhausted")
-                break
-            name = f"trial_{len(trials):03d}"
-            params = {k: v["value"] for k, v in proposal.config.items()}
-            pending = {"name": name, "params": params, "state": "running", "folder": str(folder / name), "history": []}
-            trials.append(pending)
-            write_results(folder, trials, config)  # the proposal survives a kill
-        else:
-            print(f"[lits sweep] {pending['name']}: resuming")
-        forwarded = [a for a in overrides if not a.startswith("--trainer.default_root_dir=")]  # each trial has its own
-        command = trial_command(config, pending["params"], forwarded, Path(pending["folder"]))
-        shown = " ".join(f"{k}={v}" for k, v in pending["params"].items())
-        print(f"[lits sweep] {pending['name']} ({len(trials)}/{count}): {shown}", flush=True)
-        done = [t for t in trials if t is not pending]
-        run_trial(config, pending, command, done, folder / f"{pending['name']}.log")
-        value = _metric_value(pending, metric, goal)
-        print(f"[lits sweep] {pending['name']}: {pending['state']}, {metric} = {value if value is not None else 'n/a'}", flush=True)
-        write_results(folder, trials, config)
+            time.sleep(POLL_SECONDS)
+            for trial in trials:
+                if trial["name"] in running:
+                    trial["history"] = read_history(Path(trial["folder"]))
+            stop_early(config, trials, running, stopped)
+            for trial in trials:
+                code = launcher.poll(running[trial["name"]]) if trial["name"] in running else None
+                if code is None:
+                    continue
+                started = running.pop(trial["name"])
+                finish(trial, code, trial["name"] in stopped)
+                value = _metric_value(trial, metric, goal)
+                failed = f" (console: {started.log})" if trial["state"] == "failed" else ""
+                print(f"[lits sweep] {trial['name']}: {trial['state']}, {metric} = {value if value is not None else 'n/a'}{failed}", flush=True)
+                write_results(folder, trials, config)
+    except BaseException:
+        for started in running.values():  # killed with the sweep: they resume from their last checkpoint on the next run
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(started.process.pid, signal.SIGTERM)
+        raise
     table = write_results(folder, trials, config)
     best = ranked(trials, metric, goal)
     print(f"\n{table}")
@@ -222,16 +275,28 @@ def run_sweep(path: str | Path, argv: list[str]) -> Path:
     return folder
 
 
-def _take_count(overrides: list[str]) -> tuple[int, list[str]]:
-    value = override_value(overrides, "count")
-    rest = [a for a in overrides if a.split("=", 1)[0] != "--count"]
-    try:
-        count = int(value) if value is not None else 10
-    except ValueError:
-        raise DataError(f"--count must be a whole number of trials, got {value!r}") from None
-    if count < 1:
-        raise DataError(f"--count must be at least 1, got {count}")
-    return count, rest
+SWEEP_OPTIONS = ("count", "jobs", "runs_per_device")
+
+
+def _take_options(overrides: list[str]) -> tuple[int, int, list[str]]:
+    """The sweep's own options: (--count, default 10; trials at once from --jobs / --runs_per_device; the overrides for every trial)."""
+    options, rest = {}, []
+    for arg in overrides:
+        key, _, value = arg[2:].partition("=")
+        if key in SWEEP_OPTIONS:
+            options[key] = value
+        else:
+            rest.append(arg)
+    count = whole_number("count", options.get("count", 10), "trials")
+    return count, runs_at_once(options.get("jobs"), options.get("runs_per_device")), rest
+
+
+def _check_side_by_side(config: dict, path: str | Path) -> None:
+    """Trials side by side share the data cache built with the first one's settings: refuse a sweep that varies them."""
+    for key in config["parameters"]:
+        setting = key if key.startswith("data.") else key.partition(".")[2]  # a stage's own: <stage>.data.image_size
+        if setting.startswith(CACHE_SETTINGS):
+            raise DataError(f"{path}: the sweep varies {key}, which the data cache is built with, so its trials cannot share one cache side by side; use --jobs=1")
 
 
 def sweep_main(argv: list[str]) -> None:

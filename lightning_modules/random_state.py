@@ -60,10 +60,13 @@ def _train_dataset(trainer: pl.Trainer):
 
 
 class RandomStateCheckpoint(pl.Callback):
-    """Saves every random stream of training in checkpoints; restores them at the first resumed epoch."""
+    """Saves every random stream of training in checkpoints; restores them at the first resumed epoch, or, from a
+    checkpoint written mid-epoch (``--checkpoint_every_n_steps``), replays the epoch's data draws up to it."""
 
     def __init__(self) -> None:
         self._pending: dict | None = None
+        self._epoch_start: dict | None = None  # the streams as this epoch began
+        self._iterator_first = False  # whether this epoch's iterator was built before they were taken
 
     def state(self, trainer: pl.Trainer) -> dict:
         dataset = _train_dataset(trainer)
@@ -75,16 +78,7 @@ class RandomStateCheckpoint(pl.Callback):
             "transforms": [_numpy_state(t.R.get_state()) for t in _randomizables(dataset, [], set())] if dataset is not None else [],
         }
 
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        checkpoint["random_state"] = self.state(trainer)
-
-    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        self._pending = checkpoint.get("random_state")
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if self._pending is None:
-            return
-        state, self._pending = self._pending, None
+    def _restore(self, trainer: pl.Trainer, state: dict) -> None:
         torch.set_rng_state(state["torch"])
         if state["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
@@ -94,9 +88,45 @@ class RandomStateCheckpoint(pl.Callback):
         if len(transforms) == len(state["transforms"]):
             for transform, saved in zip(transforms, state["transforms"]):
                 transform.R.set_state(_from_numpy_state(saved))
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint["random_state"] = self.state(trainer) | {
+            "epoch_start": self._epoch_start, "iterator_first": self._iterator_first,
+            "batches": trainer.fit_loop.epoch_loop.batch_progress.current.ready}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._pending = checkpoint.get("random_state")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Lightning does not call on_train_epoch_start when it resumes mid-epoch, and restarts a plain DataLoader
+        # from its first batch: replay the epoch from its start up to the checkpoint's batch, then restore the
+        # streams as saved (the same ones where only the data pipeline draws; the model's own draws come back).
+        state = self._pending
+        if state is None or state.get("epoch_start") is None or not 0 < state["batches"] < trainer.num_training_batches:
+            return  # not a mid-epoch checkpoint: on_train_epoch_start restores it
+        self._pending = None
+        fetcher = trainer.fit_loop._data_fetcher
+        if state["iterator_first"]:
+            iter(fetcher)
+            self._restore(trainer, state["epoch_start"])
+        else:
+            self._restore(trainer, state["epoch_start"])
+            iter(fetcher)
+        for _ in range(state["batches"]):
+            next(fetcher.iterator)
+        self._restore(trainer, state)
+        self._epoch_start, self._iterator_first = state["epoch_start"], state["iterator_first"]
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self._pending is None:
+            # a fresh run builds its first epoch's iterator (in setup_data) before this hook; every later epoch after it
+            self._epoch_start, self._iterator_first = self.state(trainer), trainer.current_epoch == 0
+            return
+        state, self._pending = self._pending, None
+        self._restore(trainer, state)
+        self._epoch_start, self._iterator_first = self.state(trainer), False
         # On resume Lightning built the epoch's iterator before this hook (uninterrupted epochs > 0 build it
         # after): its seeds and first prefetched batch were drawn from the reset streams. Build it again.
         fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
         if fetcher is not None:
             iter(fetcher)
-

@@ -154,8 +154,6 @@ def test_table_from_a_wandb_sweep(tmp_path, monkeypatch):
 
 
 def test_unknown_model_or_broken_experiment_is_refused_before_training(tmp_path, capsys, monkeypatch):
-    import os
-
     monkeypatch.chdir(tmp_path)
 
     (tmp_path / "exp.yaml").write_text("model: {}\n")
@@ -251,10 +249,36 @@ def test_shared_stages_take_an_earlier_model_s_finished_stage_with_the_same_sett
     assert study_module.shared_stages(study, folder, "B", 0, []) == {}
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "two", ""])
+@pytest.mark.parametrize("value", ["0", "-1", "two", "", "2.5", True])
 def test_bad_jobs_is_a_one_line_error(value):
-    from experiments.study import _as_jobs
+    from experiments.study_jobs import runs_at_once
 
     with pytest.raises(DataError, match="--jobs must be a whole number of runs at once"):
-        _as_jobs(value)
-    assert _as_jobs("3") == 3 and _as_jobs(1) == 1
+        runs_at_once(jobs=value)
+    with pytest.raises(DataError, match="--runs_per_device must be a whole number of runs per device"):
+        runs_at_once(runs_per_device=value)
+    assert runs_at_once("3") == 3 and runs_at_once(1) == 1 and runs_at_once() == 1
+
+
+def test_runs_per_device_and_placement_on_gpus(tmp_path, monkeypatch):
+    """K = devices x runs per device (the CPU counts as one device; --jobs wins), and each run starts on the
+    least busy GPU with the cores shared out, so N runs stay on every device."""
+    import sys
+
+    from experiments import study_jobs
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert study_jobs.runs_at_once(runs_per_device="3") == 3 and study_jobs.runs_at_once(jobs=2, runs_per_device=3) == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert study_jobs.runs_at_once(runs_per_device=2) == 4
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(study_jobs.os, "cpu_count", lambda: 8)
+    launcher = study_jobs.Launcher(4)
+    report = [sys.executable, "-c", "import os; print(os.environ['CUDA_VISIBLE_DEVICES'], os.environ['OMP_NUM_THREADS'])"]
+    runs = [launcher.start(report, tmp_path / f"{i}.log") for i in range(3)]
+    assert [launcher.wait(run) for run in runs] == [0, 0, 0] and [run.where for run in runs] == [" on GPU 0", " on GPU 1", " on GPU 0"]
+    assert [(tmp_path / f"{i}.log").read_text() for i in range(3)] == ["0 2\n", "1 2\n", "0 2\n"]
+    busy = [launcher.start(report, tmp_path / "a.log"), launcher.start(report, tmp_path / "b.log")]
+    launcher.wait(busy[1])  # GPU 1 is free again, GPU 0 still runs one: the next run goes to GPU 1
+    last = launcher.start(report, tmp_path / "c.log")
+    assert last.device == "1" and launcher.wait(busy[0]) == launcher.wait(last) == 0

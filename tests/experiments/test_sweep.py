@@ -1,4 +1,5 @@
-"""`lits sweep`: every sweep YAML passes the engine's schema and the CLI's parser, early termination, bad YAMLs, a 2-trial sweep."""
+"""`lits sweep`: every sweep YAML passes the engine's schema and the CLI's parser, early termination, bad YAMLs and
+options, a 2-trial sweep one trial at a time and side by side (--jobs)."""
 
 import json
 import os
@@ -17,8 +18,8 @@ from tests.synthetic import tiny_experiment
 SWEEPS = sorted((Path(__file__).parents[2] / "experiments" / "sweeps").glob("*.yaml"))
 
 
-def lits(*args, cwd, check=True):
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+def lits(*args, cwd, check=True, env=None):
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", **(env or {})}
     env.pop("LITS_RUN_VERSION", None)
     result = subprocess.run([sys.executable, "-m", "experiments.cli", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
     if check:
@@ -94,30 +95,102 @@ def test_hyperband_stops_a_trailing_trial_from_its_history():
     bad = {"name": "bad", "params": {"lr": 2}, "state": "running", "history": [{"val/dice_volume": 0.1}, {"val/dice_volume": 0.1}]}
     fine = {**bad, "name": "fine", "history": [{"val/dice_volume": 0.9}, {"val/dice_volume": 0.95}]}
     finished = [_engine_run(t, "val/dice_volume", "maximize") for t in good]
-    stop = _engine().stop_runs(config, finished + [_engine_run(bad, "val/dice_volume", "maximize", running=True)])
+    stop = _engine().stop_runs(config, finished + [_engine_run(bad, "val/dice_volume", "maximize")])
     assert [r.name for r in stop] == ["bad"]
-    assert not _engine().stop_runs(config, finished + [_engine_run(fine, "val/dice_volume", "maximize", running=True)])
+    assert not _engine().stop_runs(config, finished + [_engine_run(fine, "val/dice_volume", "maximize")])
 
 
-def test_two_trial_offline_sweep_end_to_end_and_resume(tmp_path):
-    fit = tiny_experiment(tmp_path, max_epochs=2)
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(fit))
-    sweep = {"program": "lits", "method": "random", "metric": {"name": "val/dice_volume", "goal": "maximize"},
-             "parameters": {"model.init_args.lr": {"distribution": "log_uniform_values", "min": 0.0005, "max": 0.01}},
+LRS = [0.001, 0.005]
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(tmp_path_factory):
+    """A 2-trial grid sweep over the learning rate, run one trial at a time with one thread: (workspace, stdout)."""
+    folder = tmp_path_factory.mktemp("sweep")
+    fit = tiny_experiment(folder, max_epochs=2)
+    (folder / "tiny.yaml").write_text(yaml.safe_dump(fit))
+    sweep = {"program": "lits", "method": "grid", "metric": {"name": "val/dice_volume", "goal": "maximize"},
+             "parameters": {"model.init_args.lr": {"values": LRS}},
              "command": ["lits", "fit", "--config", "tiny.yaml", "${args}"]}
-    (tmp_path / "tiny_sweep.yaml").write_text(yaml.safe_dump(sweep))
-    first = lits("sweep", "tiny_sweep.yaml", "--count", "2", "--trainer.default_root_dir=out", "--trainer.limit_train_batches=2", cwd=tmp_path)
-    folder = tmp_path / "out" / "sweep_tiny_sweep"
-    state = json.loads((folder / "sweep.json").read_text())
-    trials = state["trials"]
+    (folder / "tiny_sweep.yaml").write_text(yaml.safe_dump(sweep))
+    first = lits("sweep", "tiny_sweep.yaml", "--count", "2", "--trainer.default_root_dir=out", "--trainer.limit_train_batches=2",
+                 cwd=folder, env={"OMP_NUM_THREADS": "1"})  # the arithmetic of test_trials_side_by_side_match_one_by_one
+    return folder, first.stdout
+
+
+def test_two_trial_offline_sweep_end_to_end_and_resume(grid_sweep, monkeypatch, capsys):
+    from experiments.sweep import run_sweep
+
+    workspace, stdout = grid_sweep
+    folder = workspace / "out" / "sweep_tiny_sweep"
+    trials = json.loads((folder / "sweep.json").read_text())["trials"]
     assert [t["state"] for t in trials] == ["finished", "finished"]
-    lrs = [t["params"]["model.init_args.lr"] for t in trials]
-    assert lrs[0] != lrs[1] and all(0.0005 <= lr <= 0.01 for lr in lrs)
-    for trial, lr in zip(trials, lrs):  # each trial ran with its own value and the common override
+    assert sorted(t["params"]["model.init_args.lr"] for t in trials) == LRS
+    for trial in trials:  # each trial ran with its own value and the common override
         config = yaml.safe_load((Path(trial["folder"]) / "config.yaml").read_text())
-        assert config["model"]["init_args"]["lr"] == pytest.approx(lr) and config["trainer"]["limit_train_batches"] == 2
+        assert config["model"]["init_args"]["lr"] == pytest.approx(trial["params"]["model.init_args.lr"])
+        assert config["trainer"]["limit_train_batches"] == 2
         assert len(trial["history"]) == 2 and 0 <= trial["result"]["val/dice_volume"] <= 1
     best = max(trials, key=lambda t: t["result"]["val/dice_volume"])
-    assert f"best: {best['name']}" in first.stdout and "| 1 | " in (folder / "results.md").read_text()
-    again = lits("sweep", "tiny_sweep.yaml", "--count", "2", "--trainer.default_root_dir=out", cwd=tmp_path)
-    assert "trial_002" not in again.stdout and len(json.loads((folder / "sweep.json").read_text())["trials"]) == 2
+    assert f"best: {best['name']}" in stdout and "| 1 | " in (folder / "results.md").read_text()
+    monkeypatch.chdir(workspace)  # the rerun, in this process: it finds both trials finished and runs none
+    run_sweep("tiny_sweep.yaml", ["--count", "2", "--trainer.default_root_dir=out"])
+    assert "trial_002" not in capsys.readouterr().out and len(json.loads((folder / "sweep.json").read_text())["trials"]) == 2
+
+
+def test_trials_side_by_side_match_one_by_one(grid_sweep, monkeypatch, capsys):
+    """--jobs 2 (the sweep in this process, its trials in their own): both trials start before either ends, and give
+    the trials and figures of the sweep run one by one."""
+    from experiments.sweep import run_sweep
+
+    workspace, _ = grid_sweep
+    monkeypatch.chdir(workspace)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("LITS_RUN_VERSION", raising=False)
+    run_sweep("tiny_sweep.yaml", ["--count=2", "--jobs=2", "--trainer.default_root_dir=parallel", "--trainer.limit_train_batches=2"])
+    stdout = capsys.readouterr().out
+    lines = [line for line in stdout.splitlines() if line.startswith("[lits sweep] trial_")]
+    assert [line.split(":")[0] for line in lines[:2]] == ["[lits sweep] trial_000 (1/2)", "[lits sweep] trial_001 (2/2)"], lines
+    assert "preparing the data cache" in stdout and all(" = " in line for line in lines[2:4])
+
+    def trials(root):
+        found = json.loads((workspace / root / "sweep_tiny_sweep" / "sweep.json").read_text())["trials"]
+        return {t["name"]: (t["params"], t["state"], t["history"], {k: v for k, v in t["result"].items() if k.startswith(("val/", "test/"))})
+                for t in found}
+
+    assert trials("parallel") == trials("out")
+
+
+def test_bad_sweep_options_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    """--jobs, --runs_per_device and --count are checked before any trial, and a sweep over a setting of the data
+    cache cannot run side by side."""
+    from experiments.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    sweep = {"method": "grid", "metric": {"name": "val/loss"}, "parameters": {"a": {"values": [1]}}, "command": ["lits", "fit", "${args}"]}
+    (tmp_path / "ok.yaml").write_text(yaml.safe_dump(sweep))
+    sweep["parameters"] = {"segmentation.data.image_size": {"values": [128, 256]}}
+    (tmp_path / "sizes.yaml").write_text(yaml.safe_dump(sweep))
+    for args, message in ((["ok.yaml", "--jobs=0"], "--jobs must be a whole number of runs at once, 1 or more; got '0'"),
+                          (["ok.yaml", "--runs_per_device=two"], "--runs_per_device must be a whole number of runs per device"),
+                          (["ok.yaml", "--count=-1"], "--count must be a whole number of trials"),
+                          (["sizes.yaml", "--jobs=2"], "varies segmentation.data.image_size, which the data cache is built with")):
+        with pytest.raises(SystemExit) as exit_code:
+            main(["sweep", *args])
+        stderr = capsys.readouterr().err
+        assert exit_code.value.code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_proposals_count_the_running_trials(tmp_path):
+    """Side by side, the engine sees the running trials in flight: a grid skips them, bayes search gets them as running."""
+    from experiments.sweep import propose
+
+    config = {"method": "grid", "metric": {"name": "val/loss"}, "parameters": {"a": {"values": [1, 2, 3]}}}
+    trials = [{"name": "trial_000", "params": {"a": 1}, "state": "finished", "result": {"val/loss": 0.5}, "history": []},
+              {"name": "trial_001", "params": {"a": 2}, "state": "running", "history": []}]
+    proposed = propose(config, trials, tmp_path)
+    assert proposed["params"] == {"a": 3} and proposed["name"] == "trial_002" and trials[-1] is proposed
+    assert [t["name"] for t in json.loads((tmp_path / "sweep.json").read_text())["trials"]] == ["trial_000", "trial_001", "trial_002"]
+    assert propose(config, trials, tmp_path) is None  # every grid point is finished or running
+    assert _engine_run(trials[1], "val/loss", "minimize").state == _engine().RunState.running
