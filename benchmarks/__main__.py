@@ -30,13 +30,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -49,38 +46,10 @@ from datamodules.roi_dataset import LiverCropDataset
 from lightning_modules import BaselineUNet, MaskMining
 
 from .cascade_inference import bench_cascade
+from .preprocessing import bench_preprocess
+from .lits_scale import bench_lits_scale
 from .device_training import bench_training, find, print_table, ratio
 from .device_training import random_batches as device_batches
-
-
-def best_of(repeats: int, *functions) -> list[float]:
-    """Run the functions alternately ``repeats`` times; the best wall time of each."""
-    best = [float("inf")] * len(functions)
-    for _ in range(repeats):
-        for i, function in enumerate(functions):
-            start = time.perf_counter()
-            function()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best
-
-
-def bench_preprocess(root: Path, work: Path, repeats: int) -> dict:
-    pairs = discover(root)
-    settings = PreprocessSettings(image_size=256)
-
-    def decode():
-        for files in pairs:
-            np.asanyarray(nib.load(files.image).dataobj)
-            np.asanyarray(nib.load(files.label).dataobj)
-
-    def preprocess(workers):
-        shutil.rmtree(work / "cache", ignore_errors=True)
-        build_cache(pairs, work / "cache", settings, workers=workers, progress=False)
-
-    # the suite's default (one process per core, parallel over volumes), and a single process
-    decode_s, default_s, single_s = best_of(repeats, decode, lambda: preprocess(None), lambda: preprocess(1))
-    return {"volumes": len(pairs), "decode_s": decode_s, "preprocess_s": default_s, "ratio": default_s / decode_s,
-            "single_s": single_s, "single_ratio": single_s / decode_s, "workers": os.cpu_count()}
 
 
 def _read_seconds(dataset, samples: int) -> float:
@@ -196,7 +165,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller data and fewer repeats (a smoke run, noisier)")
     parser.add_argument("--device", default="cpu", help="cpu (default: the suite's CPU hot paths) or an accelerator, e.g. cuda")
     parser.add_argument("--budget", type=float, default=240.0, help="seconds the --device training matrix may take before it skips the rest")
+    parser.add_argument("--scale", choices=("suite", "lits"), default="suite",
+                        help="suite: the hot paths above; lits: the epoch's parts at LiTS scale (benchmarks/lits_scale.py)")
+    parser.add_argument("--ranks", type=int, default=1, help="--scale lits: processes sharing the LiTS epoch (DDP ranks)")
     args = parser.parse_args()
+    if args.scale == "lits":
+        return lits_scale_main(args)
     if args.device != "cpu":
         return device_main(args)
     torch.set_num_threads(torch.get_num_threads())
@@ -242,6 +216,49 @@ def main() -> None:
         "lesion_crops_per_s": round(crops["crops_per_s"], 1),
         "predict_s_per_volume": round(cascade["predict_s"], 3),
         "test_pass_s_per_volume": round(cascade["test_s"], 3),
+    }))
+
+
+def lits_scale_main(args) -> None:
+    from experiments.console import quiet_library_noise
+
+    quiet_library_noise()
+    with tempfile.TemporaryDirectory() as folder:
+        result = bench_lits_scale(Path(folder), args.quick, args.ranks, args.device)
+    pre, parts, epoch, against, augmentation = (result[k] for k in ("pre", "parts", "epoch", "against", "augmentation"))
+    geometry = ", ".join(f"{x}x{y}x{z} ({sx}x{sy}x{sz} mm)" for (x, y, z), (sx, sy, sz) in result["geometry"])
+    print(f"\nLiTS-scale phantom volumes: {geometry}; {torch.get_num_threads()} threads, device {args.device}")
+    rows = [
+        ("preprocess per volume", f"{pre['preprocess_s'] / pre['volumes']:.2f} s", f"plain nibabel decode {pre['decode_s'] / pre['volumes']:.2f} s ({pre['ratio']:.2f}x)"),
+        ("training: data wait", f"{parts['wait_s_per_slice'] * 1e3:.1f} ms/slice", f"{parts['steps']} batches of 6 at 256x256, 2 workers"),
+        ("training: step", f"{parts['step_s_per_slice'] * 1e3:.1f} ms/slice", "forward, loss, backward, Adam"),
+        ("validation: forward", f"{parts['val_forward_s_per_slice'] * 1e3:.1f} ms/slice", f"{parts['val_slices']} slices of one volume"),
+        ("validation: per-volume metrics", f"{parts['val_metrics_s_per_volume']:.2f} s/volume", f"volume {parts['val_volume_shape']} (z, y, x)"),
+        ("  scaled to 447.6 slices", f"{epoch['metric_s_per_volume']:.2f} s/volume", "metric_s_per_volume"),
+        ("LiTS epoch: training", f"{epoch['training_s'] / 60:.1f} min", f"{epoch['train_volumes']} volumes, {epoch['train_slices']:,} slices, {result['ranks']} rank(s)"),
+        ("LiTS epoch: validation", f"{epoch['validation_s'] / 60:.1f} min", f"{epoch['val_volumes']} volumes, {epoch['val_slices']:,} slices"),
+        ("  validation share", f"{epoch['validation_share']:.1%}", "target <= 20%"),
+        ("Dice + hd95 + HD, suite", f"{against['suite_s']:.2f} s/volume", f"volume {against['shape']}, near-truth prediction"),
+        ("  MONAI, uncropped volume", f"{against['monai_s']:.2f} s/volume", f"same values; {against['monai_s'] / against['suite_s']:.2f}x"),
+        ("augmentation, per sample (MONAI)", f"{augmentation['augment_sample_slices_per_s']:,.0f} slices/s", "1 thread (a DataLoader worker), 256x256"),
+        ("augmentation, batch", f"{augmentation['augment_batch_slices_per_s']:,.0f} slices/s", f"{augmentation['augment_batch_vs_sample']:.1f}x, batches of {augmentation['batch']} on {args.device}" + (", 1 thread" if args.device == "cpu" else "")),
+    ]
+    for name, value, note in rows:
+        print(f"{name:34s} {value:18s} {note}")
+    print(json.dumps({
+        "validation_share": round(epoch["validation_share"], 4),
+        "augment_batch_vs_sample": round(augmentation["augment_batch_vs_sample"], 2),
+        "metric_s_per_volume": round(epoch["metric_s_per_volume"], 3),
+        "preprocess_s_per_volume": round(pre["preprocess_s"] / pre["volumes"], 3),
+        "decode_s_per_volume": round(pre["decode_s"] / pre["volumes"], 3),
+        "data_wait_ms_per_slice": round(parts["wait_s_per_slice"] * 1e3, 2),
+        "step_ms_per_slice": round(parts["step_s_per_slice"] * 1e3, 2),
+        "val_forward_ms_per_slice": round(parts["val_forward_s_per_slice"] * 1e3, 2),
+        "lits_epoch_training_s": round(epoch["training_s"], 1),
+        "lits_epoch_validation_s": round(epoch["validation_s"], 1),
+        "metric_suite_vs_monai_uncropped": round(against["suite_s"] / against["monai_s"], 3),
+        "ranks": result["ranks"],
+        "device": args.device,
     }))
 
 
