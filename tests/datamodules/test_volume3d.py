@@ -10,10 +10,9 @@ import torch
 from monai.transforms import Rotate
 
 from datamodules.cache import CachedVolume, PreprocessSettings, build_cache, foreground_box
+from datamodules.crop3d import Crop3DDataset, InPlaneAugmentation
 from datamodules.nifti import DataError, discover
 from datamodules.volume3d import (
-    Crop3DDataset,
-    InPlaneAugmentation,
     interpolate_z,
     original_positions,
     resample_volume,
