@@ -11,8 +11,8 @@ process whose torch has started its OpenMP threads deadlocks the child).
 
 In the child, ``sys.argv`` is the stage's own command (``<the program> fit --config ...``), so that a DDP
 launch inside the stage starts its other ranks with the stage's command. ``LITS_FORK=0`` in the
-environment, or a platform without ``forkserver`` (Windows), runs each command as
-``python -m experiments.cli ...`` in a new interpreter instead.
+environment, or a platform other than Linux (Windows has no fork; macOS' system frameworks are not
+fork-safe), runs each command as ``python -m experiments.cli ...`` in a new interpreter instead.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ _context = None
 def _fork_server():
     """The ``forkserver`` context with the suite preloaded, or None where forking is off or unavailable."""
     global _context
-    if os.environ.get("LITS_FORK", "1") == "0" or "forkserver" not in multiprocessing.get_all_start_methods():
-        return None
+    if os.environ.get("LITS_FORK", "1") == "0" or not sys.platform.startswith("linux"):
+        return None  # elsewhere: Windows has no fork, macOS' system frameworks are not fork-safe
     if _context is None:
         _context = multiprocessing.get_context("forkserver")
         _context.set_forkserver_preload(["experiments.processes", "experiments.lightning_cli"])
