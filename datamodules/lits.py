@@ -14,14 +14,49 @@ from torch.utils.data import Dataset, WeightedRandomSampler, default_convert
 
 from .batch_augmentation import BatchAugmentation
 from .cache import CachedVolume, PreprocessSettings, build_cache
+from .crop3d import Crop3DDataset, InPlaneAugmentation, check_crop_size
 from .dataset import SliceDataset, target_channels, training_augmentation
 from .nifti import DataError, discover
 from .phantom import PHANTOM_VERSION, write_phantom_dataset
 from .roi_dataset import LiverCropDataset, VolumeDataset
 from .splits import SPLIT_NAMES, split_volumes
+from .volume3d import resample_volume
 
 SAMPLING_MODES = ("slices", "liver_roi")
 AUGMENT_ON = ("sample", "batch")
+
+
+class WholeVolume3DDataset(Dataset):
+    """One sample per whole volume resampled along z to ``slice_spacing_mm`` (``resample_volume``): 3D evaluation.
+
+    ================  ======================  ==================================================
+    key               value                   meaning
+    ================  ======================  ==================================================
+    ``image``         float32 (1, Z', S, S)   windowed image in [0, 1] on the resampled grid
+    ``mask``          float32 (C, Z', S, S)   target mask(s) 0/1 on the resampled grid
+    ``volume_index``  int                     index of the volume in the data module
+    ``volume``        str                     volume id
+    ================  ======================  ==================================================
+
+    Volumes differ in Z': the loader batches one volume at a time.
+    """
+
+    def __init__(self, volumes: list[CachedVolume], volume_indices: list[int], target: str, slice_spacing_mm: float):
+        self.volumes = [resample_volume(v, slice_spacing_mm) for v in volumes]
+        self.volume_indices = list(volume_indices)
+        self.target = target
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def __getitem__(self, i: int) -> dict:
+        volume = self.volumes[i]
+        return {
+            "image": torch.from_numpy(np.asarray(volume.image))[None].float(),
+            "mask": torch.from_numpy(target_channels(np.asarray(volume.label), self.target).astype(np.float32)),
+            "volume_index": self.volume_indices[i],
+            "volume": volume.volume.volume_id,
+        }
 
 
 def default_cache_base() -> Path:
@@ -93,6 +128,18 @@ class LiTSDataModule(pl.LightningDataModule):
             training-set Dice: ``lits test ... --data.test_split=train``). It is evaluated like a test
             split: every slice of its volumes, no augmentation (``liver_roi``: whole ``VolumeDataset``
             volumes); ``splits`` still names the true assignment, ``datasets["test"]`` holds what is tested.
+        spatial_dims: 2 (default: the slices above) or 3 (a 3D network; ``sampling: slices`` only, no
+            ``context_slices``). The volumes are resampled along z to ``slice_spacing_mm`` (``resample_volume``,
+            in-plane still ``image_size``); training draws ``batch_size`` random ``crop_size_3d`` crops
+            (``Crop3DDataset``: ``target``, ``positive_fraction`` (default 0.5) of the crops centred on target
+            foreground, ``InPlaneAugmentation`` when ``augment``, one crop per training volume per epoch);
+            validation and test yield one whole resampled volume per step (batch size 1, ``eval_batch_size``
+            does not apply): image (1, 1, Z', S, S), mask (1, C, Z', S, S), ``volume_index``, ``volume``, which
+            the segmentation task predicts with a sliding window of ``crop_size_3d`` and scores on the original
+            slices, as in 2D. ``foreground_margin`` and ``augment_on: batch`` do not apply.
+        crop_size_3d: (D, H, W) of the 3D training crops and of the evaluation's sliding window (the paper's
+            128x128x64: ``[64, 128, 128]``); each divisible by 16 and at most the resampled training volumes'.
+        slice_spacing_mm: the z spacing the volumes are resampled to for ``spatial_dims: 3``.
     """
 
     def __init__(
@@ -133,6 +180,9 @@ class LiTSDataModule(pl.LightningDataModule):
         phantom_shape: tuple[int, int, int] = (192, 192, 48),
         phantom_spacing: tuple[float, float, float] = (2.0, 2.0, 5.0),
         test_split: str = "test",
+        spatial_dims: int = 2,
+        crop_size_3d: list[int] = [64, 128, 128],
+        slice_spacing_mm: float = 2.5,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -155,6 +205,22 @@ class LiTSDataModule(pl.LightningDataModule):
             raise DataError(f"--data.test_split={test_split!r} is not one of {', '.join(SPLIT_NAMES)}; it names the split that `lits test` evaluates")
         if min(crop_margin, roi_margin_px, roi_margin_slices) < 0:
             raise DataError("--data.crop_margin, --data.roi_margin_px and --data.roi_margin_slices must be non-negative")
+        if spatial_dims not in (2, 3):
+            raise DataError(f"--data.spatial_dims={spatial_dims} must be 2 (slices) or 3 (volumes)")
+        if spatial_dims == 3:
+            if sampling != "slices":
+                raise DataError(f"--data.spatial_dims=3 with --data.sampling={sampling} is not supported yet; use --data.sampling=slices")
+            if context_slices:
+                raise DataError(f"--data.spatial_dims=3 with --data.context_slices={context_slices} is not supported yet; "
+                                "set --data.context_slices=0 (the 3D network sees the neighbouring slices itself)")
+            if augment and augment_on == "batch":
+                raise DataError("--data.spatial_dims=3 with --data.augment_on=batch is not supported yet; use --data.augment_on=sample")
+            try:
+                check_crop_size(crop_size_3d)
+            except DataError as error:
+                raise DataError(f"--data.crop_size_3d: {error}") from None
+            if not slice_spacing_mm > 0:
+                raise DataError(f"--data.slice_spacing_mm={slice_spacing_mm} must be positive, e.g. 2.5")
         self.settings = PreprocessSettings(
             float(hu_window[0]), float(hu_window[1]), int(image_size), int(roi_margin_px), int(roi_margin_slices)
         )
@@ -242,7 +308,9 @@ class LiTSDataModule(pl.LightningDataModule):
             indices = [position[i] for i in splits[h.test_split if name == "test" else name]]
             chosen = [volumes[i] for i in indices]
             transform = self._augmentation() if name == "train" and h.augment and h.augment_on == "sample" else None
-            if h.sampling == "liver_roi" and name == "train":
+            if h.spatial_dims == 3:
+                datasets[name] = self._dataset_3d(name, chosen, indices)
+            elif h.sampling == "liver_roi" and name == "train":
                 datasets[name] = LiverCropDataset(chosen, indices, h.target, h.context_slices, h.crop_size, h.crop_margin, transform)
                 if chosen and not len(datasets[name]):
                     raise DataError(
@@ -255,6 +323,25 @@ class LiTSDataModule(pl.LightningDataModule):
                 slices = [self._training_slices(v) if name == "train" else np.arange(v.num_slices) for v in chosen]
                 datasets[name] = SliceDataset(chosen, indices, slices, h.target, h.context_slices, transform)
         self.volumes, self.splits, self.train_folds, self.datasets = volumes, splits, train_folds, datasets
+
+    def _dataset_3d(self, name: str, chosen: list[CachedVolume], indices: list[int]) -> Dataset:
+        """``spatial_dims: 3``: random crops for training, whole resampled volumes otherwise."""
+        h = self.hparams
+        if name != "train":
+            return WholeVolume3DDataset(chosen, indices, h.target, h.slice_spacing_mm)
+        transform = InPlaneAugmentation(h.flip_prob, h.rotate_degrees, h.zoom_range, h.augment_prob) if h.augment else None
+        positive = 0.5 if h.positive_fraction is None else h.positive_fraction
+        dataset = Crop3DDataset(chosen, indices, h.crop_size_3d, h.target, positive, transform=transform,
+                                slice_spacing_mm=h.slice_spacing_mm, crop_margin=h.crop_margin)
+        crop = tuple(int(v) for v in h.crop_size_3d)
+        for volume in dataset.volumes:
+            if any(k > n for k, n in zip(crop, volume.shape)):
+                raise DataError(
+                    f"--data.crop_size_3d={list(crop)} (D, H, W) is larger than training volume {volume.volume.volume_id} "
+                    f"resampled to {h.slice_spacing_mm:g} mm slices, {list(volume.shape)}; use a crop of at most that size on every "
+                    "axis (multiples of 16), or a smaller --data.slice_spacing_mm"
+                )
+        return dataset
 
     def use_predicted_liver(self, boxes: dict[int, list | None]) -> None:
         """``roi_from: prediction``: draw the training crops around the liver network's liver instead of the
@@ -309,6 +396,15 @@ class LiTSDataModule(pl.LightningDataModule):
             raise DataError(f"the {split} split of {self.data_root} is empty; give it volumes with --data.split or --data.{split}_ids")
         h = self.hparams
         sampler = None
+        if h.spatial_dims == 3:  # crops drawn by Crop3DDataset itself; whole volumes one at a time
+            return DataLoader(
+                dataset,
+                batch_size=h.batch_size if train else 1,
+                shuffle=train,
+                drop_last=False,
+                num_workers=h.num_workers,
+                persistent_workers=h.num_workers > 0,
+            )
         if train and h.positive_fraction is not None:
             positive = dataset.slice_labels()
             if positive.all() or not positive.any():

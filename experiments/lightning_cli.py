@@ -158,6 +158,10 @@ class LitsCLI(LightningCLI):
         expected_in = 2 * data.context_slices + 1
         if "in_channels" in model and model.in_channels != expected_in:
             raise DataError(f"--model.init_args.in_channels={model.in_channels} but --data.context_slices={data.context_slices} gives {expected_in} input channels; make them agree")
+        model_dims, data_dims = model.get("spatial_dims", 2), data.get("spatial_dims", 2)
+        if model_dims != data_dims:
+            raise DataError(f"--model.init_args.spatial_dims={model_dims} but --data.spatial_dims={data_dims}; "
+                            f"a {model_dims}D network needs {'volumes' if model_dims == 3 else 'slices'}: set both to the same value")
         out_channels = getattr(self.model, "output_channels", None)
         if out_channels is not None and out_channels < self.datamodule.num_target_channels:
             raise DataError(f"--model.init_args.out_channels={out_channels} is too few for --data.target={data.target}; set it to {self.datamodule.num_target_channels}")

@@ -31,6 +31,8 @@ from tqdm.auto import tqdm
 from .backbone import UNet
 from .base import BaseTask
 from datamodules import DataError
+from datamodules.dataset import target_channels
+from datamodules.volume3d import to_original_slices
 
 from .cascade import CASCADE_DEFAULTS, Predictor, liver_mask, mask_box, slice_probabilities
 from .cascade_evaluation import FIGURE_KEYS, LiverNetwork, case_figures, predict_sample
@@ -69,6 +71,13 @@ class SegmentationTask(BaseTask):
         region_margin: in-plane margin in pixels of the lesion region around the predicted liver.
         region_margin_slices: its margin in slices.
         lesion_dilation: lesions are kept inside the predicted liver dilated in-plane by this many pixels.
+        sw_overlap: ``spatial_dims: 3`` evaluation: overlap of MONAI's ``SlidingWindowInferer`` windows
+            (``data.crop_size_3d``, two windows per forward pass) over each whole resampled volume.
+        sw_mode: how overlapping windows are blended: ``gaussian`` (default) or ``constant``.
+
+    With ``spatial_dims: 3`` (``data.spatial_dims: 3``) validation and test predict each whole resampled volume
+    with the sliding window, log the loss on it, map the foreground probabilities back onto the original slices
+    (``to_original_slices``) and score them per slice and per volume exactly as the 2D path does.
     """
 
     def __init__(
@@ -85,8 +94,14 @@ class SegmentationTask(BaseTask):
         region_margin: int = CASCADE_DEFAULTS["region_margin"],
         region_margin_slices: int = CASCADE_DEFAULTS["region_margin_slices"],
         lesion_dilation: int = CASCADE_DEFAULTS["lesion_dilation"],
+        sw_overlap: float = 0.25,
+        sw_mode: str = "gaussian",
         **kwargs,
     ) -> None:
+        if sw_mode not in ("gaussian", "constant"):
+            raise CheckpointError(f"sw_mode must be gaussian or constant, got {sw_mode!r} (--model.init_args.sw_mode)")
+        if not 0.0 <= sw_overlap < 1.0:
+            raise CheckpointError(f"sw_overlap must be in [0, 1), got {sw_overlap} (--model.init_args.sw_overlap)")
         if seg_loss not in SEG_LOSSES:
             raise CheckpointError(f"unknown segmentation loss {seg_loss!r}; choose one of: {', '.join(SEG_LOSSES)} (--model.init_args.seg_loss)")
         super().__init__(**kwargs)
@@ -195,6 +210,8 @@ class SegmentationTask(BaseTask):
 
     # -- whole volumes (the cascade) -------------------------------------------------------------
     def _evaluation_step(self, batch: dict, stage: str) -> None:
+        if batch["image"].ndim == 5:  # a whole resampled volume (spatial_dims: 3)
+            return self._evaluate_volume_3d(batch, stage)
         if "roi_image" not in batch:  # slices
             return super()._evaluation_step(batch, stage)
         result = self.predict_cascade(batch)
@@ -202,6 +219,44 @@ class SegmentationTask(BaseTask):
         truth = volume.label_full()
         self.volume_records[stage].update(int(batch["volume_index"]), case_figures(result["labels"], truth, volume.spacing))
         self._keep_lesion_overlay(stage, batch, truth, result["labels"])
+
+    def _evaluate_volume_3d(self, batch: dict, stage: str) -> None:
+        """Sliding-window prediction of one whole resampled volume (batch of 1), scored on its original slices.
+
+        The probabilities are mapped back onto the original slices (``to_original_slices``, linear in z) and
+        recorded per slice against the cached 2D labels, so the per-volume reassembly at full resolution, the
+        largest component and the DDP sharding are the 2D path's.
+        """
+        from monai.inferers import SlidingWindowInferer
+
+        task = type(self)
+        if task.compute_losses is not SegmentationTask.compute_losses or task.foreground_probability is not SegmentationTask.foreground_probability:
+            raise DataError(f"--data.spatial_dims=3 evaluation is built for segmentation-only networks (BaselineUNet, PretrainedUNet); "
+                            f"{task.__name__} is 2D only for now: use --data.spatial_dims=2")
+        datamodule = self.trainer.datamodule
+        h, data = self.hparams, datamodule.hparams
+        image = batch["image"]
+        if image.shape[0] != 1:
+            raise ValueError(f"3D evaluation takes one whole volume per batch, got {image.shape[0]}")
+        inferer = SlidingWindowInferer(roi_size=tuple(int(v) for v in data.crop_size_3d), sw_batch_size=2,
+                                       overlap=h.sw_overlap, mode=h.sw_mode)
+        outputs = {"seg": inferer(image, lambda window: self(window)["seg"])}
+        losses = self.compute_losses(outputs, batch)
+        self.log_dict({f"{stage}/{k}": v for k, v in losses.items()}, sync_dist=True, batch_size=1)
+        index = int(batch["volume_index"][0])
+        volume = datamodule.volumes[index]
+        probs = self.foreground_probability(outputs).float()[0]  # (C, Z', S, S)
+        probs = to_original_slices(probs, volume, data.slice_spacing_mm).clamp_(0, 1).transpose(0, 1).contiguous()  # (Z, C, S, S)
+        labels = np.asarray(volume.label)  # (Z, S, S), the cached 2D labels
+        target = torch.from_numpy(target_channels(labels, data.target)).to(probs.device).transpose(0, 1)  # (Z, C, S, S)
+        num_slices = probs.shape[0]
+        volume_index = torch.full((num_slices,), index, dtype=torch.long, device=probs.device)
+        slice_index = torch.arange(num_slices, device=probs.device)
+        self.records[stage].update(probs, target, volume_index, slice_index, h.threshold)
+        if self.global_rank == 0 and h.num_overlays:  # the 2D path's overlay choice, over this volume's original slices
+            slices = {"mask": target.float(), "volume": [batch["volume"][0]] * num_slices, "slice_index": slice_index,
+                      "image": torch.from_numpy(np.asarray(volume.image, dtype=np.float32))[:, None]}
+            self._keep_overlay_samples(stage, slices, probs)
 
     def _keep_lesion_overlay(self, stage: str, sample: dict, truth: np.ndarray, labels: np.ndarray) -> None:
         """For up to ``num_overlays`` volumes, the slice with the most lesion (else liver), cropped to the cached region."""

@@ -1,5 +1,5 @@
-"""A stage's process (experiments/processes.py): forked from the fork server, or a new interpreter with LITS_FORK=0;
-either way a process of its own with its own exit code."""
+"""A stage's process (experiments/processes.py): forked from the fork server, a process of its own with its own exit
+code. (With LITS_FORK=0 it is `subprocess.run` of a new interpreter, the path every stage took before.)"""
 
 import os
 
@@ -18,8 +18,3 @@ def test_forked_commands_run_in_their_own_process_with_their_exit_code(tmp_path,
     assert processes.run_cli(["synth"], env) == 2  # argparse in the child: --out is required
     assert synth(tmp_path / "second", env) == 0  # the server serves again
 
-
-def test_without_forking_a_command_is_a_new_interpreter(tmp_path, monkeypatch):
-    monkeypatch.setenv("LITS_FORK", "0")
-    assert synth(tmp_path / "phantom", dict(os.environ)) == 0
-    assert (tmp_path / "phantom" / "volume-0.nii.gz").is_file()
