@@ -214,13 +214,14 @@ def run_parallel(path: str | Path, study: dict, folder: Path, overrides: list[st
     def run(label: str, seed: int) -> None:
         log = folder / slug(label) / f"seed_{seed}" / "console.log"
         started = launcher.start(command(label, seed), log)
-        print(f"[lits study] {label}, seed {seed}: started{started.where} (console: {log})", flush=True)
+        # one write per line: runs start from several threads, and print writes the text and the newline apart
+        print(f"[lits study] {label}, seed {seed}: started{started.where} (console: {log})\n", end="", flush=True)
         code = launcher.wait(started)
         if code != 0:
             stop.set()
             raise DataError(failure(f"{label}, seed {seed}", code, log))
         results[label][seed] = json.loads((folder / ".jobs" / f"{slug(label)}_seed_{seed}" / "metrics.json").read_text())
-        print(f"[lits study] {label}, seed {seed}: done", flush=True)
+        print(f"[lits study] {label}, seed {seed}: done\n", end="", flush=True)
 
     def chain(runs: list[tuple[str, int]]) -> None:
         for label, seed in runs:
