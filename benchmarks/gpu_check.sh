@@ -5,9 +5,10 @@
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      # default gpu_check/
 #
-# Writes OUT_DIR/gpu.txt (device, driver, torch), benchmarks.log (table + last-line JSON), study.log
+# Writes OUT_DIR/gpu.txt (device, driver, torch), benchmarks.log (table + last-line JSON), lits_scale.log
+# (python -m benchmarks --scale lits --device cuda), study.log
 # and results.md (the study's table, with its wall time appended). Each part has a time limit
-# (BENCH_TIMEOUT, STUDY_TIMEOUT seconds) so a slow machine still returns what it measured.
+# (BENCH_TIMEOUT, LITS_SCALE_TIMEOUT, STUDY_TIMEOUT seconds) so a slow machine still returns what it measured.
 set -uo pipefail
 out=${1:-gpu_check}
 mkdir -p "$out"
@@ -20,6 +21,10 @@ cat "$out/gpu.txt"
 
 timeout "${BENCH_TIMEOUT:-300}" "$python" -m benchmarks --device cuda --budget "${BENCH_BUDGET:-170}" > "$out/benchmarks.log" 2>&1
 echo "benchmarks exit $?"; grep -v -i -E "warn|tip|available|^\s*$" "$out/benchmarks.log" | tail -45
+
+# The epoch's parts at LiTS scale on the GPU (validation_share, augment_batch_vs_sample on the device)
+timeout "${LITS_SCALE_TIMEOUT:-150}" "$python" -m benchmarks --scale lits --device cuda > "$out/lits_scale.log" 2>&1
+echo "lits-scale benchmark exit $?"; grep -v -i -E "warn|tip|available|^\s*$" "$out/lits_scale.log" | tail -16
 
 runs=$(mktemp -d)
 start=$(date +%s)
