@@ -1,5 +1,5 @@
-"""3D training data, the crops: random 3D crops of the z-resampled volumes (``datamodules.volume3d``) and their
-augmentation in the axial plane."""
+"""3D datasets of the z-resampled volumes (``datamodules.volume3d``): random training crops and their augmentation in
+the axial plane, and whole volumes for evaluation."""
 
 from __future__ import annotations
 
@@ -190,3 +190,36 @@ class Crop3DDataset(Dataset):
         sample["volume"] = volume.volume.volume_id
         sample["crop_origin"] = torch.tensor(origin, dtype=torch.int64)
         return sample
+
+
+class WholeVolume3DDataset(Dataset):
+    """One sample per whole volume resampled along z to ``slice_spacing_mm`` (``resample_volume``): 3D evaluation.
+
+    ================  ======================  ==================================================
+    key               value                   meaning
+    ================  ======================  ==================================================
+    ``image``         float32 (1, Z', S, S)   windowed image in [0, 1] on the resampled grid
+    ``mask``          float32 (C, Z', S, S)   target mask(s) 0/1 on the resampled grid
+    ``volume_index``  int                     index of the volume in the data module
+    ``volume``        str                     volume id
+    ================  ======================  ==================================================
+
+    Volumes differ in Z': the loader batches one volume at a time.
+    """
+
+    def __init__(self, volumes: list[CachedVolume], volume_indices: list[int], target: str, slice_spacing_mm: float):
+        self.volumes = [resample_volume(v, slice_spacing_mm) for v in volumes]
+        self.volume_indices = list(volume_indices)
+        self.target = target
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def __getitem__(self, i: int) -> dict:
+        volume = self.volumes[i]
+        return {
+            "image": torch.from_numpy(np.asarray(volume.image))[None].float(),
+            "mask": torch.from_numpy(target_channels(np.asarray(volume.label), self.target).astype(np.float32)),
+            "volume_index": self.volume_indices[i],
+            "volume": volume.volume.volume_id,
+        }

@@ -14,49 +14,15 @@ from torch.utils.data import Dataset, WeightedRandomSampler, default_convert
 
 from .batch_augmentation import BatchAugmentation
 from .cache import CachedVolume, PreprocessSettings, build_cache
-from .crop3d import Crop3DDataset, InPlaneAugmentation, check_crop_size
+from .crop3d import Crop3DDataset, InPlaneAugmentation, WholeVolume3DDataset, check_crop_size
 from .dataset import SliceDataset, target_channels, training_augmentation
 from .nifti import DataError, discover
 from .phantom import PHANTOM_VERSION, write_phantom_dataset
 from .roi_dataset import LiverCropDataset, VolumeDataset
 from .splits import SPLIT_NAMES, split_volumes
-from .volume3d import resample_volume
 
 SAMPLING_MODES = ("slices", "liver_roi")
 AUGMENT_ON = ("sample", "batch")
-
-
-class WholeVolume3DDataset(Dataset):
-    """One sample per whole volume resampled along z to ``slice_spacing_mm`` (``resample_volume``): 3D evaluation.
-
-    ================  ======================  ==================================================
-    key               value                   meaning
-    ================  ======================  ==================================================
-    ``image``         float32 (1, Z', S, S)   windowed image in [0, 1] on the resampled grid
-    ``mask``          float32 (C, Z', S, S)   target mask(s) 0/1 on the resampled grid
-    ``volume_index``  int                     index of the volume in the data module
-    ``volume``        str                     volume id
-    ================  ======================  ==================================================
-
-    Volumes differ in Z': the loader batches one volume at a time.
-    """
-
-    def __init__(self, volumes: list[CachedVolume], volume_indices: list[int], target: str, slice_spacing_mm: float):
-        self.volumes = [resample_volume(v, slice_spacing_mm) for v in volumes]
-        self.volume_indices = list(volume_indices)
-        self.target = target
-
-    def __len__(self) -> int:
-        return len(self.volumes)
-
-    def __getitem__(self, i: int) -> dict:
-        volume = self.volumes[i]
-        return {
-            "image": torch.from_numpy(np.asarray(volume.image))[None].float(),
-            "mask": torch.from_numpy(target_channels(np.asarray(volume.label), self.target).astype(np.float32)),
-            "volume_index": self.volume_indices[i],
-            "volume": volume.volume.volume_id,
-        }
 
 
 def default_cache_base() -> Path:
