@@ -175,7 +175,8 @@ class LiTSDataModule(pl.LightningDataModule):
             raise DataError(f"--data.spatial_dims={spatial_dims} must be 2 (slices) or 3 (volumes)")
         if spatial_dims == 3:
             if sampling != "slices":
-                raise DataError(f"--data.spatial_dims=3 with --data.sampling={sampling} is not supported yet; use --data.sampling=slices")
+                raise DataError(f"--data.spatial_dims=3 takes --data.sampling=slices, got {sampling}: in 3D the training crops are drawn "
+                                "from the resampled volumes, and --data.target=lesion already draws them in and around the liver")
             if context_slices:
                 raise DataError(f"--data.spatial_dims=3 with --data.context_slices={context_slices} is not supported yet; "
                                 "set --data.context_slices=0 (the 3D network sees the neighbouring slices itself)")

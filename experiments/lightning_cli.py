@@ -104,9 +104,9 @@ class LitsCLI(LightningCLI):
 
     # -- run folder and loggers ------------------------------------------------------------------
     def _run_name(self) -> str:
-        # the last experiment file's name: overlays stacked after it (gpu.yaml, *_cpu.yaml) hold no model
+        # the last experiment file's name: overlays stacked after it (gpu.yaml, *_cpu.yaml, variants/*.yaml) name no model class
         config = [Path(str(c)) for c in self._get(self.config, "config") or []]
-        experiments = [c for c in config if "model" in (_read_yaml(c) or {})] or config
+        experiments = [c for c in config if "class_path" in ((_read_yaml(c) or {}).get("model") or {})] or config
         return self._get(self.config, "name") or (experiments[-1].stem if experiments else "lits")
 
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
@@ -162,6 +162,9 @@ class LitsCLI(LightningCLI):
         if model_dims != data_dims:
             raise DataError(f"--model.init_args.spatial_dims={model_dims} but --data.spatial_dims={data_dims}; "
                             f"a {model_dims}D network needs {'volumes' if model_dims == 3 else 'slices'}: set both to the same value")
+        if data_dims == 3 and not getattr(self.model, "supports_3d", True):
+            raise DataError(f"--data.spatial_dims=3: {type(self.model).__name__} is 2D only for now (its slice-level design is the paper's); "
+                            "use --data.spatial_dims=2, or BaselineUNet, PretrainedUNet or MaskMining in 3D")
         out_channels = getattr(self.model, "output_channels", None)
         if out_channels is not None and out_channels < self.datamodule.num_target_channels:
             raise DataError(f"--model.init_args.out_channels={out_channels} is too few for --data.target={data.target}; set it to {self.datamodule.num_target_channels}")

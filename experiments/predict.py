@@ -5,7 +5,10 @@ MODEL is a checkpoint of the suite or a ``lits run`` folder (its last stage's be
 * a liver network (any segmentation module trained on ``--data.target=liver``): labels 0/1;
 * a cascade's lesion network, whose checkpoint names its liver network (``liver_checkpoint``; override
   with ``--liver_checkpoint``): labels 0/1/2, by the same whole-volume inference as ``lits test``
-  (``lightning_modules.cascade``).
+  (``lightning_modules.cascade``);
+* 3D networks (``spatial_dims: 3``, e.g. ``experiments/cascade_3d.yaml``): the volume is windowed, resized in-plane
+  and resampled along z to the networks' slice spacing exactly as the 3D cache is, then predicted with the sliding
+  window of ``lits test`` (``lightning_modules.cascade_3d``) and mapped back onto the input's own slices.
 
 PATH is a NIfTI file or a folder: LiTS ``volume-<id>`` / ``test-volume-<id>`` files (any sub-folder),
 an MSD folder with ``imagesTs/``, or any ``*.nii[.gz]``. Each output has the input's shape, affine and
@@ -33,8 +36,10 @@ from tqdm.auto import tqdm
 from datamodules import DataError
 from datamodules.cache import PreprocessSettings, read_box, resize_image, to_display, window
 from datamodules.nifti import NIFTI_SUFFIXES, _open, _read
+from datamodules.volume3d import interpolate_z, original_positions, resampled_positions
 from lightning_modules.backbone import UNet
 from lightning_modules.cascade import CASCADE_DEFAULTS, predict_volume
+from lightning_modules.cascade_3d import predict_volume_3d
 from lightning_modules.classification import CheckpointError
 from lightning_modules.combined import CombinedLiverLesion
 from lightning_modules.combined_mask_mining import CombinedMaskMining
@@ -51,6 +56,7 @@ class Network:
     hparams: dict
     image_size: int
     hu_window: tuple[float, float]
+    data: dict  # the data module's hyperparameters it was trained with
 
     def predictor(self):
         return lambda image: foreground_probability(self.model, self.arch, image)
@@ -64,7 +70,7 @@ def load_network(path: str, device: torch.device) -> Network:
     if arch.out_channels != 1:
         raise CheckpointError(f"{path} predicts {arch.out_channels} channels (data.target=both); lits predict takes a liver network or a cascade's lesion network")
     return Network(path, frozen_model(arch, weights).to(device), arch, hparams,
-                   int(data.get("image_size", 256)), tuple(float(v) for v in data.get("hu_window", (-100.0, 600.0))))
+                   int(data.get("image_size", 256)), tuple(float(v) for v in data.get("hu_window", (-100.0, 600.0))), data)
 
 
 def resolve_model(model: str) -> str:
@@ -110,13 +116,22 @@ class CascadePredictor:
             if main.arch.target == "lesion":
                 raise CheckpointError(f"{main.path} is a lesion network without a liver network; pass --liver_checkpoint=PATH (the cascade's liver stage)")
             self.liver, self.lesion = main, None
+        if self.lesion is not None and self.lesion.arch.spatial_dims != self.liver.arch.spatial_dims:
+            raise CheckpointError(f"{self.liver.path} is a {self.liver.arch.spatial_dims}D network but the lesion network {main.path} is "
+                                  f"{self.lesion.arch.spatial_dims}D; pass --liver_checkpoint with the liver network of the same cascade")
+        self.main = main
         self.settings = {k: main.hparams.get(k, v) for k, v in CASCADE_DEFAULTS.items()}
         self.threshold = float(main.hparams.get("threshold", 0.5))
         self.batch_size = batch_size
 
     @torch.no_grad()
-    def __call__(self, hu_display: np.ndarray, probabilities: bool = False) -> dict[str, np.ndarray]:
-        """(Z, H, W) HU in display orientation -> ``predict_volume``'s result."""
+    def __call__(self, hu_display: np.ndarray, probabilities: bool = False, slice_spacing: float | None = None) -> dict[str, np.ndarray]:
+        """(Z, H, W) HU in display orientation (``slice_spacing``: its z spacing in mm, needed by 3D networks) ->
+        ``predict_volume``'s result."""
+        if self.liver.arch.spatial_dims == 3:
+            if slice_spacing is None:
+                raise ValueError("3D networks need the volume's slice spacing")
+            return self._predict_3d(hu_display, float(slice_spacing), probabilities)
         liver_settings = PreprocessSettings(*self.liver.hu_window, self.liver.image_size)
         image = torch.from_numpy(resize_image(window(hu_display, liver_settings), self.liver.image_size)).float().to(self.device)
         full = None
@@ -136,6 +151,29 @@ class CascadePredictor:
         return predict_volume(liver, lesion, image, read_image, hu_display.shape, liver_in_channels=liver_channels,
                               lesion_in_channels=lesion_channels, threshold=self.threshold, batch_size=self.batch_size,
                               probabilities=probabilities, **self.settings)
+
+
+    def _predict_3d(self, hu_display: np.ndarray, slice_spacing: float, probabilities: bool) -> dict[str, np.ndarray]:
+        """The 3D cascade on the volume preprocessed as the 3D cache is: windowed, resized in-plane to float16 (``image.npy``),
+        resampled linearly along z to the networks' slice spacing and stored as float16 (``image3d_<s>mm.npy``)."""
+        network, data = self.liver, self.liver.data
+        stack = resize_image(window(hu_display, PreprocessSettings(*network.hu_window, network.image_size)), network.image_size)
+        target_spacing = float(data.get("slice_spacing_mm", 2.5))
+        positions = resampled_positions(len(stack), slice_spacing, target_spacing)
+        image = interpolate_z(torch.from_numpy(stack)[None], positions, "linear")[0].float().to(self.device)
+        lesion = self.lesion.predictor() if self.lesion else None
+        hparams = self.main.hparams
+        return predict_volume_3d(self.liver.predictor(), lesion, image, original_positions(len(stack), slice_spacing, target_spacing),
+                                 hu_display.shape, data.get("crop_size_3d", (64, 128, 128)), float(hparams.get("sw_overlap", 0.25)),
+                                 str(hparams.get("sw_mode", "gaussian")), threshold=self.threshold, probabilities=probabilities,
+                                 **self.settings)
+
+
+def canonical_slice_spacing(reference: nib.Nifti1Image) -> float:
+    """The z spacing (mm) of a file in its closest canonical (RAS+) order, without reading its voxels."""
+    transform = nib.orientations.ornt_transform(nib.io_orientation(reference.affine), nib.orientations.axcodes2ornt(("R", "A", "S")))
+    zooms = reference.header.get_zooms()[:3]
+    return float(next(zoom for zoom, (axis, _) in zip(zooms, transform) if int(axis) == 2))
 
 
 # -- files -----------------------------------------------------------------------------------------
@@ -220,7 +258,8 @@ def predict_files(predictor: CascadePredictor, inputs: list[Path], output: Path,
     written = []
     for path, name in tqdm(list(zip(inputs, names)), desc=f"Predicting into {output}", unit="volume"):
         reference = _open(path)
-        result = predictor(to_display(to_canonical(_read(reference, path), reference.affine)), probabilities)
+        result = predictor(to_display(to_canonical(_read(reference, path), reference.affine)), probabilities,
+                           slice_spacing=canonical_slice_spacing(reference))
         save_atomically(to_input_grid(from_display(result["labels"]), reference.affine), reference, output / name)
         written.append(output / name)
         if probabilities:

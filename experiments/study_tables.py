@@ -62,12 +62,21 @@ def paired_tests(values: np.ndarray, baseline: np.ndarray) -> tuple[float, float
     return t_p, w_p
 
 
+def _mean_and_std(values: np.ndarray) -> tuple[float, float]:
+    """Mean and sample std over seeds; std 0 for one seed, both NaN for none."""
+    if not len(values):
+        return math.nan, math.nan
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
 def summarize(results: dict[str, dict[int, dict]], baseline: str, references: dict[str, str] | None = None,
               metrics: dict[str, str] | None = None) -> list[dict]:
     """Rows of the table: per model, mean/std per metric and paired p-values against its reference.
 
     ``references`` maps a model to the model it is tested against (default: every model but the
-    baseline against the baseline); a model without a reference gets no p-values. ``metrics``: column
+    baseline against the baseline); a model without a reference gets no p-values. A model with one also
+    gets its ``reference`` and the mean and std over seeds of its paired differences to it (``<title>
+    difference mean`` and ``... std``; with ``before_and_after``: mining's gain). ``metrics``: column
     title -> key (default ``METRICS``). A key no run reports (e.g. test figures without a test split)
     gives NaN; one some runs lack is taken over the (paired) runs that have it.
     """
@@ -81,11 +90,14 @@ def summarize(results: dict[str, dict[int, dict]], baseline: str, references: di
         for title, key in metrics.items():
             paired = [s for s in seeds if key in runs[s] and (reference is None or key in results[reference][s])]
             values = np.array([runs[s][key] for s in paired], dtype=float)
-            row[f"{title} mean"] = float(values.mean()) if len(values) else math.nan
-            row[f"{title} std"] = (float(values.std(ddof=1)) if len(values) > 1 else 0.0) if len(values) else math.nan
+            row[f"{title} mean"], row[f"{title} std"] = _mean_and_std(values)
             if reference is not None:
-                t_p, w_p = paired_tests(values, np.array([results[reference][s][key] for s in paired], dtype=float))
+                reference_values = np.array([results[reference][s][key] for s in paired], dtype=float)
+                t_p, w_p = paired_tests(values, reference_values)
                 row[f"{title} t-test p"], row[f"{title} Wilcoxon p"] = t_p, w_p
+                row[f"{title} difference mean"], row[f"{title} difference std"] = _mean_and_std(values - reference_values)
+        if reference is not None:
+            row["reference"] = reference
         rows.append(row)
     return rows
 
@@ -112,24 +124,40 @@ def before_and_after(results: dict[str, dict[int, dict]], metrics: dict[str, str
     return expanded, references
 
 
-def _cell(row: dict, title: str) -> str:
-    if math.isnan(row[f"{title} mean"]):
+def _cell(row: dict, title: str, figures: str = "") -> str:
+    """``figures``: "" for the row's own figures, "difference " for its paired differences to its reference."""
+    mean, std = row[f"{title} {figures}mean"], row[f"{title} {figures}std"]
+    if math.isnan(mean):
         return "n/a"
-    cell = f"{row[f'{title} mean']:.4f} ± {row[f'{title} std']:.4f}"
+    cell = f"{mean:+.4f} ± {std:.4f}" if figures else f"{mean:.4f} ± {std:.4f}"
     if f"{title} t-test p" in row:
         cell += f" (p={row[f'{title} t-test p']:.3g} t, {row[f'{title} Wilcoxon p']:.3g} W)"
     return cell
 
 
-def markdown_table(rows: list[dict], baseline: str, inc: bool = False, metrics: dict[str, str] | None = None,
-                   caption: str = "Test-set figures") -> str:
-    metrics = METRICS if metrics is None else metrics
+def _table_lines(rows: list[dict], metrics: dict[str, str], figures: str = "") -> list[str]:
     header = ["Model", "runs", *metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        lines.append("| " + " | ".join([row["model"], str(row["runs"]), *(_cell(row, title) for title in metrics)]) + " |")
+        label = row["reference"] if figures else row["model"]
+        lines.append("| " + " | ".join([label, str(row["runs"]), *(_cell(row, title, figures) for title in metrics)]) + " |")
+    return lines
+
+
+def markdown_table(rows: list[dict], baseline: str, inc: bool = False, metrics: dict[str, str] | None = None,
+                   caption: str = "Test-set figures") -> str:
+    """The table; with ``inc`` a second one under it, mining's gain per model: the Inc. rows give the figures
+    after mining, whose difference to the row before is what mining is judged by, and whose spread over seeds
+    neither row's std gives (the seeds are paired)."""
+    metrics = METRICS if metrics is None else metrics
+    lines = _table_lines(rows, metrics)
     against = "the same model before mask mining (Inc.: after)" if inc else baseline
     lines.append(f"\n{caption}, mean ± std over seeds; p: paired t-test (t) and Wilcoxon signed-rank (W) against {against}.")
+    mined = [row for row in rows if "reference" in row]
+    if inc and mined:
+        lines += ["", *_table_lines(mined, metrics, "difference ")]
+        lines.append("\nMining's gain: after (Inc.) minus before, per seed, mean ± std over the paired seeds; "
+                     "p: paired t-test (t) and Wilcoxon signed-rank (W) of after against before.")
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from datamodules.cache import read_box
+from datamodules.errors import DataError
 
 from .cascade import Predictor, predict_volume
 from .classification import CheckpointError
@@ -36,14 +37,33 @@ class LiverNetwork:
     """
 
     def __init__(self, checkpoint: str):
+        self.path = checkpoint
         self.arch, weights = read_base_checkpoint(checkpoint)
+        self.data = dict(torch.load(checkpoint, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters") or {})
         if self.arch.target not in (None, "liver") or self.arch.out_channels != 1:
             raise CheckpointError(f"liver_checkpoint {checkpoint} was trained on target {self.arch.target!r}; pass the cascade's liver network (--data.target=liver)")
         self.model = frozen_model(self.arch, weights)
 
+    def check_data(self, data) -> None:
+        """One-line DataError unless this run's data (``LiTSDataModule.hparams``) gives the liver network the input it
+        was trained on: the same in-plane size, HU window and, in 3D, slice spacing (a checkpoint that does not record
+        its data is not checked)."""
+        keys = ["image_size", "hu_window"] + (["slice_spacing_mm"] if data.get("spatial_dims", 2) == 3 else [])
+        for key in keys:
+            if key in self.data and key in data and _plain(self.data[key]) != _plain(data[key]):
+                raise DataError(f"the liver network {self.path} was trained with --data.{key}={_plain(self.data[key])} but this run has "
+                                f"{_plain(data[key])}; train both networks of the cascade on the same --data.{key}")
+
     def predictor(self, device: torch.device) -> Predictor:
         model = self.model.to(device)
         return lambda image: foreground_probability(model, self.arch, image)
+
+
+def _plain(value):
+    """A hyperparameter as a comparable plain value (tuples and lists alike, numbers as floats)."""
+    if isinstance(value, (list, tuple)):
+        return [float(v) for v in value]
+    return float(value)
 
 
 def predict_sample(liver: Predictor, liver_in_channels: int, lesion: Predictor, lesion_in_channels: int, sample: dict,

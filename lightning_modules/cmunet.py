@@ -35,6 +35,8 @@ class CMUNet(SegmentationTask):
             classification head when it has one, initialise the model before joint training.
     """
 
+    supports_3d = False  # 2D only: refused in one line before any work (experiments/lightning_cli.py)
+
     def __init__(
         self,
         seg_weight: float = 0.5,

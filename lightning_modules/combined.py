@@ -44,6 +44,8 @@ class CombinedLiverLesion(SegmentationTask):
         lesion_weight: weight of the lesion term of the loss.
     """
 
+    supports_3d = False  # 2D only: refused in one line before any work (experiments/lightning_cli.py)
+
     def __init__(self, liver_loss: str = "dice", liver_weight: float = 1.0, lesion_weight: float = 1.0, **kwargs) -> None:
         if liver_loss not in SEG_LOSSES:
             raise CheckpointError(f"unknown liver loss {liver_loss!r}; choose one of: {', '.join(SEG_LOSSES)} (--model.init_args.liver_loss)")

@@ -187,8 +187,10 @@ class MaskMining(SegmentationTask):
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         batch = super().on_after_batch_transfer(batch, dataloader_idx)
-        if isinstance(batch, dict) and "mask" in batch:  # after augmentation and transfer: the exact input
-            batch = self.mine(batch, training=self.trainer.training)
+        training = self.trainer.training
+        # after augmentation and transfer: the exact input; a whole 3D volume is evaluated window by window instead
+        if isinstance(batch, dict) and "mask" in batch and (training or batch["image"].ndim != 5):
+            batch = self.mine(batch, training=training)
         return batch
 
     # -- losses and metrics ----------------------------------------------------------------------
@@ -210,10 +212,17 @@ class MaskMining(SegmentationTask):
 
     def _evaluation_step(self, batch: dict, stage: str) -> None:
         super()._evaluation_step(batch, stage)
-        if "roi_image" in batch and stage not in self._before:  # a cascade's lesion network: the base in its place
+        if stage in self._before:
+            return
+        if self.is_cascade_sample(batch):  # a cascade's lesion network: the base in its place
+            index = int(batch["volume_index"] if batch["image"].ndim == 3 else batch["volume_index"][0])
             result = self.predict_base_cascade(batch)
-            volume = self.trainer.datamodule.volumes[int(batch["volume_index"])]
-            self.before_volume_records[stage].update(int(batch["volume_index"]), case_figures(result["labels"], volume.label_full(), volume.spacing))
+            volume = self.trainer.datamodule.volumes[index]
+            self.before_volume_records[stage].update(index, case_figures(result["labels"], volume.label_full(), volume.spacing))
+        elif batch["image"].ndim == 5:  # a whole 3D volume: the base's sliding window
+            base, arch = self._base[0].to(batch["image"].device), self.base_architecture
+            probs = self.window_volume(lambda window: model_probability(base, arch, window), batch["image"])
+            self.record_volume_3d(self.before_records[stage], probs, batch)
 
     def predict_base_cascade(self, sample: dict) -> dict:
         """The cascade on one volume sample with the frozen base in this network's place (the figures before mining)."""

@@ -32,9 +32,10 @@ from .backbone import UNet
 from .base import BaseTask
 from datamodules import DataError
 from datamodules.dataset import target_channels
-from datamodules.volume3d import to_original_slices
+from datamodules.volume3d import original_positions, to_original_slices
 
 from .cascade import CASCADE_DEFAULTS, Predictor, liver_mask, mask_box, slice_probabilities
+from .cascade_3d import predict_volume_3d, window_probabilities
 from .cascade_evaluation import FIGURE_KEYS, LiverNetwork, case_figures, predict_sample
 from .cascade_evaluation import summarize_volumes as summarize_cascade
 from .classification import CheckpointError, check_backbone_variant
@@ -68,17 +69,22 @@ class SegmentationTask(BaseTask):
         liver_checkpoint: makes this network a cascade's lesion network: the liver network's checkpoint
             whose prediction bounds the region this network segments at full resolution (with
             ``--data.sampling=liver_roi``). Validation, test and ``lits predict`` then run the cascade.
-        region_margin: in-plane margin in pixels of the lesion region around the predicted liver.
-        region_margin_slices: its margin in slices.
-        lesion_dilation: lesions are kept inside the predicted liver dilated in-plane by this many pixels.
+        region_margin: in-plane margin in pixels of the lesion region around the predicted liver (in 3D: voxels of the
+            resampled grid, and the region is at least one sliding window; see ``cascade_3d``).
+        region_margin_slices: its margin in slices (in 3D: resampled slices).
+        lesion_dilation: lesions are kept inside the predicted liver dilated in-plane by this many (original) pixels.
         sw_overlap: ``spatial_dims: 3`` evaluation: overlap of MONAI's ``SlidingWindowInferer`` windows
             (``data.crop_size_3d``, two windows per forward pass) over each whole resampled volume.
         sw_mode: how overlapping windows are blended: ``gaussian`` (default) or ``constant``.
 
     With ``spatial_dims: 3`` (``data.spatial_dims: 3``) validation and test predict each whole resampled volume
     with the sliding window, log the loss on it, map the foreground probabilities back onto the original slices
-    (``to_original_slices``) and score them per slice and per volume exactly as the 2D path does.
+    (``to_original_slices``) and score them per slice and per volume exactly as the 2D path does. A 3D lesion
+    network with a (3D) ``liver_checkpoint`` is evaluated as the 3D cascade (``cascade_3d.predict_volume_3d``) with
+    the LiTS metrics, like the 2D cascade; its training crops (``data.target: lesion``) lie in and around the liver.
     """
+
+    supports_3d = True  # with data.spatial_dims 3 (a subclass that is 2D only says False)
 
     def __init__(
         self,
@@ -105,6 +111,8 @@ class SegmentationTask(BaseTask):
         if seg_loss not in SEG_LOSSES:
             raise CheckpointError(f"unknown segmentation loss {seg_loss!r}; choose one of: {', '.join(SEG_LOSSES)} (--model.init_args.seg_loss)")
         super().__init__(**kwargs)
+        if distance_weights and self.hparams.spatial_dims == 3:
+            raise CheckpointError("distance_weights are 2D (U-Net weight maps per slice); set --model.init_args.distance_weights=false for a 3D network")
         self.configure_cascade()  # after every subclass's configure_models, whatever they override
 
     # -- hooks -----------------------------------------------------------------------------------
@@ -140,9 +148,20 @@ class SegmentationTask(BaseTask):
                 lambda image: self.foreground_probability(self(image)), self.hparams.in_channels)
 
     def predict_cascade(self, sample: dict, lesion: Predictor | None = None) -> dict[str, np.ndarray]:
-        """The cascade on one volume sample; ``lesion`` replaces this network's lesion predictor (mask mining's base)."""
+        """The cascade on one volume sample; ``lesion`` replaces this network's lesion predictor (mask mining's base).
+
+        A 2D sample (``VolumeDataset``) goes through ``cascade.predict_volume``; a whole resampled volume
+        (``WholeVolume3DDataset``, 3D networks) through ``cascade_3d.predict_volume_3d``.
+        """
         h = self.hparams
         liver, liver_channels, own, lesion_channels = self.cascade_networks(sample)
+        if sample["image"].ndim == 5:
+            data = self.trainer.datamodule.hparams
+            volume = self.trainer.datamodule.volumes[int(sample["volume_index"][0])]
+            return predict_volume_3d(liver, lesion or own, sample["image"][0, 0], original_positions(volume.num_slices, volume.spacing[0], data.slice_spacing_mm),
+                                     volume.full_shape, data.crop_size_3d, h.sw_overlap, h.sw_mode, threshold=h.threshold,
+                                     region_margin=h.region_margin, region_margin_slices=h.region_margin_slices,
+                                     lesion_dilation=h.lesion_dilation)
         return predict_sample(liver, liver_channels, lesion or own, lesion_channels, sample, threshold=h.threshold,
                               region_margin=h.region_margin, region_margin_slices=h.region_margin_slices,
                               lesion_dilation=h.lesion_dilation)
@@ -152,6 +171,8 @@ class SegmentationTask(BaseTask):
         if datamodule is not None and datamodule.hparams.get("sampling") == "liver_roi" and not self.evaluates_cascade:
             raise DataError("--data.sampling=liver_roi evaluates whole volumes as a cascade, which needs the liver network: "
                             "set --model.init_args.liver_checkpoint=<liver run>/checkpoints/best.ckpt")
+        if datamodule is not None and self._liver_network:
+            self._liver_network[0].check_data(datamodule.hparams)
         if stage == "fit" and datamodule is not None and datamodule.hparams.get("roi_from") == "prediction":
             if not self._liver_network:
                 raise DataError("--data.roi_from=prediction draws the training crops around a trained liver network's prediction: "
@@ -209,60 +230,78 @@ class SegmentationTask(BaseTask):
         return {**summarize_slices(records), **mean_volume_figures(per_volume), **counts}, per_volume
 
     # -- whole volumes (the cascade) -------------------------------------------------------------
+    def is_cascade_sample(self, batch: dict) -> bool:
+        """Whether an evaluation batch is one whole volume to run the cascade on (2D ``VolumeDataset`` or 3D)."""
+        return "roi_image" in batch or (batch["image"].ndim == 5 and self.evaluates_cascade)
+
     def _evaluation_step(self, batch: dict, stage: str) -> None:
-        if batch["image"].ndim == 5:  # a whole resampled volume (spatial_dims: 3)
-            return self._evaluate_volume_3d(batch, stage)
-        if "roi_image" not in batch:  # slices
-            return super()._evaluation_step(batch, stage)
-        result = self.predict_cascade(batch)
-        volume = self.trainer.datamodule.volumes[int(batch["volume_index"])]
-        truth = volume.label_full()
-        self.volume_records[stage].update(int(batch["volume_index"]), case_figures(result["labels"], truth, volume.spacing))
-        self._keep_lesion_overlay(stage, batch, truth, result["labels"])
+        if self.is_cascade_sample(batch):
+            index = int(batch["volume_index"] if batch["image"].ndim == 3 else batch["volume_index"][0])
+            result = self.predict_cascade(batch)
+            volume = self.trainer.datamodule.volumes[index]
+            truth = volume.label_full()
+            self.volume_records[stage].update(index, case_figures(result["labels"], truth, volume.spacing))
+            self._keep_lesion_overlay(stage, volume, truth, result["labels"])
+        elif batch["image"].ndim == 5:  # a whole resampled volume (spatial_dims: 3)
+            self._evaluate_volume_3d(batch, stage)
+        else:  # slices
+            super()._evaluation_step(batch, stage)
 
     def _evaluate_volume_3d(self, batch: dict, stage: str) -> None:
         """Sliding-window prediction of one whole resampled volume (batch of 1), scored on its original slices.
 
         The probabilities are mapped back onto the original slices (``to_original_slices``, linear in z) and
         recorded per slice against the cached 2D labels, so the per-volume reassembly at full resolution, the
-        largest component and the DDP sharding are the 2D path's.
+        largest component and the DDP sharding are the 2D path's. A plain segmentation network blends its logits
+        and logs its loss on the whole volume; a network with another output (mask mining's error head) blends
+        its decoded probabilities and logs no loss (it would need the whole volume's error masks).
         """
         from monai.inferers import SlidingWindowInferer
 
-        task = type(self)
-        if task.compute_losses is not SegmentationTask.compute_losses or task.foreground_probability is not SegmentationTask.foreground_probability:
-            raise DataError(f"--data.spatial_dims=3 evaluation is built for segmentation-only networks (BaselineUNet, PretrainedUNet); "
-                            f"{task.__name__} is 2D only for now: use --data.spatial_dims=2")
-        datamodule = self.trainer.datamodule
-        h, data = self.hparams, datamodule.hparams
-        image = batch["image"]
+        data = self.trainer.datamodule.hparams
+        h, image = self.hparams, batch["image"]
         if image.shape[0] != 1:
             raise ValueError(f"3D evaluation takes one whole volume per batch, got {image.shape[0]}")
-        inferer = SlidingWindowInferer(roi_size=tuple(int(v) for v in data.crop_size_3d), sw_batch_size=2,
-                                       overlap=h.sw_overlap, mode=h.sw_mode)
-        outputs = {"seg": inferer(image, lambda window: self(window)["seg"])}
-        losses = self.compute_losses(outputs, batch)
-        self.log_dict({f"{stage}/{k}": v for k, v in losses.items()}, sync_dist=True, batch_size=1)
+        if type(self).compute_losses is SegmentationTask.compute_losses:
+            inferer = SlidingWindowInferer(roi_size=tuple(int(v) for v in data.crop_size_3d), sw_batch_size=2,
+                                           overlap=h.sw_overlap, mode=h.sw_mode)
+            outputs = {"seg": inferer(image, lambda window: self(window)["seg"])}
+            losses = self.compute_losses(outputs, batch)
+            self.log_dict({f"{stage}/{k}": v for k, v in losses.items()}, sync_dist=True, batch_size=1)
+            probs = self.foreground_probability(outputs).float()[0]  # (C, Z', S, S)
+        else:
+            probs = self.window_volume(lambda window: self.foreground_probability(self(window)), image)
+        self.record_volume_3d(self.records[stage], probs, batch, stage)
+
+    def window_volume(self, predict: Predictor, image: torch.Tensor) -> torch.Tensor:
+        """(1, 1, Z', S, S) resampled volume -> (1, Z', S, S) probabilities of ``predict`` by the sliding window."""
+        h = self.hparams
+        return window_probabilities(predict, image[0, 0], self.trainer.datamodule.hparams.crop_size_3d, h.sw_overlap, h.sw_mode)[None]
+
+    def record_volume_3d(self, records: SliceRecords, probs: torch.Tensor, batch: dict, stage: str | None = None) -> None:
+        """Record (C, Z', S, S) probabilities of a whole resampled volume on its original slices; overlays when ``stage``."""
+        datamodule = self.trainer.datamodule
+        h, data = self.hparams, datamodule.hparams
         index = int(batch["volume_index"][0])
         volume = datamodule.volumes[index]
-        probs = self.foreground_probability(outputs).float()[0]  # (C, Z', S, S)
         probs = to_original_slices(probs, volume, data.slice_spacing_mm).clamp_(0, 1).transpose(0, 1).contiguous()  # (Z, C, S, S)
         labels = np.asarray(volume.label)  # (Z, S, S), the cached 2D labels
         target = torch.from_numpy(target_channels(labels, data.target)).to(probs.device).transpose(0, 1)  # (Z, C, S, S)
         num_slices = probs.shape[0]
         volume_index = torch.full((num_slices,), index, dtype=torch.long, device=probs.device)
         slice_index = torch.arange(num_slices, device=probs.device)
-        self.records[stage].update(probs, target, volume_index, slice_index, h.threshold)
-        if self.global_rank == 0 and h.num_overlays:  # the 2D path's overlay choice, over this volume's original slices
+        records.update(probs, target, volume_index, slice_index, h.threshold)
+        if stage is not None and self.global_rank == 0 and h.num_overlays:  # the 2D path's overlay choice, over this volume's original slices
             slices = {"mask": target.float(), "volume": [batch["volume"][0]] * num_slices, "slice_index": slice_index,
                       "image": torch.from_numpy(np.asarray(volume.image, dtype=np.float32))[:, None]}
             self._keep_overlay_samples(stage, slices, probs)
 
-    def _keep_lesion_overlay(self, stage: str, sample: dict, truth: np.ndarray, labels: np.ndarray) -> None:
-        """For up to ``num_overlays`` volumes, the slice with the most lesion (else liver), cropped to the cached region."""
+    def _keep_lesion_overlay(self, stage: str, volume, truth: np.ndarray, labels: np.ndarray) -> None:
+        """For up to ``num_overlays`` volumes, the slice with the most lesion (else liver), cropped to the cached region
+        (``volume``: the ``CachedVolume``; its full-resolution region around the ground-truth liver)."""
         if self.global_rank != 0 or len(self._overlay_samples[stage]) >= self.hparams.num_overlays:
             return
-        box = sample["roi_box"].tolist()
+        box = [list(axis) for axis in volume.roi_box]
         if box[0][1] <= box[0][0]:
             return
         region = tuple(slice(a, b) for a, b in box)
@@ -270,9 +309,9 @@ class SegmentationTask(BaseTask):
         part = 2 if area.any() else 1
         area = (truth[region] >= part).sum(axis=(1, 2))
         z = int(np.argmax(area))
-        image = torch.from_numpy(np.asarray(sample["roi_image"][z].float().cpu()))
-        self._overlay_samples[stage][sample["volume"]] = (
-            float(area[z]), f"{sample['volume']} z={box[0][0] + z} ({'lesion' if part == 2 else 'liver'})", image,
+        image = torch.from_numpy(np.asarray(volume.roi_image[z], dtype=np.float32))
+        self._overlay_samples[stage][volume.volume_id] = (
+            float(area[z]), f"{volume.volume_id} z={box[0][0] + z} ({'lesion' if part == 2 else 'liver'})", image,
             truth[region][z] >= part, labels[region][z] >= part,
         )
 

@@ -28,15 +28,30 @@ def checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpts")
     paths = {}
     modules = (("encoder", EncoderPretraining()), ("unet", BaselineUNet()), ("cmunet", CMUNet()),
-               ("lesion", BaselineUNet(in_channels=5, norm="batch")), ("combined", CombinedLiverLesion(in_channels=5, norm="batch")))
+               ("lesion", BaselineUNet(in_channels=5, norm="batch")), ("combined", CombinedLiverLesion(in_channels=5, norm="batch")),
+               ("unet 3d", BaselineUNet(spatial_dims=3, norm="batch")))
+    # a cascade's lesion network of each backbone variant (experiments/variants/): mining refuses another block or se
+    modules += tuple((f"lesion {block} se={se}", BaselineUNet(in_channels=5, norm="batch", block=block, se=se))
+                     for block in ("plain", "residual", "dense") for se in (False, True))
     for name, module in modules:
         paths[name] = str(folder / f"{name}.ckpt")
         torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, paths[name])
     return paths
 
 
+def model_init_args(configs: list[Path]) -> dict:
+    """A stage's model arguments as its stacked configs set them."""
+    init_args = {}
+    for config in configs:
+        init_args |= (yaml.safe_load(config.read_text()).get("model") or {}).get("init_args") or {}
+    return init_args
+
+
 def handover(argument: str, sources, configs: list[Path], checkpoints: dict) -> str:
     """A stand-in for the checkpoint an earlier stage would hand over."""
+    init_args = model_init_args(configs)
+    if init_args.get("spatial_dims", 2) == 3:  # the 3D cascade: 3D liver and lesion networks of one input channel
+        return checkpoints["unet 3d"]
     if argument.endswith("encoder_checkpoint"):
         return checkpoints["encoder"]
     if argument.endswith("miner_checkpoints"):
@@ -44,7 +59,8 @@ def handover(argument: str, sources, configs: list[Path], checkpoints: dict) -> 
     if any("combined" in c.name for c in configs):
         return checkpoints["combined"]
     if argument.endswith("base_checkpoint") and any("lesion" in c.name for c in configs):
-        return checkpoints["lesion"]  # a cascade's lesion network (2 context slices)
+        # a cascade's lesion network (2 context slices) of the stage's block and se
+        return checkpoints[f"lesion {init_args.get('block', 'plain')} se={init_args.get('se', False)}"]
     return checkpoints["cmunet"] if any("cmunet" in c.name for c in configs) else checkpoints["unet"]
 
 

@@ -86,7 +86,7 @@ def _one_error(code: int, stderr: str) -> str:
         (["--model.init_args.spatial_dims=2"], "--model.init_args.spatial_dims=2 but --data.spatial_dims=3"),
         (["--data.crop_size_3d=[16,32,24]"], "--data.crop_size_3d"),
         (["--data.crop_size_3d=[64,32,32]"], "larger than training volume"),
-        (["--data.sampling=liver_roi"], "--data.sampling=liver_roi is not supported yet"),
+        (["--data.sampling=liver_roi"], "--data.spatial_dims=3 takes --data.sampling=slices, got liver_roi"),
         (["--data.context_slices=1", "--model.init_args.in_channels=3"], "--data.context_slices=1 is not supported yet"),
         (["--model=lightning_modules.CMUNet", "--model.init_args.spatial_dims=3", "--model.init_args.base_channels=4",
           "--trainer.num_sanity_val_steps=1"], "CMUNet is 2D only for now"),
