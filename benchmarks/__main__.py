@@ -22,6 +22,14 @@
 slices/s of the LightningModule, a plain loop and MONAI's BasicUNet (fp32 / bf16-mixed, eager /
 ``torch.compile``, batch 10 and 64 at 256x256), peak device memory, and (f) on the device.
 
+``--volumetric`` runs the 3D path's benchmarks instead (``benchmarks/volumetric.py``): (g) the 3D train step
+(batch 2 of (D, H, W) crops) of ``BaselineUNet(spatial_dims=3)`` under Lightning against a plain loop (target
+at most 1.05x) and against MONAI's 3D ``BasicUNet`` of the same widths; (h) the sliding-window prediction of a
+512x512x100 volume through the suite's 3D evaluation chain, per part; (i) ``Crop3DDataset`` crops/s per
+worker, without and with ``InPlaneAugmentation``. On the CPU with one torch thread and smaller crops
+(32x64x64; ``--quick`` 16x32x32); with ``--device cuda`` at the paper's 128x128x64 in fp32 and bf16-mixed,
+with peak device memory, ``--budget`` bounding the train step's matrix.
+
 Ratios are measured within one run, alternating the two sides and keeping each side's best
 repeat, because these machines are noisy. The last line printed is a JSON object of the figures.
 """
@@ -45,9 +53,12 @@ from datamodules.phantom import write_phantom_dataset
 from datamodules.roi_dataset import LiverCropDataset
 from lightning_modules import BaselineUNet, MaskMining
 
+from . import volumetric
 from .cascade_inference import bench_cascade
 from .preprocessing import bench_preprocess
 from .lits_scale import bench_lits_scale
+from .lits_scale import print_report as print_lits_report
+from .lits_scale import summary as lits_summary
 from .device_training import bench_training, find, print_table, ratio
 from .device_training import random_batches as device_batches
 
@@ -164,11 +175,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller data and fewer repeats (a smoke run, noisier)")
     parser.add_argument("--device", default="cpu", help="cpu (default: the suite's CPU hot paths) or an accelerator, e.g. cuda")
-    parser.add_argument("--budget", type=float, default=240.0, help="seconds the --device training matrix may take before it skips the rest")
+    parser.add_argument("--budget", type=float, default=240.0, help="seconds the --device training matrix (with --volumetric: the 3D train step's) may take before it skips the rest")
     parser.add_argument("--scale", choices=("suite", "lits"), default="suite",
                         help="suite: the hot paths above; lits: the epoch's parts at LiTS scale (benchmarks/lits_scale.py)")
     parser.add_argument("--ranks", type=int, default=1, help="--scale lits: processes sharing the LiTS epoch (DDP ranks)")
+    parser.add_argument("--eval-batch-size", type=int, default=None,
+                        help="--scale lits: the validation's batch (default 6 on the CPU, 32 on a device, 16 with --quick)")
+    parser.add_argument("--volumetric", action="store_true",
+                        help="the 3D path instead: train step, sliding-window prediction, crop loading (benchmarks/volumetric.py)")
     args = parser.parse_args()
+    if args.volumetric:
+        if args.scale != "suite":
+            parser.error("--volumetric and --scale lits are separate benchmarks: run one at a time")
+        return volumetric_main(args)
     if args.scale == "lits":
         return lits_scale_main(args)
     if args.device != "cpu":
@@ -224,42 +243,21 @@ def lits_scale_main(args) -> None:
 
     quiet_library_noise()
     with tempfile.TemporaryDirectory() as folder:
-        result = bench_lits_scale(Path(folder), args.quick, args.ranks, args.device)
-    pre, parts, epoch, against, augmentation = (result[k] for k in ("pre", "parts", "epoch", "against", "augmentation"))
-    geometry = ", ".join(f"{x}x{y}x{z} ({sx}x{sy}x{sz} mm)" for (x, y, z), (sx, sy, sz) in result["geometry"])
-    print(f"\nLiTS-scale phantom volumes: {geometry}; {torch.get_num_threads()} threads, device {args.device}")
-    rows = [
-        ("preprocess per volume", f"{pre['preprocess_s'] / pre['volumes']:.2f} s", f"plain nibabel decode {pre['decode_s'] / pre['volumes']:.2f} s ({pre['ratio']:.2f}x)"),
-        ("training: data wait", f"{parts['wait_s_per_slice'] * 1e3:.1f} ms/slice", f"{parts['steps']} batches of 6 at 256x256, 2 workers"),
-        ("training: step", f"{parts['step_s_per_slice'] * 1e3:.1f} ms/slice", "forward, loss, backward, Adam"),
-        ("validation: forward", f"{parts['val_forward_s_per_slice'] * 1e3:.1f} ms/slice", f"{parts['val_slices']} slices of one volume"),
-        ("validation: per-volume metrics", f"{parts['val_metrics_s_per_volume']:.2f} s/volume", f"volume {parts['val_volume_shape']} (z, y, x)"),
-        ("  scaled to 447.6 slices", f"{epoch['metric_s_per_volume']:.2f} s/volume", "metric_s_per_volume"),
-        ("LiTS epoch: training", f"{epoch['training_s'] / 60:.1f} min", f"{epoch['train_volumes']} volumes, {epoch['train_slices']:,} slices, {result['ranks']} rank(s)"),
-        ("LiTS epoch: validation", f"{epoch['validation_s'] / 60:.1f} min", f"{epoch['val_volumes']} volumes, {epoch['val_slices']:,} slices"),
-        ("  validation share", f"{epoch['validation_share']:.1%}", "target <= 20%"),
-        ("Dice + hd95 + HD, suite", f"{against['suite_s']:.2f} s/volume", f"volume {against['shape']}, near-truth prediction"),
-        ("  MONAI, uncropped volume", f"{against['monai_s']:.2f} s/volume", f"same values; {against['monai_s'] / against['suite_s']:.2f}x"),
-        ("augmentation, per sample (MONAI)", f"{augmentation['augment_sample_slices_per_s']:,.0f} slices/s", "1 thread (a DataLoader worker), 256x256"),
-        ("augmentation, batch", f"{augmentation['augment_batch_slices_per_s']:,.0f} slices/s", f"{augmentation['augment_batch_vs_sample']:.1f}x, batches of {augmentation['batch']} on {args.device}" + (", 1 thread" if args.device == "cpu" else "")),
-    ]
-    for name, value, note in rows:
-        print(f"{name:34s} {value:18s} {note}")
-    print(json.dumps({
-        "validation_share": round(epoch["validation_share"], 4),
-        "augment_batch_vs_sample": round(augmentation["augment_batch_vs_sample"], 2),
-        "metric_s_per_volume": round(epoch["metric_s_per_volume"], 3),
-        "preprocess_s_per_volume": round(pre["preprocess_s"] / pre["volumes"], 3),
-        "decode_s_per_volume": round(pre["decode_s"] / pre["volumes"], 3),
-        "data_wait_ms_per_slice": round(parts["wait_s_per_slice"] * 1e3, 2),
-        "step_ms_per_slice": round(parts["step_s_per_slice"] * 1e3, 2),
-        "val_forward_ms_per_slice": round(parts["val_forward_s_per_slice"] * 1e3, 2),
-        "lits_epoch_training_s": round(epoch["training_s"], 1),
-        "lits_epoch_validation_s": round(epoch["validation_s"], 1),
-        "metric_suite_vs_monai_uncropped": round(against["suite_s"] / against["monai_s"], 3),
-        "ranks": result["ranks"],
-        "device": args.device,
-    }))
+        result = bench_lits_scale(Path(folder), args.quick, args.ranks, args.device, args.eval_batch_size)
+    print_lits_report(result, args.device)
+    print(json.dumps(lits_summary(result, args.device)))
+
+
+def volumetric_main(args) -> None:
+    from experiments.console import quiet_library_noise
+
+    quiet_library_noise()
+    result = volumetric.run(args.quick, args.device, args.budget)
+    if torch.device(args.device).type == "cuda":
+        print(f"\ndevice: {torch.cuda.get_device_name(torch.device(args.device))}")
+        print_table(result["train_step"]["rows"], unit="crops")
+    volumetric.print_report(result)
+    print(json.dumps(volumetric.summary(result)))
 
 
 def device_main(args) -> None:

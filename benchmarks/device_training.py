@@ -17,6 +17,10 @@ its peak device memory is read over the whole run. The default memory layout (NC
 extra group times channels-last (``ChannelsLast``) at the largest batch in bf16. A time budget stops the matrix early on a slow
 machine; skipped configurations are reported as such, never estimated.
 
+``size`` may also be a tuple of spatial sizes: (D, H, W) times the 3D networks (``spatial_dims=3``) on
+(B, 1, D, H, W) crops (``benchmarks/volumetric.py``); ``slices_per_s`` then counts crops, and the
+channels-last group is left out (``ChannelsLast`` converts 4D tensors only).
+
 Validation time per volume: ``lits predict`` and one ``lits test`` pass of the 2D cascade on a
 512x512x100 phantom volume on the device (``benchmarks/cascade_inference.py``).
 """
@@ -41,11 +45,16 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def random_batches(count: int, batch_size: int, size: int, device: torch.device, channels_last: bool) -> list[dict]:
+def spatial_shape(size: int | tuple[int, ...]) -> tuple[int, ...]:
+    """(size, size) for an int (2D slices), else the tuple itself ((D, H, W) for 3D crops)."""
+    return (size, size) if isinstance(size, int) else tuple(int(n) for n in size)
+
+
+def random_batches(count: int, batch_size: int, size: int | tuple[int, ...], device: torch.device, channels_last: bool) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(count):
-        image = torch.rand(batch_size, 1, size, size, generator=generator)
+        image = torch.rand(batch_size, 1, *spatial_shape(size), generator=generator)
         mask = (image > 0.6).float()
         if channels_last:
             image, mask = (t.contiguous(memory_format=torch.channels_last) for t in (image, mask))
@@ -71,19 +80,20 @@ class _Timer(pl.Callback):
             self.seconds = time.perf_counter() - self.start
 
 
-def _suite_task() -> BaselineUNet:
+def _suite_task(spatial_dims: int = 2) -> BaselineUNet:
     torch.manual_seed(0)
-    return BaselineUNet(lr=1e-3, scheduler="none")
+    return BaselineUNet(lr=1e-3, scheduler="none", spatial_dims=spatial_dims)
 
 
-def _basic_unet() -> torch.nn.Module:
+def _basic_unet(spatial_dims: int = 2) -> torch.nn.Module:
     torch.manual_seed(0)
-    return BasicUNet(spatial_dims=2, in_channels=1, out_channels=1, features=(16, 32, 64, 128, 256, 16),
+    return BasicUNet(spatial_dims=spatial_dims, in_channels=1, out_channels=1, features=(16, 32, 64, 128, 256, 16),
                      act=("LeakyReLU", {"negative_slope": 0.2, "inplace": True}), norm=("instance", {"affine": True}))
 
 
-def lightning_seconds(batches, warmup, device, precision, compiled, channels_last) -> float:
-    task = _suite_task()
+def lightning_seconds(batches, warmup, device, precision, compiled, channels_last, task: BaselineUNet | None = None) -> float:
+    """``task``: the module to train (default: a fresh ``_suite_task`` of the batches' dimensionality); the caller may read its weights after."""
+    task = task if task is not None else _suite_task(batches[0]["image"].ndim - 2)
     if compiled:
         task.model = torch.compile(task.model)
     timer = _Timer(warmup, len(batches) - 1, device)
@@ -119,7 +129,7 @@ def plain_seconds(network, loss, batches, warmup, device, precision, compiled, c
     return time.perf_counter() - start
 
 
-def bench_training(device: str = "cuda", batch_sizes=(10, 64), size: int = 256, steps: int = 30, warmup: int = 5,
+def bench_training(device: str = "cuda", batch_sizes=(10, 64), size: int | tuple[int, ...] = 256, steps: int = 30, warmup: int = 5,
                    compile_modes=(False, True), precisions=PRECISIONS, channels_last: bool = False,
                    budget_s: float = 240.0) -> list[dict]:
     """One row per (batch, precision, compiled, implementation): slices/s and peak device memory, or ``skipped``.
@@ -128,11 +138,12 @@ def bench_training(device: str = "cuda", batch_sizes=(10, 64), size: int = 256, 
     only: the layout's own effect), then ``torch.compile`` from the largest batch down: the budget cuts the costliest.
     """
     device = torch.device(device)
+    spatial_dims = len(spatial_shape(size))
     loss = _suite_task().segmentation_loss
     groups = []
     if False in compile_modes:
         groups += [(b, False, channels_last, precisions) for b in batch_sizes]
-        if "bf16-mixed" in precisions:
+        if "bf16-mixed" in precisions and spatial_dims == 2:
             groups.append((max(batch_sizes), False, not channels_last, ("bf16-mixed",)))
     if True in compile_modes:
         groups += [(b, True, channels_last, precisions) for b in sorted(batch_sizes, reverse=True)]
@@ -154,7 +165,7 @@ def bench_training(device: str = "cuda", batch_sizes=(10, 64), size: int = 256, 
                     if implementation == "lightning":
                         seconds = lightning_seconds(batches, warmup, device, precision, compiled, layout)
                     else:
-                        network = _suite_task().model if implementation == "plain" else _basic_unet()
+                        network = _suite_task(spatial_dims).model if implementation == "plain" else _basic_unet(spatial_dims)
                         seconds = plain_seconds(network, loss, batches, warmup, device, precision, compiled, layout)
                 except Exception as error:  # one failing configuration (e.g. a compiler missing) must not lose the rest
                     row["skipped"] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
@@ -180,8 +191,9 @@ def ratio(numerator: dict, denominator: dict) -> float | None:
     return None
 
 
-def print_table(rows: list[dict]) -> None:
-    print(f"\n{'implementation':12s} {'batch':>5s} {'precision':11s} {'mode':14s} {'slices/s':>10s} {'peak GiB':>9s}")
+def print_table(rows: list[dict], unit: str = "slices") -> None:
+    """``unit``: what ``slices_per_s`` counts, for the header (``crops`` for 3D rows)."""
+    print(f"\n{'implementation':12s} {'batch':>5s} {'precision':11s} {'mode':14s} {unit + '/s':>10s} {'peak GiB':>9s}")
     for r in rows:
         mode = ("compile" if r["compiled"] else "eager") + (" NHWC" if r["channels_last"] else "")
         if "skipped" in r:

@@ -6,9 +6,11 @@
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      # default gpu_check/
 #
 # Writes OUT_DIR/gpu.txt (device, driver, torch), benchmarks.log (table + last-line JSON), lits_scale.log
-# (python -m benchmarks --scale lits --device cuda), study.log
+# (python -m benchmarks --scale lits --device cuda), volumetric.log (python -m benchmarks --volumetric
+# --device cuda: the 3D train step at 128x128x64, sliding-window prediction, 3D crop loading), study.log
 # and results.md (the study's table, with its wall time appended). Each part has a time limit
-# (BENCH_TIMEOUT, LITS_SCALE_TIMEOUT, STUDY_TIMEOUT seconds) so a slow machine still returns what it measured.
+# (BENCH_TIMEOUT, LITS_SCALE_TIMEOUT, VOLUMETRIC_TIMEOUT, STUDY_TIMEOUT seconds) so a slow machine still
+# returns what it measured; VOLUMETRIC_BUDGET bounds the 3D train step's matrix inside its limit.
 set -uo pipefail
 out=${1:-gpu_check}
 mkdir -p "$out"
@@ -25,6 +27,10 @@ echo "benchmarks exit $?"; grep -v -i -E "warn|tip|available|^\s*$" "$out/benchm
 # The epoch's parts at LiTS scale on the GPU (validation_share, augment_batch_vs_sample on the device)
 timeout "${LITS_SCALE_TIMEOUT:-150}" "$python" -m benchmarks --scale lits --device cuda > "$out/lits_scale.log" 2>&1
 echo "lits-scale benchmark exit $?"; grep -v -i -E "warn|tip|available|^\s*$" "$out/lits_scale.log" | tail -16
+
+# The 3D path on the GPU: train step (fp32, bf16-mixed; peak memory), sliding window per 512x512x100 volume, crops/s
+timeout "${VOLUMETRIC_TIMEOUT:-90}" "$python" -m benchmarks --volumetric --device cuda --budget "${VOLUMETRIC_BUDGET:-35}" > "$out/volumetric.log" 2>&1
+echo "volumetric benchmark exit $?"; grep -v -i -E "warn|tip|available|^\s*$" "$out/volumetric.log" | tail -24
 
 runs=$(mktemp -d)
 start=$(date +%s)

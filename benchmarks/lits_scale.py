@@ -10,9 +10,15 @@ scales the parts to LiTS' composition:
 2. **A training epoch's parts**, measured in one Lightning fit of the paper's U-Net (``BaselineUNet``,
    256 x 256, batch 6, the suite's per-sample augmentation, ``num_workers`` DataLoader workers) on the
    phantom's training volume: *data wait* (from one step's end to the next step's start: the loader
-   plus Lightning's loop), *step* (forward, loss, backward, Adam) and *validation* of one whole volume,
-   split into its *forward* part (network + per-slice records) and its *per-volume metrics* (reassembly at
-   512 x 512, largest 3D component, Dice and surface distances in mm). The validation scores a
+   plus Lightning's loop), *step* (forward, loss, backward, Adam), both after 2 warm-up batches, and
+   *validation* of one whole volume, split into its *forward* part (network + per-slice records) and its
+   *per-volume metrics* (reassembly at 512 x 512, largest 3D component, Dice and surface distances in mm).
+   The forward part is timed from the end of its first warm-up batches (2, or 1 where that leaves fewer
+   than 2 batches to time) and counts only the slices after them: a LiTS validation of 8,952 slices pays
+   its DataLoader workers' start-up (persistent, so once per run) and a device's first-batch set-up once, not
+   per volume. Its batch is ``eval_batch_size``: 6 on the CPU (the training batch, the figures of earlier
+   runs), 32 on an accelerator (``--data.eval_batch_size`` a GPU user would set; 160 = 5 x 32 slices, 16
+   with ``--quick``). The validation scores a
    near-truth prediction (the truth shifted by 2 px at 256 x 256, ``NearTruth``) rather than the
    untrained network's output, so that the metric time is that of a trained model (the surface
    distances of a prediction far from the truth cost far more; ``python -m benchmarks`` (f) shows that
@@ -21,8 +27,14 @@ scales the parts to LiTS' composition:
    validation volumes) of 447.6 slices each; every training slice once per epoch (the data module's
    default, no ``foreground_margin``); validation of every slice of the validation volumes and one
    per-volume metric computation each (scaled to 447.6 slices from the measured volume), on
-   ``--ranks`` processes sharing the validation volumes (sharded validation) and one device each.
-   ``validation_share`` = validation / (training + validation) of that epoch's wall time.
+   ``--ranks`` processes on one machine sharing the validation volumes (sharded validation) and one device each.
+   Each rank scores its share of the volumes in ``metric_workers`` worker processes, the suite's automatic
+   count for a LiTS share on this machine (``metrics.metric_workers``: the cores divided among the ranks, 16
+   for one rank on a 16-core GPU machine, 2 on a 2-core CPU): measured by scoring that many copies of the
+   validation volume at once (one round, checked equal to the in-process figures), a share of ``V`` volumes
+   taking ``ceil(V / metric_workers)`` rounds. ``validation_share`` = validation / (training + validation) of
+   that epoch's wall time; ``validation_share_1_worker`` the same with the volumes scored in-process, one
+   after the other, as before the workers (comparable with earlier runs).
 4. **Per-volume metric time against MONAI** on the full volume: ``metrics.volume_dice_hausdorff`` (the
    suite's; cropped to the masks' joint bounding box) against MONAI's ``compute_dice`` and
    ``compute_hausdorff_distance`` (95 and 100) on the uncropped volume; identical values asserted.
@@ -30,11 +42,13 @@ scales the parts to LiTS' composition:
    per-sample MONAI path, in slices/s at 256 x 256: ``augment_batch_vs_sample``.
 
 The last line printed is a JSON object with at least ``validation_share``, ``augment_batch_vs_sample`` and
-``metric_s_per_volume`` (per volume of 447.6 slices at 512 x 512).
+``metric_s_per_volume`` (per volume of 447.6 slices at 512 x 512, in-process), ``metric_workers`` and
+``metric_s_per_volume_workers`` (a round's wall time divided by its volumes: the cost of a volume with the workers).
 """
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from pathlib import Path
@@ -49,7 +63,8 @@ from datamodules.cache import CachedVolume
 from datamodules.phantom import write_phantom_dataset
 from datamodules.splits import _counts
 from lightning_modules import BaselineUNet
-from lightning_modules.metrics import volume_dice_hausdorff
+from lightning_modules.metrics import RECORD_KEYS, metric_workers, record_volumes, volume_dice_hausdorff, volume_figures
+from lightning_modules.volume_records import volume_share
 
 from .augmentation import augmentation_throughput
 from .preprocessing import bench_preprocess
@@ -64,23 +79,29 @@ VOLUMES = {
 
 class NearTruth(BaselineUNet):
     """The U-Net, scored on a near-truth prediction: every evaluation batch still runs the network (timed
-    like a real validation), but the per-slice records hold the ground truth shifted by 2 px along x."""
+    like a real validation), but the per-slice records hold the ground truth shifted by 2 px along x.
+    Keeps the last epoch's slice records, which the benchmark scores again in worker processes."""
 
     def update_metrics(self, stage: str, outputs: dict[str, torch.Tensor], batch: dict) -> None:
         shifted = torch.roll(batch["mask"], shifts=2, dims=-1)
         super().update_metrics(stage, {"seg": (shifted * 2 - 1) * 10.0}, batch)
 
+    def summarize_records(self, records: dict[str, torch.Tensor]):
+        self.last_records = records
+        return super().summarize_records(records)
+
 
 class EpochTimer(pl.Callback):
     """Wall time of an epoch's parts: data wait and step per training batch (after ``skip`` warm-up
-    batches), the validation's forward part (its batches) and its epoch-end part (per-volume metrics)."""
+    batches), the validation's forward part (its batches after ``skip`` warm-up ones, or as many as leave 2
+    batches to time) and its epoch-end part (per-volume metrics)."""
 
     def __init__(self, skip: int):
         self.skip = skip
         self.wait = self.step = 0.0
         self.steps = 0
         self.val_forward = self.val_metrics = 0.0
-        self.val_slices = 0
+        self.val_slices = self.val_timed_slices = self.val_skip = 0
 
     def on_train_epoch_start(self, trainer, module):
         self.mark = time.perf_counter()
@@ -99,12 +120,20 @@ class EpochTimer(pl.Callback):
         self.mark = now
 
     def on_validation_epoch_start(self, trainer, module):
-        self.val_start = self.val_last = time.perf_counter()
+        batches = int(trainer.num_val_batches[0])
+        if not trainer.sanity_checking and batches < 2:
+            raise ValueError(f"{batches} validation batch: too few to time after a warm-up one (lower the eval batch size)")
+        self.val_skip = max(1, min(self.skip, batches - 2))
 
     def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
         self.val_last = time.perf_counter()
-        if not trainer.sanity_checking:
-            self.val_slices += len(batch["image"])
+        if trainer.sanity_checking:
+            return
+        self.val_slices += len(batch["image"])
+        if batch_idx == self.val_skip - 1:  # the end of the warm-up: the workers have started, the device is set up
+            self.val_start = self.val_last
+        elif batch_idx >= self.val_skip:
+            self.val_timed_slices += len(batch["image"])
 
     def on_validation_end(self, trainer, module):
         if not trainer.sanity_checking:
@@ -112,11 +141,14 @@ class EpochTimer(pl.Callback):
             self.val_metrics += time.perf_counter() - self.val_last
 
 
-def measure_epoch(data: Path, cache: Path, steps: int, batch_size: int, num_workers: int, accelerator: str) -> dict:
-    """One fit: ``steps`` timed training batches after 2 warm-up ones, then validation of one whole volume."""
+def measure_epoch(data: Path, cache: Path, steps: int, batch_size: int, num_workers: int, accelerator: str,
+                  eval_batch_size: int | None = None, workers: int = 1) -> dict:
+    """One fit: ``steps`` timed training batches after 2 warm-up ones, then validation of one whole volume (batches of
+    ``eval_batch_size``, default ``batch_size``); with ``workers`` > 1, one round of that many copies of the volume
+    scored in as many worker processes (``metric_round_s``)."""
     pl.seed_everything(0, verbose=False)
     datamodule = LiTSDataModule(root=str(data), cache_dir=str(cache), split=[1, 1, 1], batch_size=batch_size,
-                                eval_batch_size=batch_size, num_workers=num_workers, preprocess_workers=1)
+                                eval_batch_size=eval_batch_size or batch_size, num_workers=num_workers, preprocess_workers=1)
     module = NearTruth(num_overlays=0, scheduler="none", lr=1e-3)
     timer = EpochTimer(skip=2)
     trainer = pl.Trainer(accelerator=accelerator, devices=1, max_epochs=1, limit_train_batches=steps + 2, logger=False,
@@ -125,27 +157,73 @@ def measure_epoch(data: Path, cache: Path, steps: int, batch_size: int, num_work
                          num_sanity_val_steps=0, callbacks=[timer])
     trainer.fit(module, datamodule=datamodule)
     volume = datamodule.volumes[datamodule.datasets["val"].volume_indices[0]]
-    return {
+    parts = {
         "wait_s_per_slice": timer.wait / (timer.steps * batch_size),
         "step_s_per_slice": timer.step / (timer.steps * batch_size),
-        "val_forward_s_per_slice": timer.val_forward / timer.val_slices,
+        "val_forward_s_per_slice": timer.val_forward / timer.val_timed_slices,
         "val_metrics_s_per_volume": timer.val_metrics,
         "val_volume_shape": list(volume.full_shape),
         "val_slices": timer.val_slices,
+        "val_timed_slices": timer.val_timed_slices,
+        "val_warmup_batches": timer.val_skip,
+        "eval_batch_size": eval_batch_size or batch_size,
         "steps": timer.steps,
+        "metric_workers": workers,
     }
+    if workers > 1:
+        parts["metric_round_s"] = metric_round(module, datamodule, workers)
+    return parts
+
+
+def metric_round(module: NearTruth, datamodule: LiTSDataModule, workers: int) -> float:
+    """Seconds to score ``workers`` copies of the validation volume in ``workers`` worker processes (``volume_figures``
+    as ``summarize_records`` calls it), each copy's figures checked equal to the validation's in-process ones."""
+    records = module.last_records
+    (volume,) = record_volumes(records)
+    slices = len(records["volume_index"])
+    copies = {key: torch.cat([records[key]] * workers) for key in RECORD_KEYS}
+    copies["volume_index"] = torch.arange(workers, device=records["volume_index"].device).repeat_interleave(slices)
+    channels = (0,) if module.hparams.largest_component and datamodule.hparams.target != "lesion" else ()
+    start = time.perf_counter()
+    rows = volume_figures(copies, lambda copy: datamodule.eval_target(volume), channels, module.hparams.threshold,
+                          workers=workers)
+    elapsed = time.perf_counter() - start
+    if sorted(rows) != list(range(workers)) or any(row != module.per_volume["val"][volume] for row in rows.values()):
+        raise AssertionError("the per-volume figures of the worker processes differ from the in-process ones")
+    return elapsed
+
+
+def lits_metric_workers(ranks: int) -> int:
+    """The suite's automatic worker count for one rank's share of LiTS' validation volumes (``ranks`` on this machine)."""
+    _, val_volumes, _ = _counts(LITS_SPLIT, LITS_VOLUMES)
+    share = len(volume_share(range(val_volumes), 0, ranks))
+    return metric_workers(share, round(share * LITS_SLICES_PER_VOLUME) * 256 * 256, local_processes=ranks)
 
 
 def lits_epoch(parts: dict, ranks: int) -> dict:
-    """The epoch's wall time at LiTS scale from the measured per-slice and per-volume parts."""
+    """The epoch's wall time at LiTS scale from the measured per-slice and per-volume parts.
+
+    With ``metric_round_s`` (``metric_workers`` volumes scored at once), each rank scores its share of the validation
+    volumes in rounds of ``metric_workers``; without it, in-process, as ``validation_s_1_worker`` always does.
+    """
     train_volumes, val_volumes, _ = _counts(LITS_SPLIT, LITS_VOLUMES)
     train_slices, val_slices = train_volumes * LITS_SLICES_PER_VOLUME, val_volumes * LITS_SLICES_PER_VOLUME
-    metric_s = parts["val_metrics_s_per_volume"] * LITS_SLICES_PER_VOLUME / parts["val_slices"]
+    scale = LITS_SLICES_PER_VOLUME / parts["val_slices"]  # the measured volume's per-volume time -> LiTS' mean volume
+    metric_s = parts["val_metrics_s_per_volume"] * scale
     training = train_slices * (parts["wait_s_per_slice"] + parts["step_s_per_slice"]) / ranks
-    validation = (val_slices * parts["val_forward_s_per_slice"] + val_volumes * metric_s) / ranks
+    forward = val_slices * parts["val_forward_s_per_slice"] / ranks
+    sequential = forward + val_volumes * metric_s / ranks
+    workers, validation, metric_workers_s = 1, sequential, metric_s
+    if "metric_round_s" in parts:
+        workers = parts["metric_workers"]
+        share = len(volume_share(range(val_volumes), 0, ranks))  # the largest share: the ranks wait for it
+        validation = forward + math.ceil(share / workers) * parts["metric_round_s"] * scale
+        metric_workers_s = parts["metric_round_s"] * scale / workers
     return {"train_volumes": train_volumes, "val_volumes": val_volumes, "train_slices": round(train_slices),
             "val_slices": round(val_slices), "training_s": training, "validation_s": validation,
-            "metric_s_per_volume": metric_s, "validation_share": validation / (training + validation)}
+            "metric_s_per_volume": metric_s, "metric_workers": workers, "metric_s_per_volume_workers": metric_workers_s,
+            "validation_share": validation / (training + validation),
+            "validation_s_1_worker": sequential, "validation_share_1_worker": sequential / (training + sequential)}
 
 
 def near_truth_volume(volume: CachedVolume) -> tuple[np.ndarray, np.ndarray, list[float]]:
@@ -190,8 +268,11 @@ def metrics_against_monai(volume: CachedVolume, repeats: int) -> dict:
     return {"shape": list(volume.full_shape), "suite_s": times["suite"], "monai_s": times["monai"], "values": ours}
 
 
-def bench_lits_scale(work: Path, quick: bool, ranks: int, device: str) -> dict:
+def bench_lits_scale(work: Path, quick: bool, ranks: int, device: str, eval_batch_size: int | None = None) -> dict:
+    """Every part (see the module's docstring); ``eval_batch_size`` None: 6 on the CPU, 32 (``quick``: 16) on a device."""
     geometry = VOLUMES["quick" if quick else "full"]
+    if eval_batch_size is None:
+        eval_batch_size = 6 if device == "cpu" else 16 if quick else 32
     data = work / "data"
     for index, (shape, spacing) in enumerate(geometry):
         write_phantom_dataset(data / str(index), volumes=1, seed=index, shape=shape, spacing=spacing)
@@ -201,7 +282,8 @@ def bench_lits_scale(work: Path, quick: bool, ranks: int, device: str) -> dict:
     pre = bench_preprocess(data, work, repeats=1)
     slices = sum(shape[2] for shape, _ in geometry)
     parts = measure_epoch(data, work / "epoch_cache", steps=2 if quick else 6, batch_size=6, num_workers=2,
-                          accelerator="cpu" if device == "cpu" else "gpu")
+                          accelerator="cpu" if device == "cpu" else "gpu", eval_batch_size=eval_batch_size,
+                          workers=lits_metric_workers(ranks))
     epoch = lits_epoch(parts, ranks)
     cache = sorted(p for p in (work / "epoch_cache").rglob("*") if p.is_dir() and (p / "image.npy").exists())
     largest = max((CachedVolume(entry) for entry in cache), key=lambda v: np.prod(v.full_shape))
@@ -209,3 +291,62 @@ def bench_lits_scale(work: Path, quick: bool, ranks: int, device: str) -> dict:
     augmentation = augmentation_throughput(device=device)
     return {"pre": pre, "slices": slices, "geometry": geometry, "parts": parts, "epoch": epoch, "against": against,
             "augmentation": augmentation, "ranks": ranks}
+
+
+def report_rows(result: dict, device: str) -> list[tuple[str, str, str]]:
+    """The printed table: (part, figure, note) rows."""
+    pre, parts, epoch, against, augmentation = (result[k] for k in ("pre", "parts", "epoch", "against", "augmentation"))
+    workers = epoch["metric_workers"]
+    return [
+        ("preprocess per volume", f"{pre['preprocess_s'] / pre['volumes']:.2f} s", f"plain nibabel decode {pre['decode_s'] / pre['volumes']:.2f} s ({pre['ratio']:.2f}x)"),
+        ("training: data wait", f"{parts['wait_s_per_slice'] * 1e3:.1f} ms/slice", f"{parts['steps']} batches of 6 at 256x256 after 2 warm-up ones, 2 workers"),
+        ("training: step", f"{parts['step_s_per_slice'] * 1e3:.1f} ms/slice", "forward, loss, backward, Adam"),
+        ("validation: forward", f"{parts['val_forward_s_per_slice'] * 1e3:.1f} ms/slice",
+         f"{parts['val_timed_slices']} of {parts['val_slices']} slices of one volume, batches of {parts['eval_batch_size']} "
+         f"after {parts['val_warmup_batches']} warm-up one(s)"),
+        ("validation: per-volume metrics", f"{parts['val_metrics_s_per_volume']:.2f} s/volume", f"volume {parts['val_volume_shape']} (z, y, x), in-process"),
+        ("  scaled to 447.6 slices", f"{epoch['metric_s_per_volume']:.2f} s/volume", "metric_s_per_volume"),
+        (f"  with {workers} worker(s)", f"{epoch['metric_s_per_volume_workers']:.2f} s/volume",
+         f"{workers} copies scored at once (a round) / {workers}; metric_workers, automatic for a LiTS share here"),
+        ("LiTS epoch: training", f"{epoch['training_s'] / 60:.1f} min", f"{epoch['train_volumes']} volumes, {epoch['train_slices']:,} slices, {result['ranks']} rank(s)"),
+        ("LiTS epoch: validation", f"{epoch['validation_s'] / 60:.1f} min", f"{epoch['val_volumes']} volumes, {epoch['val_slices']:,} slices, metrics in {workers} worker(s) per rank"),
+        ("  validation share", f"{epoch['validation_share']:.1%}", "target <= 20%"),
+        ("  same, metrics in-process", f"{epoch['validation_share_1_worker']:.1%}", f"validation {epoch['validation_s_1_worker'] / 60:.1f} min (as before the workers)"),
+        ("Dice + hd95 + HD, suite", f"{against['suite_s']:.2f} s/volume", f"volume {against['shape']}, near-truth prediction"),
+        ("  MONAI, uncropped volume", f"{against['monai_s']:.2f} s/volume", f"same values; {against['monai_s'] / against['suite_s']:.2f}x"),
+        ("augmentation, per sample (MONAI)", f"{augmentation['augment_sample_slices_per_s']:,.0f} slices/s", "1 thread (a DataLoader worker), 256x256"),
+        ("augmentation, batch", f"{augmentation['augment_batch_slices_per_s']:,.0f} slices/s",
+         f"{augmentation['augment_batch_vs_sample']:.1f}x, batches of {augmentation['batch']} on {device}" + (", 1 thread" if device == "cpu" else "")),
+    ]
+
+
+def summary(result: dict, device: str) -> dict:
+    """The JSON line's figures."""
+    pre, parts, epoch, against, augmentation = (result[k] for k in ("pre", "parts", "epoch", "against", "augmentation"))
+    return {
+        "validation_share": round(epoch["validation_share"], 4),
+        "validation_share_1_worker": round(epoch["validation_share_1_worker"], 4),
+        "augment_batch_vs_sample": round(augmentation["augment_batch_vs_sample"], 2),
+        "metric_s_per_volume": round(epoch["metric_s_per_volume"], 3),
+        "metric_workers": epoch["metric_workers"],
+        "metric_s_per_volume_workers": round(epoch["metric_s_per_volume_workers"], 3),
+        "preprocess_s_per_volume": round(pre["preprocess_s"] / pre["volumes"], 3),
+        "decode_s_per_volume": round(pre["decode_s"] / pre["volumes"], 3),
+        "data_wait_ms_per_slice": round(parts["wait_s_per_slice"] * 1e3, 2),
+        "step_ms_per_slice": round(parts["step_s_per_slice"] * 1e3, 2),
+        "val_forward_ms_per_slice": round(parts["val_forward_s_per_slice"] * 1e3, 2),
+        "eval_batch_size": parts["eval_batch_size"],
+        "lits_epoch_training_s": round(epoch["training_s"], 1),
+        "lits_epoch_validation_s": round(epoch["validation_s"], 1),
+        "metric_suite_vs_monai_uncropped": round(against["suite_s"] / against["monai_s"], 3),
+        "ranks": result["ranks"],
+        "device": device,
+    }
+
+
+def print_report(result: dict, device: str) -> None:
+    """The table ``python -m benchmarks --scale lits`` prints above its JSON line."""
+    geometry = ", ".join(f"{x}x{y}x{z} ({sx}x{sy}x{sz} mm)" for (x, y, z), (sx, sy, sz) in result["geometry"])
+    print(f"\nLiTS-scale phantom volumes: {geometry}; {torch.get_num_threads()} threads, device {device}")
+    for name, value, note in report_rows(result, device):
+        print(f"{name:34s} {value:18s} {note}")

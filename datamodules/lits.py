@@ -98,7 +98,7 @@ class LiTSDataModule(pl.LightningDataModule):
             ``context_slices``). The volumes are resampled along z to ``slice_spacing_mm`` (``resample_volume``,
             in-plane still ``image_size``); training draws ``batch_size`` random ``crop_size_3d`` crops
             (``Crop3DDataset``: ``target``, ``positive_fraction`` (default 0.5) of the crops centred on target
-            foreground, ``InPlaneAugmentation`` when ``augment``, one crop per training volume per epoch);
+            foreground, ``InPlaneAugmentation`` when ``augment``, ``crops_per_volume`` crops per training volume per epoch);
             validation and test yield one whole resampled volume per step (batch size 1, ``eval_batch_size``
             does not apply): image (1, 1, Z', S, S), mask (1, C, Z', S, S), ``volume_index``, ``volume``, which
             the segmentation task predicts with a sliding window of ``crop_size_3d`` and scores on the original
@@ -106,6 +106,8 @@ class LiTSDataModule(pl.LightningDataModule):
         crop_size_3d: (D, H, W) of the 3D training crops and of the evaluation's sliding window (the paper's
             128x128x64: ``[64, 128, 128]``); each divisible by 16 and at most the resampled training volumes'.
         slice_spacing_mm: the z spacing the volumes are resampled to for ``spatial_dims: 3``.
+        crops_per_volume: ``spatial_dims: 3``: random crops drawn from each training volume per epoch (an epoch of
+            few volumes is otherwise a handful of steps, each followed by Lightning's epoch-end work).
     """
 
     def __init__(
@@ -149,6 +151,7 @@ class LiTSDataModule(pl.LightningDataModule):
         spatial_dims: int = 2,
         crop_size_3d: list[int] = [64, 128, 128],
         slice_spacing_mm: float = 2.5,
+        crops_per_volume: int = 1,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -186,6 +189,8 @@ class LiTSDataModule(pl.LightningDataModule):
                 check_crop_size(crop_size_3d)
             except DataError as error:
                 raise DataError(f"--data.crop_size_3d: {error}") from None
+            if crops_per_volume < 1:
+                raise DataError(f"--data.crops_per_volume={crops_per_volume} must be at least 1")
             if not slice_spacing_mm > 0:
                 raise DataError(f"--data.slice_spacing_mm={slice_spacing_mm} must be positive, e.g. 2.5")
         self.settings = PreprocessSettings(
@@ -298,7 +303,7 @@ class LiTSDataModule(pl.LightningDataModule):
             return WholeVolume3DDataset(chosen, indices, h.target, h.slice_spacing_mm)
         transform = InPlaneAugmentation(h.flip_prob, h.rotate_degrees, h.zoom_range, h.augment_prob) if h.augment else None
         positive = 0.5 if h.positive_fraction is None else h.positive_fraction
-        dataset = Crop3DDataset(chosen, indices, h.crop_size_3d, h.target, positive, transform=transform,
+        dataset = Crop3DDataset(chosen, indices, h.crop_size_3d, h.target, positive, samples_per_volume=h.crops_per_volume, transform=transform,
                                 slice_spacing_mm=h.slice_spacing_mm, crop_margin=h.crop_margin)
         crop = tuple(int(v) for v in h.crop_size_3d)
         for volume in dataset.volumes:

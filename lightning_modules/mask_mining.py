@@ -232,10 +232,11 @@ class MaskMining(SegmentationTask):
     def _summarize_before(self, stage: str) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
         per_volume = self.before_volume_records[stage].compute() if self.before_volume_records[stage].update_count else {}
         self.before_volume_records[stage].reset()
+        if per_volume:  # a cascade: whole volumes, no slice records
+            self.before_records[stage].reset()
+            return summarize_cascade(per_volume), per_volume
         records = self.before_records[stage].compute()
         self.before_records[stage].reset()
-        if per_volume:
-            return summarize_cascade(per_volume), per_volume
         return self.summarize_records(records)
 
     def compute_metrics(self, stage: str) -> dict[str, float]:

@@ -45,9 +45,10 @@ BEFORE = {
 # * every segmentation module can be a cascade's lesion network (its liver network and region settings).
 # * every module chooses the backbone's variant (2D or 3D, block, squeeze-and-excitation); the defaults are the paper's.
 # * every segmentation module sets the 3D evaluation's sliding window (overlap, blending).
+# * every segmentation module chooses the worker processes of its per-volume metrics (null: automatic).
 SEG_LOSS = dict(seg_loss="dice", distance_weights=False, distance_w0=10.0, distance_sigma=5.0,
                 liver_checkpoint=None, region_margin=16, region_margin_slices=2, lesion_dilation=8,
-                sw_overlap=0.25, sw_mode="gaussian")
+                sw_overlap=0.25, sw_mode="gaussian", metric_workers=None)
 VARIANT = dict(spatial_dims=2, block="plain", se=False)
 ADDED = {
     BaselineUNet: dict(**SEG_LOSS, **VARIANT),

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import math
+import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from lightning_modules import BaselineUNet
+from lightning_modules import metrics
+from lightning_modules.classification import CheckpointError
 from lightning_modules.metrics import (
     RECORD_KEYS,
     SliceRecords,
@@ -15,7 +20,9 @@ from lightning_modules.metrics import (
     slice_dice_hausdorff,
     summarize_slices,
     mean_volume_figures,
+    metric_workers,
     record_volumes,
+    share_voxels,
     summarize_volumes,
     volume_dice_hausdorff,
     volume_figures,
@@ -324,3 +331,105 @@ def test_summarize_volumes_empty_prediction_is_finite():
     assert summarize_slices(records) == pytest.approx({"dice_slice": 1.0, "hd_slice_px": 0.0})
     with pytest.raises(ValueError):
         summarize_volumes({key: value[:0] for key, value in records.items()}, lambda v: (full[v], SPACINGS[v]))
+
+
+# -- per-volume figures in worker processes ---------------------------------------------------------
+def noisy_volumes(count: int = 4):
+    """Two-channel volumes of 5-8 slices: training-resolution (32x32) soft probabilities whose upsampled threshold
+    differs from the 64x64 targets here and there (islands, ragged borders), so every figure is a non-trivial float."""
+    rng = np.random.default_rng(7)
+    probs, full = {}, {}
+    for v in range(count):
+        depth = 5 + v
+        liver = np.zeros((depth, 64, 64), dtype=bool)
+        liver[:, 10 + v : 50, 12 : 52 - v] = True
+        lesion = np.zeros_like(liver)
+        lesion[1:-1, 20:30, 25 + v : 35] = True
+        full[v] = np.stack([liver, lesion])
+        coarse = full[v][:, :, ::2, ::2].astype(np.float32) * 0.7 + rng.random((2, depth, 32, 32), dtype=np.float32) * 0.3
+        coarse[0, depth // 2, 2:5, 2:5] = 0.9  # an island the largest component removes
+        probs[v] = torch.from_numpy(coarse)
+    metric = SliceRecords()
+    for v, p in probs.items():
+        batch = p.permute(1, 0, 2, 3)  # (Z, C, h, w)
+        metric.update(batch, batch >= 0.5, torch.full((len(batch),), v), torch.arange(len(batch)))
+    return metric.compute(), full
+
+
+class RecordingLoad:
+    """``load_target`` that leaves a file per call naming the process that made it (a forked worker's calls
+    cannot be seen otherwise)."""
+
+    def __init__(self, full: dict, spacing: tuple, folder):
+        self.full, self.spacing, self.folder = full, spacing, folder
+
+    def __call__(self, v: int):
+        (self.folder / f"{v}-{os.getpid()}").touch()
+        return self.full[v], self.spacing
+
+    def processes(self) -> set[int]:
+        return {int(path.name.split("-")[1]) for path in self.folder.iterdir()}
+
+
+def test_volume_figures_in_worker_processes_equal_the_in_process_figures(tmp_path):
+    records, full = noisy_volumes()
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one, two = RecordingLoad(full, (2.5, 0.8, 0.7), tmp_path / "one"), RecordingLoad(full, (2.5, 0.8, 0.7), tmp_path / "two")
+    in_process = volume_figures(records, one, (0,), 0.5, workers=1)
+    in_workers = volume_figures(records, two, (0,), 0.5, workers=2)
+    assert in_workers == in_process  # every float to the last bit, and the volumes in the same order
+    assert list(in_workers) == [0, 1, 2, 3]
+    assert all(0 < figures["dice_volume"] < 1 and figures["hd_volume_mm"] > 0 for figures in in_process.values())
+    assert one.processes() == {os.getpid()}
+    assert len(two.processes()) == 2 and os.getpid() not in two.processes()  # two forked workers did the work
+    # A share of the volumes, in workers, gives the same rows as in-process.
+    assert volume_figures(records, two, (0,), 0.5, volumes=[3, 1], workers=2) == {3: in_process[3], 1: in_process[1]}
+
+
+def test_reassembly_in_chunks_equals_the_whole_stack():
+    probs = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (11, 2, 24, 24), dtype=np.uint8))
+    whole = metrics._reassemble(probs, (61, 50), 0.5, chunk=len(probs))
+    assert whole.shape == (2, 11, 61, 50) and whole.any() and not whole.all()
+    assert torch.equal(metrics._reassemble(probs, (61, 50), 0.5, chunk=4), whole)
+
+
+def test_metric_workers_automatic_count(monkeypatch):
+    monkeypatch.setattr(metrics, "_usable_cpus", lambda: 16)
+    big = metrics.PARALLEL_MIN_VOXELS
+    assert metric_workers(20, big) == 16  # the cores, capped...
+    assert metric_workers(5, big) == 5  # ...by the volumes
+    assert metric_workers(20, big, local_processes=4) == 4  # a node's ranks share its cores
+    assert metric_workers(20, big, local_processes=32) == 1
+    # No pool for a single volume or a small share: unit tests and smoke runs fork nothing.
+    assert metric_workers(1, 100 * big) == 1
+    assert metric_workers(20, big - 1) == 1
+    records, _ = noisy_volumes()
+    assert share_voxels(records, [0, 2]) == (5 + 7) * 2 * 32 * 32
+    assert share_voxels(records, []) == 0
+    assert metric_workers(4, share_voxels(records, range(4))) == 1
+    # An explicit count overrides the rule, capped by the volumes.
+    assert metric_workers(4, 10, requested=3) == 3
+    assert metric_workers(4, big, requested=9) == 4
+    assert metric_workers(1, big, requested=9) == 1
+    with pytest.raises(ValueError):
+        metric_workers(4, big, requested=0)
+    monkeypatch.setattr(metrics.sys, "platform", "darwin")  # workers are forked: Linux only
+    assert metric_workers(20, big) == 1 and metric_workers(20, big, requested=4) == 1
+
+
+def test_summarize_records_scores_in_the_requested_workers(tmp_path):
+    records, full = noisy_volumes(3)
+    rows = {}
+    for count in (1, 2):
+        (tmp_path / str(count)).mkdir()
+        load = RecordingLoad(full, (1.0, 0.7, 0.7), tmp_path / str(count))
+        module = BaselineUNet(base_channels=4, out_channels=2, metric_workers=count)
+        module._trainer = SimpleNamespace(datamodule=SimpleNamespace(hparams=SimpleNamespace(target="both"), eval_target=load),
+                                          world_size=1, num_devices=1, global_rank=0)
+        figures, rows[count] = module.summarize_records(records)
+        assert (os.getpid() in load.processes()) == (count == 1)
+        assert module.hparams.metric_workers == count
+    assert rows[2] == rows[1] and sorted(rows[1]) == [0, 1, 2]
+    with pytest.raises(CheckpointError, match="metric_workers"):
+        BaselineUNet(metric_workers=0)
