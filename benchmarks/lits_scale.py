@@ -11,8 +11,9 @@ scales the parts to LiTS' composition:
    256 x 256, batch 6, the suite's per-sample augmentation, ``num_workers`` DataLoader workers) on the
    phantom's training volume: *data wait* (from one step's end to the next step's start: the loader
    plus Lightning's loop), *step* (forward, loss, backward, Adam), both after 2 warm-up batches, and
-   *validation* of one whole volume, split into its *forward* part (network + per-slice records) and its
-   *per-volume metrics* (reassembly at 512 x 512, largest 3D component, Dice and surface distances in mm).
+   *validation* of one whole volume, split into its *forward* part (network + per-slice records: storing them,
+   the per-slice figures are deferred) and its *per-volume metrics* (reassembly at 512 x 512, largest 3D component,
+   Dice and surface distances in mm, and the per-slice Dice and Hausdorff in px at 256 x 256).
    The forward part is timed from the end of its first warm-up batches (2, or 1 where that leaves fewer
    than 2 batches to time) and counts only the slices after them: a LiTS validation of 8,952 slices pays
    its DataLoader workers' start-up (persistent, so once per run) and a device's first-batch set-up once, not
@@ -63,7 +64,8 @@ from datamodules.cache import CachedVolume
 from datamodules.phantom import write_phantom_dataset
 from datamodules.splits import _counts
 from lightning_modules import BaselineUNet
-from lightning_modules.metrics import RECORD_KEYS, metric_workers, record_volumes, volume_dice_hausdorff, volume_figures
+from lightning_modules.metrics import (RECORD_KEYS, SLICE_KEYS, metric_workers, record_volumes, split_slice_figures,
+                                       volume_dice_hausdorff, volume_figures)
 from lightning_modules.volume_records import volume_share
 
 from .augmentation import augmentation_throughput
@@ -177,7 +179,8 @@ def measure_epoch(data: Path, cache: Path, steps: int, batch_size: int, num_work
 
 def metric_round(module: NearTruth, datamodule: LiTSDataModule, workers: int) -> float:
     """Seconds to score ``workers`` copies of the validation volume in ``workers`` worker processes (``volume_figures``
-    as ``summarize_records`` calls it), each copy's figures checked equal to the validation's in-process ones."""
+    as ``summarize_records`` calls it, with the per-slice figures), each copy's figures checked equal to the
+    validation's in-process ones."""
     records = module.last_records
     (volume,) = record_volumes(records)
     slices = len(records["volume_index"])
@@ -186,8 +189,11 @@ def metric_round(module: NearTruth, datamodule: LiTSDataModule, workers: int) ->
     channels = (0,) if module.hparams.largest_component and datamodule.hparams.target != "lesion" else ()
     start = time.perf_counter()
     rows = volume_figures(copies, lambda copy: datamodule.eval_target(volume), channels, module.hparams.threshold,
-                          workers=workers)
+                          workers=workers, with_slices=True)
     elapsed = time.perf_counter() - start
+    if len({tuple(row[key] for key in SLICE_KEYS) for row in rows.values()}) != 1:
+        raise AssertionError("the per-slice figures of the copies differ")
+    rows, _ = split_slice_figures(rows)
     if sorted(rows) != list(range(workers)) or any(row != module.per_volume["val"][volume] for row in rows.values()):
         raise AssertionError("the per-volume figures of the worker processes differ from the in-process ones")
     return elapsed

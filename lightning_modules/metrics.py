@@ -19,7 +19,18 @@ Conventions (all figures the suite reports follow them):
   inside the image: ``sqrt(H^2 + W^2)`` pixels for a slice (spacing 1), and
   ``sqrt((Z*sz)^2 + (H*sy)^2 + (W*sx)^2)`` mm for a (C, Z, H, W) volume of spacing ``(sz, sy, sx)``,
   where ``Z`` counts the slices compared. No NaN or inf ever reaches an aggregate.
-* Slice metrics are taken at the training resolution on ``probs >= threshold``. For volumes, the slice
+* Slice metrics are taken at the training resolution on ``probs >= threshold``, per slice and channel: MONAI's
+  ``compute_dice`` and the Hausdorff above (spacing 1), each averaged over the channels, float32. They are not
+  computed in the evaluation loop: ``SliceRecords.update`` stores the two masks they are computed on, bit-packed
+  (``pred_bits``: ``probs >= threshold`` of the float probabilities, so any threshold gives exactly the old masks,
+  not the uint8-quantised ones; ``target_bits``: the training-resolution target, which no ``load_target`` holds).
+  After the epoch, ``volume_figures(..., with_slices=True)`` scores a volume's slices beside its volume figures, in
+  the same worker, and ``split_slice_figures`` / ``summarize_slices`` average the gathered values in the records'
+  (volume, slice) order; ``slice_figures`` computes them in-process. The values are MONAI's to the last bit
+  (``tests/lightning_modules/test_metrics.py`` keeps MONAI's per-slice computation as the reference): the Dice is
+  the same float32 expression of the same integer counts, and the Hausdorff the same KD-tree query of the same
+  edge pixels (``_slice_hausdorff_px``), without MONAI's per-call overhead.
+  For volumes, the slice
   probabilities are stored quantised to uint8 (``round(255 p)``, error <= 0.5/255; at threshold 0.5 it
   flips no training-resolution pixel: ``p >= 0.5`` <=> ``round(255 p) >= 128``), upsampled in-plane to
   the original resolution by bilinear interpolation (``align_corners=False``), thresholded (``>=``),
@@ -48,15 +59,17 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.metrics import compute_dice
 from monai.metrics.utils import get_edge_surface_distance
 from scipy import ndimage
+from scipy.spatial import KDTree
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from .lits_metrics import joint_box
 
-RECORD_KEYS = ("volume_index", "slice_index", "dice", "hausdorff_px", "probs_u8")
+RECORD_KEYS = ("volume_index", "slice_index", "probs_u8", "pred_bits", "target_bits")
+MASK_KEYS = ("pred_bits", "target_bits")  # the slice masks, bit-packed along the width (``_pack_bits``)
+SLICE_KEYS = ("slice_dice", "slice_hd_px")  # a row's per-slice figures with ``volume_figures(..., with_slices=True)``
 VOLUME_KEYS = ("dice_volume", "hd95_volume_mm", "hd_volume_mm")
 COUNT_KEYS = ("tp_voxels", "fp_voxels", "fn_voxels")  # per volume, summed over channels
 
@@ -79,11 +92,6 @@ def _as_bool_array(mask: torch.Tensor | np.ndarray) -> np.ndarray:
     if isinstance(mask, np.ndarray) and mask.dtype == bool:
         return mask
     return _as_bool_tensor(mask).numpy()
-
-
-def _dice_per_channel(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(B, C, ...) bool -> (B, C) Dice; ``ignore_empty=False`` gives exactly the empty-mask convention."""
-    return compute_dice(pred, target, include_background=True, ignore_empty=False).float()
 
 
 def _hausdorff(
@@ -114,9 +122,64 @@ def _check_pair(pred: torch.Tensor, target: torch.Tensor, ndim: int) -> None:
         raise ValueError(f"expected pred and target of the same {ndim}-D shape, got {pred.shape}, {target.shape}")
 
 
+def _edges(mask: np.ndarray) -> np.ndarray:
+    """MONAI's edges of a bool (H, W) mask: ``mask XOR binary_erosion(mask)`` with scipy's default structure (the
+    4-neighbour cross) and background outside the array (``border_value=0``; MONAI's crop pads with background)."""
+    inner = mask.copy()
+    inner[1:] &= mask[:-1]
+    inner[:-1] &= mask[1:]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    inner[0] = inner[-1] = False
+    inner[:, 0] = inner[:, -1] = False
+    return mask & ~inner
+
+
+def _slice_hausdorff_px(pred: np.ndarray, target: np.ndarray) -> float:
+    """The Hausdorff distance (px) of two non-empty bool (H, W) masks: MONAI's ``get_edge_surface_distance``
+    (``symmetric=True``, spacing 1) to the last bit, without its per-call overhead.
+
+    The same computation: the edges of both masks on their joint bounding box grown by one pixel (MONAI's crop), then
+    for each direction the same ``scipy.spatial.KDTree(leafsize=32).query`` of one edge's pixels against the other's
+    in float64 coordinates (integers: every squared distance is exact, whatever the origin), the distances rounded to
+    float32 as MONAI returns them. Edge pixels on the other edge (distance 0) are not queried: they cannot raise the
+    maximum, which is 0.0 when no pixel is left.
+    """
+    box = joint_box(pred, target, margin=1)
+    edges = _edges(pred[box]), _edges(target[box])
+    distance = 0.0
+    for a, b in (edges, edges[::-1]):
+        query = np.argwhere(a & ~b)
+        if len(query):
+            tree = KDTree(np.argwhere(b).astype(np.float64), leafsize=32)
+            distance = max(distance, float(tree.query(query.astype(np.float64), k=1)[0].max()))
+    return float(np.float32(distance))
+
+
+def _slice_figures(pred: np.ndarray, target: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-slice Dice and Hausdorff (px) of bool (N, C, H, W) arrays, each averaged over channels: float32 (N,) CPU
+    tensors, MONAI's values to the last bit (see the module docstring)."""
+    n, channels, height, width = pred.shape
+    n_pred = torch.from_numpy(pred.sum(axis=(2, 3), dtype=np.int64))
+    n_target = torch.from_numpy(target.sum(axis=(2, 3), dtype=np.int64))
+    tp = torch.from_numpy((pred & target).sum(axis=(2, 3), dtype=np.int64))
+    # MONAI's DiceHelper.compute_channel, elementwise on the same int64 sums: (2.0 * |P & T|) / (|T| + |P|) (float32);
+    # |T| = 0: 1.0 if |P| = 0 else 0.0 (ignore_empty=False)
+    dice = torch.where(n_target > 0, (2.0 * tp) / (n_target + n_pred), (n_pred == 0).float())
+    diagonal = math.hypot(height, width)
+    hd = [
+        0.0 if not (p_any or t_any) else diagonal if p_any != t_any else _slice_hausdorff_px(pred[i, c], target[i, c])
+        for i in range(n)
+        for c, (p_any, t_any) in enumerate(zip((n_pred[i] > 0).tolist(), (n_target[i] > 0).tolist()))
+    ]
+    hd = torch.tensor(hd, dtype=torch.float32).reshape(n, channels)
+    return dice.float().mean(dim=1), hd.mean(dim=1)
+
+
 # -- public functions ------------------------------------------------------------------------------
 def slice_dice_hausdorff(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-slice Dice and Hausdorff (100th percentile, pixels), each averaged over channels.
+    """Per-slice Dice and Hausdorff (100th percentile, pixels), each averaged over channels: MONAI's ``compute_dice``
+    and ``get_edge_surface_distance`` values with the module's empty-mask conventions.
 
     Args:
         pred, target: bool (B, C, H, W).
@@ -124,16 +187,10 @@ def slice_dice_hausdorff(pred: torch.Tensor, target: torch.Tensor) -> tuple[torc
         ``(dice, hausdorff_px)``, float32 (B,) on ``pred``'s device.
     """
     device = pred.device
-    pred, target = _as_bool_tensor(pred), _as_bool_tensor(target)  # MONAI's CPU path (KD-tree) is exact
+    pred, target = _as_bool_tensor(pred), _as_bool_tensor(target)
     _check_pair(pred, target, 4)
-    batch, channels, height, width = pred.shape
-    diagonal = math.hypot(height, width)
-    dice = _dice_per_channel(pred, target).mean(dim=1)
-    hd = torch.tensor(
-        [[_hausdorff(pred[b, c], target[b, c], diagonal, None, [None])[0] for c in range(channels)] for b in range(batch)],
-        dtype=torch.float32,
-    ).reshape(batch, channels)
-    return dice.to(device), hd.mean(dim=1).to(device)
+    dice, hd = _slice_figures(pred.numpy(), target.numpy())
+    return dice.to(device), hd.to(device)
 
 
 def _channel_figures(pred: np.ndarray, target: np.ndarray, spacing: list[float], diagonal: float) -> dict[str, float]:
@@ -213,10 +270,29 @@ def largest_connected_component(mask: torch.Tensor | np.ndarray, channels: Seque
 
 
 # -- DDP-safe slice collection ---------------------------------------------------------------------
+def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool (..., W) -> uint8 (..., ceil(W / 8)) on the mask's device: ``np.packbits(mask, axis=-1)`` (the first
+    pixel of each group of 8 in the highest bit; zeros past the width)."""
+    bits = F.pad(mask.to(torch.uint8), (0, -mask.shape[-1] % 8))
+    packed = bits[..., 0::8] << 7
+    for bit in range(1, 8):
+        packed |= bits[..., bit::8] << (7 - bit)
+    return packed
+
+
+def _unpack_bits(bits: torch.Tensor, width: int) -> np.ndarray:
+    """``_pack_bits``' inverse: uint8 (..., ceil(W / 8)) -> bool (..., W) numpy array (on the CPU)."""
+    return np.unpackbits(bits.cpu().numpy(), axis=-1, count=width).view(bool)
+
+
 class SliceRecords(Metric):
-    """Per evaluated slice: volume index, slice index, Dice, Hausdorff (px) and the foreground probabilities
-    quantised to uint8 at the training resolution, so volumes can be reassembled after the epoch even when a
-    volume's slices were spread over DDP ranks. States are lists gathered with ``dist_reduce_fx='cat'``.
+    """Per evaluated slice: volume index, slice index, the foreground probabilities quantised to uint8 at the training
+    resolution, so volumes can be reassembled after the epoch even when a volume's slices were spread over DDP ranks,
+    and the slice's thresholded prediction and target at that resolution, bit-packed along the width
+    (``pred_bits``, ``target_bits``), which the per-slice Dice and Hausdorff are computed on after the epoch
+    (``volume_figures(..., with_slices=True)``, ``slice_figures``). States are lists gathered with
+    ``dist_reduce_fx='cat'``. ``update`` stays on the probabilities' device and computes nothing else: a fraction of
+    a millisecond per slice (the per-slice figures in it cost ~5-7 ms per slice on a CPU core).
 
     Under DDP every rank must call ``update`` at least once before ``compute`` (Lightning's
     DistributedSampler guarantees it by padding): torchmetrics replaces an empty rank's state by a 1-D
@@ -242,26 +318,42 @@ class SliceRecords(Metric):
     ) -> None:
         """probs float (B, C, H, W) in [0, 1]; target bool or {0, 1} (B, C, H, W); indices long (B,)."""
         probs = probs.detach()
-        if probs.ndim != 4 or not bool(((probs >= 0) & (probs <= 1)).all()):
+        if probs.ndim != 4:
             raise ValueError("probs must be (B, C, H, W) probabilities in [0, 1] (not logits, no NaN)")
+        device = probs.device  # states live on the metric's device so NCCL can gather them
+        if isinstance(target, np.ndarray):
+            target = np.ascontiguousarray(target)  # torch refuses negative strides (e.g. flipped NIfTI arrays)
+        target = torch.as_tensor(target).detach().to(device)
+        _check_pair(probs, target, 4)
+        checks = [torch.ones((), dtype=torch.bool, device=device)]  # an empty batch (aminmax refuses it)
+        if probs.numel():
+            low, high = torch.aminmax(probs)  # one pass; NaN propagates to both
+            checks = [(low >= 0) & (high <= 1)]
+        if target.dtype != torch.bool:
+            checks.append(((target == 0) | (target == 1)).all())
+            target = target != 0
+        probs_ok, *target_ok = torch.stack(checks).tolist()  # one synchronisation for both checks
+        if not probs_ok:
+            raise ValueError("probs must be (B, C, H, W) probabilities in [0, 1] (not logits, no NaN)")
+        if not all(target_ok):
+            raise ValueError("binary masks must be bool or contain only 0 and 1")
         volume_index, slice_index = torch.as_tensor(volume_index).reshape(-1), torch.as_tensor(slice_index).reshape(-1)
         if not len(volume_index) == len(slice_index) == len(probs):
             raise ValueError("volume_index and slice_index must give one index per slice of the batch")
-        dice, hd = slice_dice_hausdorff(probs >= threshold, _as_bool_tensor(target))
-        device = probs.device  # states live on the metric's device so NCCL can gather them
         self.volume_index.append(volume_index.to(device=device, dtype=torch.long))
         self.slice_index.append(slice_index.to(device=device, dtype=torch.long))
-        self.dice.append(dice.to(device))
-        self.hausdorff_px.append(hd.to(device))
         self.probs_u8.append(torch.round(probs.float() * 255).to(torch.uint8))
+        # the masks of the per-slice figures: the float probabilities thresholded here, as the figures always were
+        # (the uint8 values would agree at 0.5 only), and the target at the training resolution
+        self.pred_bits.append(_pack_bits(probs >= threshold))
+        self.target_bits.append(_pack_bits(target))
 
     def compute(self) -> dict[str, torch.Tensor]:
         """Records sorted by (volume_index, slice_index), one per slice (DistributedSampler padding repeats
-        samples). With no records, empty tensors (``probs_u8`` of shape (0, 0, 0, 0))."""
+        samples). With no records, empty tensors (``probs_u8`` and the bits of shape (0, 0, 0, 0))."""
         if isinstance(self.volume_index, list) and len(self.volume_index) == 0:
             empty = {key: torch.zeros(0, dtype=torch.long, device=self.device) for key in RECORD_KEYS[:2]}
-            empty |= {key: torch.zeros(0, dtype=torch.float32, device=self.device) for key in RECORD_KEYS[2:4]}
-            return empty | {"probs_u8": torch.zeros((0, 0, 0, 0), dtype=torch.uint8, device=self.device)}
+            return empty | {key: torch.zeros((0, 0, 0, 0), dtype=torch.uint8, device=self.device) for key in RECORD_KEYS[2:]}
         records = {key: dim_zero_cat(getattr(self, key)) for key in RECORD_KEYS}
         volumes, slices = records["volume_index"], records["slice_index"]
         if not all(len(v) == len(volumes) for v in records.values()):
@@ -278,13 +370,53 @@ class SliceRecords(Metric):
 
 
 # -- epoch summaries -------------------------------------------------------------------------------
-def summarize_slices(records: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Mean Dice and Hausdorff (px) over the slices of ``SliceRecords.compute()``."""
-    if len(records["dice"]) == 0:
+def slice_figures(records: dict[str, torch.Tensor], chunk: int = 256) -> dict[str, torch.Tensor]:
+    """Every record's Dice and Hausdorff (px) at the training resolution, computed here (in this process, ``chunk``
+    slices at a time): ``{'dice', 'hausdorff_px'}``, float32 (N,) CPU tensors in the records' order.
+
+    The values ``SliceRecords.update`` computed in the evaluation loop before it deferred them, to the last bit;
+    ``volume_figures(..., with_slices=True)`` computes the same per volume, in its workers."""
+    width = records["probs_u8"].shape[-1]
+    parts = [_slice_figures(_unpack_bits(records["pred_bits"][start : start + chunk], width),
+                            _unpack_bits(records["target_bits"][start : start + chunk], width))
+             for start in range(0, records["volume_index"].numel(), chunk)]  # numel: compute() squeezes one record
+    if not parts:
+        return {"dice": torch.zeros(0), "hausdorff_px": torch.zeros(0)}
+    return {"dice": torch.cat([d for d, _ in parts]), "hausdorff_px": torch.cat([h for _, h in parts])}
+
+
+def split_slice_figures(
+    per_volume: dict[int, dict],
+) -> tuple[dict[int, dict[str, float]], dict[str, torch.Tensor]]:
+    """Rows of ``volume_figures(..., with_slices=True)`` (every volume's, gathered: ``gather_volume_rows``) ->
+    ``(rows without the per-slice figures, {'dice', 'hausdorff_px'})``: the per-slice figures as ``slice_figures``
+    gives them, float32 (N,) tensors in the records' (volume, slice) order, for ``summarize_slices``."""
+    rows, dice, hd = {}, [], []
+    for v, figures in per_volume.items():
+        rows[v] = {key: value for key, value in figures.items() if key not in SLICE_KEYS}
+    for v in sorted(per_volume):
+        dice.extend(per_volume[v][SLICE_KEYS[0]])
+        hd.extend(per_volume[v][SLICE_KEYS[1]])
+    return rows, {"dice": torch.tensor(dice, dtype=torch.float32), "hausdorff_px": torch.tensor(hd, dtype=torch.float32)}
+
+
+def summarize_slices(records: dict[str, torch.Tensor], figures: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """Mean Dice and Hausdorff (px) over the slices of ``SliceRecords.compute()``.
+
+    ``figures``: the records' per-slice figures from ``split_slice_figures`` (scored per volume in the workers);
+    None: computed here (``slice_figures``). The means are taken on the records' device, as they were when the
+    records held the figures, so they are the same floats to the last bit.
+    """
+    count = records["volume_index"].numel()  # compute() squeezes a single record's indices to 0-d
+    if count == 0:
         raise ValueError("no slice records to summarise")
+    figures = slice_figures(records) if figures is None else figures
+    if not len(figures["dice"]) == len(figures["hausdorff_px"]) == count:
+        raise ValueError(f"{len(figures['dice'])} per-slice figures for {count} slice records (score every volume)")
+    device = records["volume_index"].device
     return {
-        "dice_slice": float(records["dice"].double().mean()),
-        "hd_slice_px": float(records["hausdorff_px"].double().mean()),
+        "dice_slice": float(figures["dice"].to(device).double().mean()),
+        "hd_slice_px": float(figures["hausdorff_px"].to(device).double().mean()),
     }
 
 
@@ -422,7 +554,26 @@ def _score_volume(
     return _volume_figures(pred, target, spacing)
 
 
-_WORKER_SHARE: tuple | None = None  # a worker's (probs, jobs, load_target, channels, threshold), inherited at fork
+def _score_rows(
+    v: int,
+    inputs: dict[str, torch.Tensor],
+    slices: torch.Tensor,
+    load_target: Callable[[int], tuple[np.ndarray, tuple[float, float, float]]],
+    largest_component_channels: Sequence[int],
+    threshold: float,
+) -> dict:
+    """One volume's row from its records in slice order (``inputs``: ``probs_u8`` and, for the per-slice figures,
+    ``MASK_KEYS``): ``_score_volume``'s figures, plus its slices' Dice and Hausdorff (px) under ``SLICE_KEYS`` (tuples
+    of floats: float32 values, pickled exactly) with the masks. The one computation of both paths."""
+    figures = _score_volume(v, inputs["probs_u8"], slices, load_target, largest_component_channels, threshold)
+    if MASK_KEYS[0] in inputs:
+        width = inputs["probs_u8"].shape[-1]
+        dice, hd = _slice_figures(*(_unpack_bits(inputs[key], width) for key in MASK_KEYS))
+        figures |= {SLICE_KEYS[0]: tuple(dice.tolist()), SLICE_KEYS[1]: tuple(hd.tolist())}
+    return figures
+
+
+_WORKER_SHARE: tuple | None = None  # a worker's (inputs, jobs, load_target, channels, threshold), inherited at fork
 
 
 def _start_worker(share: tuple) -> None:
@@ -433,29 +584,30 @@ def _start_worker(share: tuple) -> None:
     _WORKER_SHARE = share
 
 
-def _score_in_worker(job: int) -> dict[str, float]:
-    probs, jobs, load_target, channels, threshold = _WORKER_SHARE
+def _score_in_worker(job: int) -> dict:
+    inputs, jobs, load_target, channels, threshold = _WORKER_SHARE
     v, rows, slices = jobs[job]
-    return _score_volume(v, probs[rows], slices, load_target, channels, threshold)
+    return _score_rows(v, {key: value[rows] for key, value in inputs.items()}, slices, load_target, channels, threshold)
 
 
-def _score_in_workers(jobs: list, probs_u8: torch.Tensor, load_target: Callable, channels: Sequence[int], threshold: float,
-                      workers: int) -> dict[int, dict[str, float]]:
-    """``_score_volume`` of every job in ``workers`` forked processes.
+def _score_in_workers(jobs: list, inputs: dict[str, torch.Tensor], load_target: Callable, channels: Sequence[int],
+                      threshold: float, workers: int) -> dict[int, dict]:
+    """``_score_rows`` of every job in ``workers`` forked processes (``inputs``: the records it reads).
 
     Forked, so that the records, the jobs and ``load_target`` (a bound method of the data module) reach the workers
     through the inherited memory, never pickled: only a job's number goes out and its figures (floats, pickled
     exactly) come back. A forked child must not touch CUDA, so records on an accelerator are brought to the CPU
     here first (this share's rows only).
     """
-    if probs_u8.device.type != "cpu":
-        probs_u8 = probs_u8[torch.cat([rows for _, rows, _ in jobs]).to(probs_u8.device)].cpu()
+    if any(value.device.type != "cpu" for value in inputs.values()):
+        wanted = torch.cat([rows for _, rows, _ in jobs])
+        inputs = {key: value[wanted.to(value.device)].cpu() for key, value in inputs.items()}
         ends = np.cumsum([len(rows) for _, rows, _ in jobs]).tolist()
         jobs = [(v, torch.arange(end - len(rows), end), slices) for (v, rows, slices), end in zip(jobs, ends)]
     # Longest volumes first, so that the last ones to start are short and the workers finish together.
     order = sorted(range(len(jobs)), key=lambda job: -len(jobs[job][1]))
     executor = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("fork"),
-                                   initializer=_start_worker, initargs=((probs_u8, jobs, load_target, tuple(channels), threshold),))
+                                   initializer=_start_worker, initargs=((inputs, jobs, load_target, tuple(channels), threshold),))
     try:
         # Python 3.12+ warns of any fork in a threaded process; the children take no lock another thread may hold
         # (no CUDA, no logging, no DataLoader): they compute, then answer through the pool's own pipes.
@@ -474,16 +626,22 @@ def volume_figures(
     threshold: float = 0.5,
     volumes: Sequence[int] | None = None,
     workers: int = 1,
-) -> dict[int, dict[str, float]]:
+    with_slices: bool = False,
+) -> dict[int, dict]:
     """``summarize_volumes``' per-volume figures (and voxel counts), for ``volumes`` only (default: every volume
     in ``records``). Each volume's figures depend on its own records alone, so DDP ranks can each take a share
     of the volumes and gather the rows (``SegmentationTask.summarize_records``), and ``workers`` > 1 processes
     (forked, Linux; ``metric_workers`` chooses how many) can each score one volume at a time: every volume goes
-    through the same ``_score_volume`` on the same inputs, so the figures are the same to the last bit whatever
-    ``workers`` is. ``load_target`` is called in the workers then."""
+    through the same ``_score_rows`` on the same inputs, so the figures are the same to the last bit whatever
+    ``workers`` is. ``load_target`` is called in the workers then.
+
+    ``with_slices``: each row also holds its slices' Dice and Hausdorff (px) under ``SLICE_KEYS`` (slice order), so
+    the per-slice figures are sharded and computed in the workers like the volumes' (``split_slice_figures`` takes
+    them out of the gathered rows for ``summarize_slices``)."""
     jobs = _volume_jobs(records, record_volumes(records) if volumes is None else volumes)
-    probs_u8 = records["probs_u8"]
+    inputs = {key: records[key] for key in ("probs_u8", *(MASK_KEYS if with_slices else ()))}
     if workers > 1 and len(jobs) > 1 and sys.platform.startswith("linux"):
-        return _score_in_workers(jobs, probs_u8, load_target, largest_component_channels, threshold, workers)
-    return {v: _score_volume(v, probs_u8[rows.to(probs_u8.device)], slices, load_target, largest_component_channels, threshold)
+        return _score_in_workers(jobs, inputs, load_target, largest_component_channels, threshold, workers)
+    return {v: _score_rows(v, {key: value[rows.to(value.device)] for key, value in inputs.items()}, slices, load_target,
+                           largest_component_channels, threshold)
             for v, rows, slices in jobs}

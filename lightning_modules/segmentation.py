@@ -42,7 +42,7 @@ from .classification import CheckpointError, check_backbone_variant
 from .figures import overlay_figure, save_figure
 from .losses import SEG_LOSSES, build_segmentation_loss
 from .metrics import (COUNT_KEYS, SliceRecords, mean_volume_figures, metric_workers, record_volumes, share_voxels,
-                      summarize_slices, volume_figures)
+                      split_slice_figures, summarize_slices, volume_figures)
 from .volume_records import VolumeRecords, gather_volume_rows, volume_share
 
 STAGES = ("val", "test")
@@ -236,10 +236,12 @@ class SegmentationTask(BaseTask):
         share = volume_share(record_volumes(records), self.global_rank, self.trainer.world_size)
         # in worker processes on this machine's otherwise idle cores, which its ranks (num_devices) share out
         workers = metric_workers(len(share), share_voxels(records, share), self.trainer.num_devices, self.hparams.get("metric_workers"))
-        rows = volume_figures(records, datamodule.eval_target, lcc_channels, self.hparams.threshold, share, workers=workers)
-        per_volume = gather_volume_rows(rows)
+        # with each volume's per-slice Dice and Hausdorff (px), scored beside it in the same worker
+        rows = volume_figures(records, datamodule.eval_target, lcc_channels, self.hparams.threshold, share, workers=workers,
+                              with_slices=True)
+        per_volume, slice_values = split_slice_figures(gather_volume_rows(rows))
         counts = {key: float(sum(figures[key] for figures in per_volume.values())) for key in COUNT_KEYS}
-        return {**summarize_slices(records), **mean_volume_figures(per_volume), **counts}, per_volume
+        return {**summarize_slices(records, slice_values), **mean_volume_figures(per_volume), **counts}, per_volume
 
     # -- whole volumes (the cascade) -------------------------------------------------------------
     def is_cascade_sample(self, batch: dict) -> bool:

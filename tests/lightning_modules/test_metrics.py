@@ -15,9 +15,12 @@ from lightning_modules import metrics
 from lightning_modules.classification import CheckpointError
 from lightning_modules.metrics import (
     RECORD_KEYS,
+    SLICE_KEYS,
     SliceRecords,
     largest_connected_component,
     slice_dice_hausdorff,
+    slice_figures,
+    split_slice_figures,
     summarize_slices,
     mean_volume_figures,
     metric_workers,
@@ -186,8 +189,9 @@ def test_slice_records_dedup_and_sort():
     assert records["volume_index"].tolist() == [0, 0, 1, 1]
     assert records["slice_index"].tolist() == [0, 1, 1, 2]  # (0, 1) and (1, 1) are distinct slices
     expected_dice = [2 * (1 + s) / (3 + 2 * s) for s in [0, 1, 1, 2]]
-    assert records["dice"].tolist() == pytest.approx(expected_dice)
-    assert records["hausdorff_px"].tolist() == pytest.approx([1.0] * 4)
+    figures = slice_figures(records)  # computed after the epoch from the records' masks
+    assert figures["dice"].tolist() == pytest.approx(expected_dice)
+    assert figures["hausdorff_px"].tolist() == pytest.approx([1.0] * 4)
     assert records["probs_u8"].shape == (4, 1, 8, 8) and records["probs_u8"].dtype == torch.uint8
     assert records["probs_u8"].max().item() == round(0.9 * 255)
     assert summarize_slices(records) == pytest.approx({"dice_slice": np.mean(expected_dice), "hd_slice_px": 1.0})
@@ -213,7 +217,7 @@ def test_slice_threshold_is_inclusive():
     probs = torch.full((1, 1, 4, 4), 0.5)
     metric = SliceRecords()
     metric.update(probs, torch.ones(1, 1, 4, 4), torch.tensor([0]), torch.tensor([0]), threshold=0.5)
-    assert metric.compute()["dice"].item() == pytest.approx(1.0)
+    assert slice_figures(metric.compute())["dice"].item() == pytest.approx(1.0)
 
 
 def test_quantisation_keeps_threshold_side():
@@ -222,6 +226,120 @@ def test_quantisation_keeps_threshold_side():
     metric.update(probs, probs >= 0.5, torch.tensor([0]), torch.tensor([0]))
     restored = metric.compute()["probs_u8"].float() / 255
     assert ((restored >= 0.5) == (probs >= 0.5)).all()
+
+
+# -- per-slice figures after the epoch: MONAI's values to the last bit ---------------------------------
+def monai_slice_reference(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-slice Dice and Hausdorff (px) as ``SliceRecords.update`` computed them in the loop before they were
+    deferred: MONAI's compute_dice and get_edge_surface_distance per slice and channel, the module's empty-mask
+    conventions, float32 channel means. bool (B, C, H, W) -> float32 (B,), (B,)."""
+    import warnings
+
+    from monai.metrics import compute_dice
+    from monai.metrics.utils import get_edge_surface_distance
+
+    batch, channels, height, width = pred.shape
+    dice = compute_dice(pred, target, include_background=True, ignore_empty=False).float().mean(dim=1)
+    hd = []
+    for b in range(batch):
+        for c in range(channels):
+            p, t = pred[b, c], target[b, c]
+            if not p.any() and not t.any():
+                hd.append(0.0)
+            elif bool(p.any()) != bool(t.any()):
+                hd.append(math.hypot(height, width))
+            else:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+                    _, distances, _ = get_edge_surface_distance(p.float(), t.float(), symmetric=True, warn_empty=False)
+                hd.append(float(max(d.max() for d in distances)))
+    return dice, torch.tensor(hd, dtype=torch.float32).reshape(batch, channels).mean(dim=1)
+
+
+def random_masks(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """bool (N, C, H, W) masks of every kind the conventions care about: empty, full, single pixels, noise, blobs,
+    rectangles touching the border."""
+    from scipy import ndimage
+
+    masks = np.zeros(shape, dtype=bool)
+    height, width = shape[-2:]
+    for mask in masks.reshape(-1, height, width):
+        kind = rng.integers(0, 6)
+        if kind == 1:
+            mask[:] = rng.random((height, width)) < rng.random()
+        elif kind == 2:
+            mask[:] = ndimage.gaussian_filter(rng.random((height, width)), 1.5) > 0.5
+        elif kind == 3:
+            mask[rng.integers(height), rng.integers(width)] = True
+        elif kind == 4:
+            mask[:] = True
+        elif kind == 5:
+            y, x = rng.integers(0, height), rng.integers(0, width)
+            mask[y : y + rng.integers(1, height), x : x + rng.integers(1, width)] = True
+    return masks
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_slice_dice_hausdorff_equals_monai_reference(channels):
+    rng = np.random.default_rng(channels)
+    pred = random_masks(rng, (24, channels, 17, 21))
+    target = random_masks(rng, pred.shape)
+    target[::4], target[1::4] = pred[::4], np.roll(pred[1::4], 1, axis=-1)  # identical and near-identical slices
+    pred, target = torch.from_numpy(pred), torch.from_numpy(target)
+    expected = monai_slice_reference(pred, target)
+    for value, reference in zip(slice_dice_hausdorff(pred, target), expected):
+        assert torch.equal(value, reference)  # to the last bit
+
+
+@pytest.mark.filterwarnings("ignore:The ``compute`` method")
+def test_deferred_slice_figures_equal_the_loops_monai_figures():
+    """The per-slice figures, computed after the epoch from the records (in-process, per volume in a simulated rank's
+    share, in worker processes), are the float32 values the loop's MONAI computation gave, record for record, and
+    their means the same floats. At threshold 0.31 the uint8 records would flip pixels: the stored bits must not."""
+    rng = np.random.default_rng(11)
+    threshold, channels, size = 0.31, 2, (19, 21)
+    pred, target, probs = {}, {}, {}
+    for v, depth in enumerate((7, 5, 9)):
+        pred[v] = random_masks(rng, (depth, channels, *size))
+        target[v] = random_masks(rng, pred[v].shape)
+        target[v][::3] = np.roll(pred[v][::3], 1, axis=-2)
+        low = rng.uniform(0, threshold, pred[v].shape)
+        high = np.where(rng.random(pred[v].shape) < 0.3, 0.3105, rng.uniform(threshold, 1, pred[v].shape))
+        probs[v] = torch.from_numpy(np.where(pred[v], high, low).astype(np.float32))
+        pred[v] = probs[v].numpy() >= threshold  # the float32 thresholding the loop did
+    samples = [(v, s) for v in pred for s in range(len(pred[v]))]
+    order = rng.permutation(len(samples)).tolist() + [0]  # shuffled, one sample repeated (DistributedSampler padding)
+    metric = SliceRecords()
+    for start in range(0, len(order), 6):
+        batch_samples = [samples[i] for i in order[start : start + 6]]
+        metric.update(torch.stack([probs[v][s] for v, s in batch_samples]),
+                      torch.from_numpy(np.stack([target[v][s] for v, s in batch_samples])),
+                      torch.tensor([v for v, _ in batch_samples]), torch.tensor([s for _, s in batch_samples]), threshold)
+    records = metric.compute()
+    assert ((records["probs_u8"].float() / 255 >= threshold).numpy() != np.concatenate(list(pred.values()))).any()
+    dice, hd = monai_slice_reference(torch.from_numpy(np.concatenate(list(pred.values()))),
+                                      torch.from_numpy(np.concatenate(list(target.values()))))
+    assert 0 < float(dice.mean()) < 1 and float(hd.max()) > 0
+    expected = {"dice_slice": float(dice.double().mean()), "hd_slice_px": float(hd.double().mean())}  # the old means
+
+    in_process = slice_figures(records, chunk=4)
+    assert torch.equal(in_process["dice"], dice) and torch.equal(in_process["hausdorff_px"], hd)
+    assert summarize_slices(records) == expected  # exact floats, not approx
+
+    load = lambda v: (target[v].transpose(1, 0, 2, 3), (2.0, 0.8, 0.8))  # noqa: E731  the training-resolution target
+    volumes_only = volume_figures(records, load, (0,), threshold)
+    rows = {}
+    for rank in range(2):  # each simulated rank scores its share of the volumes, then the rows are gathered
+        rows |= volume_figures(records, load, (0,), threshold, volume_share(record_volumes(records), rank, 2), with_slices=True)
+    gathered = gather_volume_rows(rows)
+    assert all(len(gathered[v][key]) == len(pred[v]) for v in pred for key in SLICE_KEYS)
+    per_volume, figures = split_slice_figures(gathered)
+    assert per_volume == volumes_only  # the volume rows are untouched
+    assert torch.equal(figures["dice"], dice) and torch.equal(figures["hausdorff_px"], hd)
+    assert summarize_slices(records, figures) == expected
+    assert volume_figures(records, load, (0,), threshold, workers=2, with_slices=True) == gathered
+    with pytest.raises(ValueError, match="per-slice figures"):
+        summarize_slices(records, {key: value[:-1] for key, value in figures.items()})
 
 
 # -- summarize_volumes -------------------------------------------------------------------------------
