@@ -27,7 +27,8 @@ end) gives mean ± std over seeds of the test Dice and Hausdorff, per slice (px)
 (mm), and for each model against the baseline the paired t-test and Wilcoxon signed-rank p-values
 (scipy) over the seeds. With ``inc: true`` (mask-mining experiments) every model gets two rows,
 as in the mask-mining paper's Table 1: before mining (the base evaluated in the same run,
-``test/before/*``) and "Inc." after, tested against the row before.
+``test/before/*``) and "Inc." after, tested against the row before; under the table a second one gives
+each model's gain from mining: after minus before per seed, mean ± std, with the same p-values.
 
 Spread over machines, as a W&B grid sweep over model and seed:
 
