@@ -156,11 +156,12 @@ def test_bad_or_empty_test_split_in_one_line(tiny_lits, tmp_path):
 
 # -- the shipped study files and a tiny study end to end --------------------------------------------------------------
 def test_table1_studies_name_the_table_and_the_dice_rows():
-    for name in ("mask_mining_table1", "mask_mining_table1_quickstart"):
+    # the paper-scale study has the paper's three setups; the CPU quickstart its two 2D ones (3D: its own quickstart)
+    for name, setups in (("mask_mining_table1", ("2D", "3D", "Cmb")), ("mask_mining_table1_quickstart", ("2D", "Cmb"))):
         spec = yaml.safe_load((ROOT / "experiments" / "studies" / f"{name}.yaml").read_text())
         assert spec["table"] == "lits_liver_lesion" and spec["inc"] is True and spec["table"] in TABLES
-        assert spec["rows"] == {"2D": "2D, dice", "Cmb": "Cmb, dice"}
-        assert set(spec["models"]) == {"2D, dice", "2D, pwce", "Cmb, dice", "Cmb, pwce"}
+        assert spec["rows"] == {setup: f"{setup}, dice" for setup in setups}
+        assert set(spec["models"]) == {f"{setup}, {loss}" for setup in setups for loss in ("dice", "pwce")}
 
 
 def write_mining_cascade(folder):
