@@ -215,7 +215,7 @@ class MaskMining(SegmentationTask):
         if stage in self._before:
             return
         if self.is_cascade_sample(batch):  # a cascade's lesion network: the base in its place
-            index = int(batch["volume_index"] if batch["image"].ndim == 3 else batch["volume_index"][0])
+            index = self.sample_volume_index(batch)
             result = self.predict_base_cascade(batch)
             volume = self.trainer.datamodule.volumes[index]
             self.before_volume_records[stage].update(index, case_figures(result["labels"], volume.label_full(), volume.spacing))

@@ -167,7 +167,7 @@ class SegmentationTask(BaseTask):
         liver, liver_channels, own, lesion_channels = self.cascade_networks(sample)
         if sample["image"].ndim == 5:
             data = self.trainer.datamodule.hparams
-            volume = self.trainer.datamodule.volumes[int(sample["volume_index"][0])]
+            volume = self.trainer.datamodule.volumes[self.sample_volume_index(sample)]
             return predict_volume_3d(liver, lesion or own, sample["image"][0, 0], original_positions(volume.num_slices, volume.spacing[0], data.slice_spacing_mm),
                                      volume.full_shape, data.crop_size_3d, h.sw_overlap, h.sw_mode, threshold=h.threshold,
                                      region_margin=h.region_margin, region_margin_slices=h.region_margin_slices,
@@ -248,9 +248,14 @@ class SegmentationTask(BaseTask):
         """Whether an evaluation batch is one whole volume to run the cascade on (2D ``VolumeDataset`` or 3D)."""
         return "roi_image" in batch or (batch["image"].ndim == 5 and self.evaluates_cascade)
 
+    @staticmethod
+    def sample_volume_index(sample: dict) -> int:
+        """The volume index of a whole-volume sample: unbatched in 2D (``VolumeDataset``), a batch of one in 3D."""
+        return int(sample["volume_index"] if sample["image"].ndim == 3 else sample["volume_index"][0])
+
     def _evaluation_step(self, batch: dict, stage: str) -> None:
         if self.is_cascade_sample(batch):
-            index = int(batch["volume_index"] if batch["image"].ndim == 3 else batch["volume_index"][0])
+            index = self.sample_volume_index(batch)
             result = self.predict_cascade(batch)
             volume = self.trainer.datamodule.volumes[index]
             truth = volume.label_full()
