@@ -64,8 +64,9 @@ from datamodules.cache import CachedVolume
 from datamodules.phantom import write_phantom_dataset
 from datamodules.splits import _counts
 from lightning_modules import BaselineUNet
-from lightning_modules.metrics import (RECORD_KEYS, SLICE_KEYS, metric_workers, record_volumes, split_slice_figures,
-                                       volume_dice_hausdorff, volume_figures)
+from lightning_modules.metrics import (SLICE_KEYS, metric_workers, record_volumes, split_slice_figures, volume_dice_hausdorff,
+                                       volume_figures)
+from lightning_modules.slice_records import RECORD_KEYS
 from lightning_modules.volume_records import volume_share
 
 from .augmentation import augmentation_throughput

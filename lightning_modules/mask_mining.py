@@ -33,7 +33,7 @@ from .error_masks import foreground_probability as error_foreground_probability
 from .cascade_evaluation import FIGURE_KEYS, PARTS, case_figures, error_counts
 from .cascade_evaluation import summarize_volumes as summarize_cascade
 from .error_report import write_error_report
-from .metrics import SliceRecords
+from .slice_records import SliceRecords
 from .volume_records import VolumeRecords
 from .segmentation import STAGES, SegmentationTask
 from .segmentation_checkpoint import foreground_probability as model_probability

@@ -41,8 +41,9 @@ from .cascade_evaluation import summarize_volumes as summarize_cascade
 from .classification import CheckpointError, check_backbone_variant
 from .figures import overlay_figure, save_figure
 from .losses import SEG_LOSSES, build_segmentation_loss
-from .metrics import (COUNT_KEYS, SliceRecords, mean_volume_figures, metric_workers, record_volumes, share_voxels,
-                      split_slice_figures, summarize_slices, volume_figures)
+from .metrics import (COUNT_KEYS, mean_volume_figures, metric_workers, record_volumes, share_voxels, split_slice_figures,
+                      summarize_slices, volume_figures)
+from .slice_records import SliceRecords
 from .volume_records import VolumeRecords, gather_volume_rows, volume_share
 
 STAGES = ("val", "test")

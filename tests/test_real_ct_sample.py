@@ -1,6 +1,5 @@
 """The real-data path on one real abdominal CT with a liver mask (tests/data/real-ct-sample, see SOURCE.md)."""
 
-import shutil
 
 import nibabel as nib
 import numpy as np
@@ -9,7 +8,8 @@ import torch
 
 from datamodules.cache import CachedVolume, PreprocessSettings, build_cache, to_display
 from datamodules.nifti import discover, load_pair
-from lightning_modules.metrics import SliceRecords, summarize_volumes, volume_dice_hausdorff
+from lightning_modules.metrics import summarize_volumes, volume_dice_hausdorff
+from lightning_modules.slice_records import SliceRecords
 from tests.conftest import REAL_CT
 
 

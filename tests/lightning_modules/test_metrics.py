@@ -14,9 +14,7 @@ from lightning_modules import BaselineUNet
 from lightning_modules import metrics
 from lightning_modules.classification import CheckpointError
 from lightning_modules.metrics import (
-    RECORD_KEYS,
     SLICE_KEYS,
-    SliceRecords,
     largest_connected_component,
     slice_dice_hausdorff,
     slice_figures,
@@ -30,6 +28,7 @@ from lightning_modules.metrics import (
     volume_dice_hausdorff,
     volume_figures,
 )
+from lightning_modules.slice_records import RECORD_KEYS, SliceRecords
 from lightning_modules.volume_records import gather_volume_rows, volume_share
 
 H = W = 16
