@@ -13,6 +13,12 @@ In the child, ``sys.argv`` is the stage's own command (``<the program> fit --con
 launch inside the stage starts its other ranks with the stage's command. ``LITS_FORK=0`` in the
 environment, or a platform other than Linux (Windows has no fork; macOS' system frameworks are not
 fork-safe), runs each command as ``python -m experiments.cli ...`` in a new interpreter instead.
+
+A child that orchestrates (``lits run``, or one run of a parallel ``lits study``, which the study itself forks
+from its server) forks its own stages directly (``fork``), without a server of its own: it is a copy of the
+clean server that has computed nothing and runs no other thread, so it saves a second import of the suite
+per run (with threads, it starts a server of its own). ``log`` sends a
+child's console to a file (a parallel study's ``console.log`` per run), ``cwd`` sets its working directory.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import threading
 import traceback
 import warnings
 
@@ -30,25 +37,48 @@ import warnings
 warnings.filterwarnings("ignore", message="'experiments.cli' found in sys.modules", category=RuntimeWarning)
 
 _context = None
+_clean_child = False  # True in a child of the fork server: it may fork its own stages (see the module docstring)
 
 
 def _fork_server():
-    """The ``forkserver`` context with the suite preloaded, or None where forking is off or unavailable."""
+    """The ``forkserver`` context with the suite preloaded (``fork`` in a clean child), or None where forking is off or unavailable."""
     global _context
     if os.environ.get("LITS_FORK", "1") == "0" or not sys.platform.startswith("linux"):
         return None  # elsewhere: Windows has no fork, macOS' system frameworks are not fork-safe
+    if _clean_child and threading.active_count() == 1:  # forking a process with threads may copy a held lock
+        return multiprocessing.get_context("fork")
     if _context is None:
         _context = multiprocessing.get_context("forkserver")
         _context.set_forkserver_preload(["experiments.processes", "experiments.lightning_cli"])
     return _context
 
 
-def _child(args: list[str], env: dict[str, str], program: str) -> None:
+def _child(args: list[str], env: dict[str, str], program: str, log: str | None = None, cwd: str | None = None,
+           new_session: bool = False, error_log: str | None = None) -> None:
     """``lits ARGS`` in a forked child; leaves with the command's exit code, like a process of its own."""
+    global _clean_child
+    _clean_child = True
     code = 1
     try:
+        if new_session:  # a process group of its own, which os.killpg ends with its children
+            os.setsid()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for path, streams in ((log, (1, 2) if error_log is None else (1,)), (error_log, (2,))):
+            if path is not None:  # the console (and that of any process it starts) appended to the log
+                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                for stream in streams:
+                    os.dup2(descriptor, stream)
+                os.close(descriptor)
+        if cwd is not None:
+            os.chdir(cwd)
         os.environ.clear()
         os.environ.update(env)
+        threads = env.get("OMP_NUM_THREADS", "")
+        if threads.isdigit() and int(threads) > 0:  # the server's OpenMP read its own environment when it loaded
+            import torch
+
+            torch.set_num_threads(int(threads))
         sys.argv = [program, *args]
         from experiments.cli import main
 
@@ -71,14 +101,45 @@ def _child(args: list[str], env: dict[str, str], program: str) -> None:
         os._exit(code)
 
 
-def run_cli(args: list[str], env: dict[str, str]) -> int:
-    """Exit code of ``lits ARGS`` run with environment ``env``, in a child of the fork server or a new interpreter."""
+def start_cli(args: list[str], env: dict[str, str], log: str | os.PathLike | None = None, cwd: str | os.PathLike | None = None,
+              program: str | None = None, new_session: bool = False, error_log: str | os.PathLike | None = None):
+    """Start ``lits ARGS`` with environment ``env`` (console appended to ``log`` if given, in ``cwd`` if given, in a
+    session of its own if ``new_session``; stderr to ``error_log`` if given, else with stdout): a child of the fork server (a ``multiprocessing.Process``) or, where
+    forking is off, a new interpreter (a ``subprocess.Popen``). ``program`` is the child's ``sys.argv[0]``, what
+    a DDP launch inside it restarts (default: this process's own, which a ``lits`` command's is)."""
+    log, cwd, error_log = (None if p is None else os.fspath(p) for p in (log, cwd, error_log))
     context = _fork_server()
     if context is None:
-        return subprocess.run([sys.executable, "-m", "experiments.cli", *args], env=env).returncode
+        output = open(log, "a") if log is not None else None
+        errors = open(error_log, "a") if error_log is not None else (subprocess.STDOUT if output else None)
+        try:
+            return subprocess.Popen([sys.executable, "-m", "experiments.cli", *args], env=env, cwd=cwd, stdout=output,
+                                    stderr=errors, start_new_session=new_session)
+        finally:
+            for handle in (output, errors):
+                if hasattr(handle, "close"):
+                    handle.close()
     sys.stdout.flush()
     sys.stderr.flush()
-    process = context.Process(target=_child, args=(list(args), dict(env), sys.argv[0]))
+    process = context.Process(target=_child, args=(list(args), dict(env), program or sys.argv[0], log, cwd, new_session, error_log))
     process.start()
+    return process
+
+
+def poll_cli(process) -> int | None:
+    """The exit code of a command started by ``start_cli`` if it has ended, else None."""
+    return process.poll() if isinstance(process, subprocess.Popen) else process.exitcode
+
+
+def wait_cli(process) -> int:
+    """The exit code of a command started by ``start_cli``, once it has ended."""
+    if isinstance(process, subprocess.Popen):
+        return process.wait()
     process.join()
     return process.exitcode
+
+
+def run_cli(args: list[str], env: dict[str, str], log: str | os.PathLike | None = None, cwd: str | os.PathLike | None = None,
+            program: str | None = None) -> int:
+    """Exit code of ``lits ARGS`` run with environment ``env`` (see ``start_cli``)."""
+    return wait_cli(start_cli(args, env, log, cwd, program))

@@ -23,16 +23,17 @@ sequential one: finished runs are skipped, unfinished ones continue from their l
 from __future__ import annotations
 
 import json
+import multiprocessing.process
 import os
 import subprocess
 import sys
 import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from datamodules import DataError
+from experiments.processes import poll_cli, run_cli, start_cli, wait_cli
 
 
 def threads(jobs: int) -> int:
@@ -80,7 +81,7 @@ def runs_at_once(jobs=None, runs_per_device=None) -> int:
 class Started:
     """A run started by a ``Launcher``: its process, its GPU (None: no GPU assigned) and its console log."""
 
-    process: subprocess.Popen
+    process: subprocess.Popen | multiprocessing.process.BaseProcess  # see experiments.processes.start_cli
     device: str | None
     log: Path
     freed: bool = False
@@ -96,6 +97,9 @@ class Launcher:
     With ``jobs`` > 1 each run gets ``threads(jobs)`` intra-op threads and, on GPUs, the visible device
     that runs the fewest of this launcher's runs at its start (ties: the first); with ``jobs`` = 1 a run
     inherits the environment unchanged, as a run started by hand would.
+    A suite command without a GPU is forked from the fork server (``experiments.processes.start_cli``: no
+    interpreter start, no second import of the suite per run); one given a GPU, or any other program, starts
+    as a new process, so its ``CUDA_VISIBLE_DEVICES`` is read by a CUDA that has not started yet.
     """
 
     def __init__(self, jobs: int):
@@ -115,20 +119,22 @@ class Launcher:
                     self._load[device] += 1
                 env["CUDA_VISIBLE_DEVICES"] = device
         log.parent.mkdir(parents=True, exist_ok=True)
+        if device is None and command[:3] == [sys.executable, "-m", "experiments.cli"]:
+            return Started(start_cli(command[3:], env, log, new_session=own_session), device, log)
         with open(log, "a") as handle:
             process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=own_session)
         return Started(process, device, log)
 
     def poll(self, run: Started) -> int | None:
         """The run's exit code once it has ended (its GPU is then free for the next run), else None."""
-        code = run.process.poll()
+        code = poll_cli(run.process)
         if code is not None:
             self._free(run)
         return code
 
     def wait(self, run: Started) -> int:
         """Wait for the run to end; its exit code (its GPU is then free for the next run)."""
-        code = run.process.wait()
+        code = wait_cli(run.process)
         self._free(run)
         return code
 
@@ -146,7 +152,7 @@ def failure(what: str, code: int, log: Path) -> str:
 
 
 def prepare_data(command: list[str], tag: str) -> None:
-    """Before runs start side by side: ``lits preprocess`` (in this process) with the data settings of ``command``'s first training.
+    """Before runs start side by side: ``lits preprocess`` (a forked child) with the data settings of ``command``'s first training.
 
     ``command`` is a suite command line (``python -m experiments.cli fit|run|study ...``): of a ``lits fit``
     its own arguments, of a ``lits run`` its first stage's, of a ``lits study`` the first stage of the model
@@ -179,22 +185,11 @@ def prepare_data(command: list[str], tag: str) -> None:
         args += list(stages[0].get("args", [])) + stage_overrides(every, names[0], names)
     else:
         return
-    from experiments.cli import _suite_error
-    from experiments.console import quiet_library_noise
-    from experiments.lightning_cli import LitsCLI
-
-    quiet_library_noise()
-
     print(f"[{tag}] preparing the data cache", flush=True)
-    try:  # in this process, which has the suite imported already: no second interpreter start
-        with warnings.catch_warnings():  # Lightning warns that this process's own command line is not these args
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            LitsCLI(args=["preprocess", *args])
-    except Exception as error:
-        cause = _suite_error(error)
-        if cause is None:
-            raise
-        raise DataError(f"preparing the data for {what} failed: {cause}") from None
+    # forked, not in this process: a process that has computed with torch must not fork the runs after it
+    code = run_cli(["preprocess", *args], dict(os.environ))
+    if code != 0:
+        raise DataError(f"preparing the data for {what} failed (exit {code}); its message is above")
 
 
 def run_parallel(path: str | Path, study: dict, folder: Path, overrides: list[str], jobs: int, slug) -> dict:

@@ -1,7 +1,6 @@
 """Discovery, orientation and the one-line errors for bad input."""
 
 import gzip
-import shutil
 
 import nibabel as nib
 import numpy as np

@@ -5,8 +5,6 @@ against `lits test`; the one-line errors for a 2D network where a 3D one is need
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -17,6 +15,7 @@ import yaml
 from experiments.predict import predict_main
 from lightning_modules import BaselineUNet, CheckpointError
 from tests.synthetic import tiny_volume, write_pair
+from tests.lits_commands import lits as run_lits
 
 SHAPE = (32, 32, 12)  # 12 slices at 4 mm: 19 slices at 2.5 mm, room for 16x32x32 crops
 
@@ -24,7 +23,7 @@ SHAPE = (32, 32, 12)  # 12 slices at 4 mm: 19 slices at 2.5 mm, room for 16x32x3
 def lits(*args, cwd):
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     env.pop("LITS_RUN_VERSION", None)
-    return subprocess.run([sys.executable, "-m", "experiments.cli", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+    return run_lits(*args, cwd=cwd, env=env)
 
 
 def stage_config(model: str, target: str, **init_args) -> dict:

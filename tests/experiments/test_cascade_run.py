@@ -3,8 +3,6 @@
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -16,12 +14,13 @@ from experiments.evaluate import evaluate_main
 from experiments.predict import predict_main
 from lightning_modules import CheckpointError
 from tests.synthetic import tiny_experiment
+from tests.lits_commands import lits as run_lits
 
 
 def lits(*args, cwd):
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     env.pop("LITS_RUN_VERSION", None)
-    return subprocess.run([sys.executable, "-m", "experiments.cli", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+    return run_lits(*args, cwd=cwd, env=env)
 
 
 def write_cascade(folder, liver_epochs=1, lesion_epochs=1):

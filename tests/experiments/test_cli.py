@@ -3,20 +3,19 @@
 import csv
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.synthetic import tiny_volume, write_pair
+from tests.lits_commands import lits as run_lits
 
 
 def lits(*args, cwd, check=True, env=None):
     environment = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
     environment.pop("LITS_RUN_VERSION", None)
-    result = subprocess.run([sys.executable, "-m", "experiments.cli", *args], cwd=cwd, capture_output=True, text=True, env=environment, timeout=300)
+    result = run_lits(*args, cwd=cwd, env=environment)
     if check and result.returncode != 0:
         raise AssertionError(f"lits {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result

@@ -3,14 +3,12 @@ the one-line errors of inconsistent 3D settings."""
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import yaml
 
 from tests.synthetic import tiny_volume, write_pair
+from tests.lits_commands import lits
 
 # 32x32x12 voxels at 4 mm slices: 48 mm, some 19 slices at 2.5 mm, so 16x32x32 crops fit (16x16x16 would leave
 # InstanceNorm a single voxel at the U-Net's bottom)
@@ -104,11 +102,8 @@ def test_3d_test_under_ddp_matches_one_process(fitted, workspace):
     """Two CPU processes: each rank predicts its whole volumes, the per-slice records are gathered, and the
     figures equal the fit's one-process test of the same checkpoint (3 test volumes: rank 1 gets a padded repeat)."""
     fit = json.loads((fitted / "metrics.json").read_text())
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    env.pop("LITS_RUN_VERSION", None)
-    result = subprocess.run([sys.executable, "-m", "experiments.cli", "test", "--config", "tiny3d.yaml", f"--ckpt_path={fit['best_checkpoint']}",
-                             f"--run_dir={workspace / 'runs' / 'ddp3d'}", "--trainer.devices=2", "--trainer.strategy=ddp",
-                             "--trainer.accelerator=cpu"], cwd=workspace, capture_output=True, text=True, env=env, timeout=300)
+    result = lits("test", "--config", "tiny3d.yaml", f"--ckpt_path={fit['best_checkpoint']}", f"--run_dir={workspace / 'runs' / 'ddp3d'}",
+                  "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accelerator=cpu", cwd=workspace, env={"WANDB_MODE": "offline"})
     assert result.returncode == 0, result.stderr[-5000:]
     ddp = json.loads((workspace / "runs" / "ddp3d" / "metrics.json").read_text())
     assert ddp["world_size"] == 2

@@ -3,8 +3,6 @@
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,12 +11,13 @@ from scipy import stats
 
 from experiments.study_tables import METRICS, before_and_after, markdown_table, summarize
 from tests.synthetic import tiny_experiment
+from tests.lits_commands import lits as run_lits
 
 
 def lits(*args, cwd):
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     env.pop("LITS_RUN_VERSION", None)
-    result = subprocess.run([sys.executable, "-m", "experiments.cli", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+    result = run_lits(*args, cwd=cwd, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
     return result
 

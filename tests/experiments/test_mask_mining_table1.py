@@ -4,9 +4,6 @@ Inc. statistics against scipy, the Fig. 4 counts and normalisation, `--data.test
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
 
 from pathlib import Path
 
@@ -21,6 +18,7 @@ from experiments import study as study_module
 from experiments.study import load_study, report
 from experiments.study_tables import LITS_LIVER_LESION, TABLES, lesion_error_counts, with_lesion_counts
 from experiments.study_figure import normalised_error_bars, setup_and_loss
+from tests.lits_commands import lits
 
 ROOT = Path(__file__).parents[2]
 SEEDS = (0, 1, 2)
@@ -188,10 +186,7 @@ def test_tiny_table1_study_end_to_end_and_resume(tmp_path, monkeypatch):
     write_mining_cascade(tmp_path)
     (tmp_path / "study.yaml").write_text(yaml.safe_dump({"name": "tiny_t1", "table": "lits_liver_lesion", "inc": True, "seeds": [0],
                                                           "models": {"2D, dice": "mm.yaml"}, "rows": {"2D": "2D, dice"}}, sort_keys=False))
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    env.pop("LITS_RUN_VERSION", None)
-    result = subprocess.run([sys.executable, "-m", "experiments.cli", "study", "study.yaml", "--trainer.default_root_dir=out"],
-                            cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    result = lits("study", "study.yaml", "--trainer.default_root_dir=out", cwd=tmp_path, env={"WANDB_MODE": "disabled"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
     folder = tmp_path / "out" / "tiny_t1"
     run = folder / "2D_dice" / "seed_0"

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -11,12 +9,13 @@ import yaml
 from datamodules import DataError
 from experiments.stages import load_experiment, normalise_overrides
 from tests.synthetic import tiny_experiment
+from tests.lits_commands import lits as run_lits
 
 
 def lits(*args, cwd):
     env = {**os.environ, "WANDB_MODE": "disabled"}
     env.pop("LITS_RUN_VERSION", None)
-    result = subprocess.run([sys.executable, "-m", "experiments.cli", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+    result = run_lits(*args, cwd=cwd, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 

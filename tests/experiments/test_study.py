@@ -60,11 +60,7 @@ def test_bad_study_files(tmp_path, spec, message):
 
 
 def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
-    import json
-    import os
-    import subprocess
-    import sys
-
+    from tests.lits_commands import lits
     from tests.synthetic import tiny_experiment
 
     for name, model in (("unet", "BaselineUNet"), ("cmunet", "CMUNet")):
@@ -75,9 +71,8 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
         {"name": "tiny", "baseline": "U-Net", "seeds": 2, "models": {"U-Net": "unet.yaml", "CMU-Net": "cmunet.yaml"}}, sort_keys=False))
 
     def study(*args, root="out", file="study.yaml"):
-        env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}  # the same arithmetic in every run
-        result = subprocess.run([sys.executable, "-m", "experiments.cli", "study", file, f"--trainer.default_root_dir={root}", *args],
-                                cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+        env = {"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}  # the same arithmetic in every run
+        result = lits("study", file, f"--trainer.default_root_dir={root}", *args, cwd=tmp_path, env=env)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
         return result.stdout
 

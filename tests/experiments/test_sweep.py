@@ -3,7 +3,6 @@ options, a 2-trial sweep one trial at a time and side by side (--jobs)."""
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from datamodules import DataError
 from experiments.stages import load_experiment, stage_overrides
 from experiments.sweep import _engine, _engine_run, load_sweep, trial_command
 from tests.synthetic import tiny_experiment
+from tests.lits_commands import lits as run_lits
 
 SWEEPS = sorted((Path(__file__).parents[2] / "experiments" / "sweeps").glob("*.yaml"))
 
@@ -21,7 +21,7 @@ SWEEPS = sorted((Path(__file__).parents[2] / "experiments" / "sweeps").glob("*.y
 def lits(*args, cwd, check=True, env=None):
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", **(env or {})}
     env.pop("LITS_RUN_VERSION", None)
-    result = subprocess.run([sys.executable, "-m", "experiments.cli", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+    result = run_lits(*args, cwd=cwd, env=env)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
     return result
