@@ -30,7 +30,7 @@ scales the parts to LiTS' composition:
    per-volume metric computation each (scaled to 447.6 slices from the measured volume), on
    ``--ranks`` processes on one machine sharing the validation volumes (sharded validation) and one device each.
    Each rank scores its share of the volumes in ``metric_workers`` worker processes, the suite's automatic
-   count for a LiTS share on this machine (``metrics.metric_workers``: the cores divided among the ranks, 16
+   count for a LiTS share on this machine (``volume_scoring.metric_workers``: the cores divided among the ranks, 16
    for one rank on a 16-core GPU machine, 2 on a 2-core CPU): measured by scoring that many copies of the
    validation volume at once (one round, checked equal to the in-process figures), a share of ``V`` volumes
    taking ``ceil(V / metric_workers)`` rounds. ``validation_share`` = validation / (training + validation) of
@@ -64,8 +64,8 @@ from datamodules.cache import CachedVolume
 from datamodules.phantom import write_phantom_dataset
 from datamodules.splits import _counts
 from lightning_modules import BaselineUNet
-from lightning_modules.metrics import (SLICE_KEYS, metric_workers, record_volumes, split_slice_figures, volume_dice_hausdorff,
-                                       volume_figures)
+from lightning_modules.metrics import SLICE_KEYS, split_slice_figures, volume_dice_hausdorff
+from lightning_modules.volume_scoring import metric_workers, record_volumes, volume_figures
 from lightning_modules.slice_records import RECORD_KEYS
 from lightning_modules.volume_records import volume_share
 

@@ -5,7 +5,7 @@ One volume goes through the two networks of the suite like this:
 1. **Liver.** The liver network sees every axial slice resized to ``data.image_size`` (its training
    resolution). Its probabilities are quantised to uint8, upsampled bilinearly to the original in-plane
    size, thresholded and reduced to their largest 3D connected component: exactly what the liver
-   network's own per-volume metrics do (``metrics.summarize_volumes``), so the cascade's liver figures
+   network's own per-volume metrics do (``volume_scoring.summarize_volumes``), so the cascade's liver figures
    and the liver stage's agree.
 2. **Region of interest.** The liver mask's bounding box, grown by ``region_margin`` pixels in-plane and
    ``region_margin_slices`` slices (the mask dilated, as a box).
@@ -74,7 +74,7 @@ def slice_probabilities(predict: Predictor, slices: torch.Tensor, in_channels: i
 def liver_mask(probs: torch.Tensor, full_size: tuple[int, int], threshold: float = 0.5, chunk: int = 32) -> np.ndarray:
     """(Z, 1, h, w) liver probabilities -> bool (Z, H, W) at the original in-plane size, largest 3D component.
 
-    Quantised to uint8 and upsampled exactly as ``metrics.summarize_volumes`` does, in chunks of slices
+    Quantised to uint8 and upsampled exactly as ``volume_scoring.summarize_volumes`` does, in chunks of slices
     (a 512x512x900 volume never exists as float32).
     """
     quantised = torch.round(probs.float().clamp(0, 1) * 255).to(torch.uint8).cpu()

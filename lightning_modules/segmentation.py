@@ -41,8 +41,8 @@ from .cascade_evaluation import summarize_volumes as summarize_cascade
 from .classification import CheckpointError, check_backbone_variant
 from .figures import overlay_figure, save_figure
 from .losses import SEG_LOSSES, build_segmentation_loss
-from .metrics import (COUNT_KEYS, mean_volume_figures, metric_workers, record_volumes, share_voxels, split_slice_figures,
-                      summarize_slices, volume_figures)
+from .metrics import COUNT_KEYS, split_slice_figures, summarize_slices
+from .volume_scoring import mean_volume_figures, metric_workers, record_volumes, share_voxels, volume_figures
 from .slice_records import SliceRecords
 from .volume_records import VolumeRecords, gather_volume_rows, volume_share
 
@@ -82,7 +82,7 @@ class SegmentationTask(BaseTask):
             epoch (reassembly at full resolution, largest component, surface distances: CPU work, while the CPU cores
             of a GPU machine idle). ``null`` (default): automatic, the cores this process may use divided among the
             machine's ranks, capped by the share's volumes; in-process for a single volume or a small share (see
-            ``metrics.metric_workers``). 1: always in-process. Forked, Linux only (elsewhere in-process). The figures
+            ``volume_scoring.metric_workers``). 1: always in-process. Forked, Linux only (elsewhere in-process). The figures
             are the same to the last bit whatever the count.
 
     With ``spatial_dims: 3`` (``data.spatial_dims: 3``) validation and test predict each whole resampled volume

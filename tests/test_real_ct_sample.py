@@ -8,7 +8,8 @@ import torch
 
 from datamodules.cache import CachedVolume, PreprocessSettings, build_cache, to_display
 from datamodules.nifti import discover, load_pair
-from lightning_modules.metrics import summarize_volumes, volume_dice_hausdorff
+from lightning_modules.metrics import volume_dice_hausdorff
+from lightning_modules.volume_scoring import summarize_volumes
 from lightning_modules.slice_records import SliceRecords
 from tests.conftest import REAL_CT
 

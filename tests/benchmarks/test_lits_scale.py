@@ -7,7 +7,7 @@ import pytest
 
 from benchmarks import lits_scale
 from benchmarks.lits_scale import LITS_SLICES_PER_VOLUME, EpochTimer, lits_epoch, lits_metric_workers, report_rows, summary
-from lightning_modules import metrics
+from lightning_modules import volume_scoring
 
 PARTS = {"wait_s_per_slice": 0.001, "step_s_per_slice": 0.1, "val_forward_s_per_slice": 0.05,
          "val_metrics_s_per_volume": 1.0, "val_slices": 100}
@@ -44,9 +44,9 @@ def test_lits_epoch_scores_each_share_in_rounds_of_workers():
 
 
 def test_lits_metric_workers_is_the_suites_count_for_a_lits_share(monkeypatch):
-    monkeypatch.setattr(metrics, "_usable_cpus", lambda: 16)
+    monkeypatch.setattr(volume_scoring, "_usable_cpus", lambda: 16)
     assert [lits_metric_workers(ranks) for ranks in (1, 2, 8)] == [16, 8, 2]
-    monkeypatch.setattr(metrics, "_usable_cpus", lambda: 2)
+    monkeypatch.setattr(volume_scoring, "_usable_cpus", lambda: 2)
     assert lits_metric_workers(1) == 2
 
 
