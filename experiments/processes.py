@@ -17,8 +17,8 @@ fork-safe), runs each command as ``python -m experiments.cli ...`` in a new inte
 A child that orchestrates (``lits run``, or one run of a parallel ``lits study``, which the study itself forks
 from its server) forks its own stages directly (``fork``), without a server of its own: it is a copy of the
 clean server that has computed nothing and runs no other thread, so it saves a second import of the suite
-per run (with threads, it starts a server of its own). ``log`` sends a
-child's console to a file (a parallel study's ``console.log`` per run), ``cwd`` sets its working directory.
+per run (with threads, it starts a server of its own). ``log`` sends a child's console to a file (a parallel
+study's ``console.log`` per run; ``error_log`` its stderr apart), ``cwd`` sets its working directory.
 """
 
 from __future__ import annotations
@@ -103,10 +103,13 @@ def _child(args: list[str], env: dict[str, str], program: str, log: str | None =
 
 def start_cli(args: list[str], env: dict[str, str], log: str | os.PathLike | None = None, cwd: str | os.PathLike | None = None,
               program: str | None = None, new_session: bool = False, error_log: str | os.PathLike | None = None):
-    """Start ``lits ARGS`` with environment ``env`` (console appended to ``log`` if given, in ``cwd`` if given, in a
-    session of its own if ``new_session``; stderr to ``error_log`` if given, else with stdout): a child of the fork server (a ``multiprocessing.Process``) or, where
-    forking is off, a new interpreter (a ``subprocess.Popen``). ``program`` is the child's ``sys.argv[0]``, what
-    a DDP launch inside it restarts (default: this process's own, which a ``lits`` command's is)."""
+    """Start ``lits ARGS`` with environment ``env``: a child of the fork server (a ``multiprocessing.Process``) or,
+    where forking is off, a new interpreter (a ``subprocess.Popen``).
+
+    ``log``: its console appended to this file (stderr to ``error_log`` instead, if given); ``cwd``: its working
+    directory; ``new_session``: a session of its own (``os.killpg`` ends it with its children); ``program``: its
+    ``sys.argv[0]``, what a DDP launch inside it restarts (default: this process's own, which a ``lits`` command's is).
+    """
     log, cwd, error_log = (None if p is None else os.fspath(p) for p in (log, cwd, error_log))
     context = _fork_server()
     if context is None:

@@ -164,20 +164,19 @@ def prepare_data(command: list[str], tag: str) -> None:
     subcommand, rest = (command[3], command[4:]) if command[1:3] == ["-m", "experiments.cli"] and len(command) > 4 else (None, [])
     if subcommand == "fit":
         args = [a for a in rest if not a.startswith(("--run_dir=", "--ckpt_path="))]
-        what = " ".join(["lits fit", *(a for a in args if not a.startswith("--"))])
     elif subcommand in ("run", "study"):
         if subcommand == "run":
-            experiment, what = rest[0], str(rest[0])
+            experiment = rest[0]
             every = normalise_overrides(rest[1:])
         else:
             from experiments.study import _split_options, load_study, model_overrides
 
             study = load_study(rest[0])
             options, overrides = _split_options(rest[1:])
-            what = options.get("model") or next(iter(study["models"]))
+            model = options.get("model") or next(iter(study["models"]))
             seed = options.get("seed") or study["seeds"][0]
-            experiment = study["models"][what]
-            every = model_overrides(study, what, normalise_overrides(study["args"]) + overrides)
+            experiment = study["models"][model]
+            every = model_overrides(study, model, normalise_overrides(study["args"]) + overrides)
             every += [f"--seed_everything={seed}", f"--data.split_seed={seed}"]
         _, stages = load_experiment(experiment)
         names = [stage["name"] for stage in stages]
@@ -188,8 +187,8 @@ def prepare_data(command: list[str], tag: str) -> None:
     print(f"[{tag}] preparing the data cache", flush=True)
     # forked, not in this process: a process that has computed with torch must not fork the runs after it
     code = run_cli(["preprocess", *args], dict(os.environ))
-    if code != 0:
-        raise DataError(f"preparing the data for {what} failed (exit {code}); its message is above")
+    if code != 0:  # its one-line error (`lits: error: ...`) is printed already: leave with its exit code
+        sys.exit(code)
 
 
 def run_parallel(path: str | Path, study: dict, folder: Path, overrides: list[str], jobs: int, slug) -> dict:
