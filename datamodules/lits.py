@@ -14,15 +14,13 @@ from torch.utils.data import Dataset, WeightedRandomSampler, default_convert
 
 from .batch_augmentation import BatchAugmentation
 from .cache import CachedVolume, PreprocessSettings, build_cache
-from .crop3d import Crop3DDataset, InPlaneAugmentation, WholeVolume3DDataset, check_crop_size
+from .crop3d import Crop3DDataset, InPlaneAugmentation, WholeVolume3DDataset
 from .dataset import SliceDataset, target_channels, training_augmentation
 from .nifti import DataError, discover
 from .phantom import PHANTOM_VERSION, write_phantom_dataset
 from .roi_dataset import LiverCropDataset, VolumeDataset
+from .settings import check_data_settings
 from .splits import SPLIT_NAMES, split_volumes
-
-SAMPLING_MODES = ("slices", "liver_roi")
-AUGMENT_ON = ("sample", "batch")
 
 
 def default_cache_base() -> Path:
@@ -155,44 +153,7 @@ class LiTSDataModule(pl.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if augment_on not in AUGMENT_ON:
-            raise ValueError(f"augment_on must be one of {', '.join(AUGMENT_ON)}, got {augment_on!r}")
-        if image_size % 16:
-            raise ValueError(f"image_size must be divisible by 16 (four U-Net poolings), got {image_size}")
-        if holdout_fold is not None and not 0 <= holdout_fold < num_folds:
-            raise DataError(f"--data.holdout_fold={holdout_fold} needs --data.num_folds above it (folds are 0..num_folds-1)")
-        if roi_from not in ("truth", "prediction"):
-            raise DataError(f"--data.roi_from must be truth or prediction, got {roi_from!r}")
-        if sampling not in SAMPLING_MODES:
-            raise DataError(
-                f"--data.sampling={sampling!r} is not one of {', '.join(SAMPLING_MODES)}; use slices (whole resized slices) "
-                "or liver_roi (full-resolution crops around the liver)"
-            )
-        if crop_size <= 0 or crop_size % 16:
-            raise DataError(f"--data.crop_size={crop_size} must be a positive multiple of 16 (four U-Net poolings), e.g. 256")
-        if test_split not in SPLIT_NAMES:
-            raise DataError(f"--data.test_split={test_split!r} is not one of {', '.join(SPLIT_NAMES)}; it names the split that `lits test` evaluates")
-        if min(crop_margin, roi_margin_px, roi_margin_slices) < 0:
-            raise DataError("--data.crop_margin, --data.roi_margin_px and --data.roi_margin_slices must be non-negative")
-        if spatial_dims not in (2, 3):
-            raise DataError(f"--data.spatial_dims={spatial_dims} must be 2 (slices) or 3 (volumes)")
-        if spatial_dims == 3:
-            if sampling != "slices":
-                raise DataError(f"--data.spatial_dims=3 takes --data.sampling=slices, got {sampling}: in 3D the training crops are drawn "
-                                "from the resampled volumes, and --data.target=lesion already draws them in and around the liver")
-            if context_slices:
-                raise DataError(f"--data.spatial_dims=3 with --data.context_slices={context_slices} is not supported yet; "
-                                "set --data.context_slices=0 (the 3D network sees the neighbouring slices itself)")
-            if augment and augment_on == "batch":
-                raise DataError("--data.spatial_dims=3 with --data.augment_on=batch is not supported yet; use --data.augment_on=sample")
-            try:
-                check_crop_size(crop_size_3d)
-            except DataError as error:
-                raise DataError(f"--data.crop_size_3d: {error}") from None
-            if crops_per_volume < 1:
-                raise DataError(f"--data.crops_per_volume={crops_per_volume} must be at least 1")
-            if not slice_spacing_mm > 0:
-                raise DataError(f"--data.slice_spacing_mm={slice_spacing_mm} must be positive, e.g. 2.5")
+        check_data_settings(self.hparams)
         self.settings = PreprocessSettings(
             float(hu_window[0]), float(hu_window[1]), int(image_size), int(roi_margin_px), int(roi_margin_slices)
         )
