@@ -19,9 +19,10 @@ from experiments.processes import start_cli, wait_cli
 CLI = experiments.cli.__file__  # the child's sys.argv[0]: what a DDP launch inside it starts for its other ranks
 
 
-def lits(*args, cwd, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def lits(*args, cwd, env: dict | None = None, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``lits ARGS`` in ``cwd`` with ``os.environ`` updated by ``env`` (``LITS_RUN_VERSION`` removed);
-    its exit code, stdout and stderr, as ``subprocess.run(..., capture_output=True, text=True)`` gives them."""
+    its exit code, stdout and stderr, as ``subprocess.run(..., capture_output=True, text=True)`` gives them.
+    ``check``: fail the test, showing the end of both streams, unless the command succeeded."""
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     environment.pop("LITS_RUN_VERSION", None)
     with tempfile.TemporaryDirectory() as folder:
@@ -36,4 +37,7 @@ def lits(*args, cwd, env: dict | None = None, timeout: float = 300) -> subproces
                 process.join()
                 raise TimeoutError(f"lits {' '.join(map(str, args))} ran past {timeout} s")
             code = wait_cli(process)
-        return subprocess.CompletedProcess(list(args), code, out.read_text(), err.read_text())
+        result = subprocess.CompletedProcess(list(args), code, out.read_text(), err.read_text())
+    if check:
+        assert code == 0, f"lits {' '.join(map(str, args))} failed ({code}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result

@@ -2,7 +2,6 @@
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -13,12 +12,7 @@ from tests.lits_commands import lits as run_lits
 
 
 def lits(*args, cwd, check=True, env=None):
-    environment = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
-    environment.pop("LITS_RUN_VERSION", None)
-    result = run_lits(*args, cwd=cwd, env=environment)
-    if check and result.returncode != 0:
-        raise AssertionError(f"lits {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
-    return result
+    return run_lits(*args, cwd=cwd, env={"WANDB_MODE": "offline", **(env or {})}, check=check)
 
 
 def lits_in_process(*args, capsys) -> tuple[int, str]:

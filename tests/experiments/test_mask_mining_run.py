@@ -2,7 +2,6 @@
 
 import csv
 import json
-import os
 
 import numpy as np
 import pytest
@@ -15,11 +14,7 @@ from tests.lits_commands import lits as run_lits
 
 
 def lits(*args, cwd):
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    env.pop("LITS_RUN_VERSION", None)
-    result = run_lits(*args, cwd=cwd, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
-    return result
+    return run_lits(*args, cwd=cwd, env={"WANDB_MODE": "disabled"}, check=True)
 
 
 def test_mask_mining_run_writes_the_error_type_report(tmp_path):

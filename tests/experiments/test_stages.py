@@ -1,7 +1,6 @@
 """`lits run`: stages in order, weights handed over, overrides reach every stage, and a killed run resumes."""
 
 import json
-import os
 
 import pytest
 import yaml
@@ -13,11 +12,7 @@ from tests.lits_commands import lits as run_lits
 
 
 def lits(*args, cwd):
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    env.pop("LITS_RUN_VERSION", None)
-    result = run_lits(*args, cwd=cwd, env=env)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result
+    return run_lits(*args, cwd=cwd, env={"WANDB_MODE": "disabled"}, check=True)
 
 
 @pytest.fixture
