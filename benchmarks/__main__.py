@@ -52,6 +52,7 @@ from datamodules.nifti import discover
 from datamodules.phantom import write_phantom_dataset
 from datamodules.roi_dataset import LiverCropDataset
 from lightning_modules import BaselineUNet, MaskMining
+from lightning_modules.base import adam
 
 from . import volumetric
 from .cascade_inference import bench_cascade
@@ -137,7 +138,7 @@ def bench_train_step(steps: int, warmup: int, batch_size: int, size: int, repeat
 
     def plain_loop():
         module = make_module()
-        optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
+        optimizer = adam(module.parameters(), lr=1e-3)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=len(batches))
         module.train()
         for index, batch in enumerate(batches):

@@ -34,6 +34,7 @@ import torch
 from monai.networks.nets import BasicUNet
 
 from lightning_modules import BaselineUNet
+from lightning_modules.base import adam
 from lightning_modules.channels_last import ChannelsLast
 
 IMPLEMENTATIONS = ("lightning", "plain", "basicunet")
@@ -111,7 +112,7 @@ def plain_seconds(network, loss, batches, warmup, device, precision, compiled, c
     network = network.to(device)
     if channels_last:
         network = network.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
+    optimizer = adam(network.parameters(), lr=1e-3)
     step_network = torch.compile(network) if compiled else network
     network.train()
     torch.backends.cudnn.benchmark = device.type == "cuda"

@@ -91,7 +91,11 @@ def _suite_error(error: BaseException | None) -> Exception | None:
 
 
 def __getattr__(name: str):
-    # LitsCLI, EpochHistory, ...: the LightningCLI side, imported on first use
+    # LitsCLI, EpochHistory, ...: the LightningCLI side, imported on first use. Not for dunder names: the console
+    # script's `from experiments.cli import main` looks up `__path__`, which would import Lightning (~5 s) in
+    # `lits study`/`run`/`sweep`, processes that only orchestrate.
+    if name.startswith("__"):
+        raise AttributeError(f"module 'experiments.cli' has no attribute {name!r}")
     from experiments import lightning_cli
 
     try:

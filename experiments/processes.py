@@ -24,6 +24,7 @@ study's ``console.log`` per run; ``error_log`` its stderr apart), ``cwd`` sets i
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.util
 import os
 import subprocess
 import sys
@@ -36,6 +37,10 @@ import warnings
 # the preloaded suite has imported it already. Harmless: the module only defines functions.
 warnings.filterwarnings("ignore", message="'experiments.cli' found in sys.modules", category=RuntimeWarning)
 
+# What every child imports, imported once in the server. Besides the suite: W&B, which Lightning's logger imports
+# on its first run, and its launch module, which `wandb.init` imports (~3.5 s of a 2-core CPU per run together).
+# The server skips a module that cannot be imported.
+_PRELOAD = ["experiments.processes", "experiments.lightning_cli", "wandb", "wandb.sdk.launch"]
 _context = None
 _clean_child = False  # True in a child of the fork server: it may fork its own stages (see the module docstring)
 
@@ -49,7 +54,7 @@ def _fork_server():
         return multiprocessing.get_context("fork")
     if _context is None:
         _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload(["experiments.processes", "experiments.lightning_cli"])
+        _context.set_forkserver_preload(_PRELOAD)
     return _context
 
 
@@ -96,9 +101,57 @@ def _child(args: list[str], env: dict[str, str], program: str, log: str | None =
                 wandb.finish(exit_code=code)
             except Exception:  # noqa: BLE001 -- a logging failure must not change the stage's result
                 traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        _leave(code)
+
+
+def _leave(code: int) -> None:
+    """Leave a forked child with ``code`` without the interpreter's exit, which would wait on threads a library
+    left running, but with multiprocessing's: its finalizers unregister the semaphores the command created
+    (tqdm's lock), which the resource tracker would otherwise report as leaked when the study ends."""
+    multiprocessing.util._exit_function()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def call_forked(function, *args) -> None:
+    """``function(*args)`` in a child of the fork server, which has imported the suite, torch and W&B already: a
+    study's report (its table, figure and W&B run) would otherwise spend ~10 s of a 2-core CPU importing them in the
+    study's own process, which only orchestrates. In this process where forking is off. The child's one-line error
+    (``lits: error: ...``) or traceback is printed there; here it leaves with the child's exit code."""
+    context = _fork_server()
+    if context is None:
+        function(*args)
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    process = context.Process(target=_call, args=(function, args, dict(os.environ)))
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        sys.exit(process.exitcode)
+
+
+def _call(function, args: tuple, env: dict[str, str]) -> None:
+    code = 1
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        function(*args)
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    except BaseException as error:  # noqa: BLE001 -- reported here, as `lits` would report it
+        from experiments.cli import _suite_error
+
+        cause = _suite_error(error)
+        if cause is None:
+            traceback.print_exc()
+        else:
+            print(f"lits: error: {cause}", file=sys.stderr)
+            code = 2
+    finally:
+        _leave(code)
 
 
 def start_cli(args: list[str], env: dict[str, str], log: str | os.PathLike | None = None, cwd: str | os.PathLike | None = None,

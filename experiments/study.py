@@ -84,7 +84,7 @@ from pathlib import Path
 import yaml
 
 from datamodules import DataError
-from experiments.processes import run_cli
+from experiments.processes import call_forked, run_cli
 from experiments.stages import AGENT_ENV, load_experiment, normalise_overrides, override_value, run_experiment, stage_overrides
 from experiments.study_jobs import run_parallel, runs_at_once
 from experiments.study_tables import TABLES, before_and_after, lesion_error_counts, summarize, with_lesion_counts, write_tables
@@ -267,21 +267,23 @@ def run_study(path: str | Path, argv: list[str]) -> Path:
             Path(options["trial_dir"]).mkdir(parents=True, exist_ok=True)
             (Path(options["trial_dir"]) / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
         return folder
-    if "from_sweep" in options:
-        results = results_from_wandb(options["from_sweep"], study)
+    if "from_sweep" in options:  # no figure: it needs the run folders, which a sweep spread over machines does not have here
+        report(study, folder, results_from_wandb(options["from_sweep"], study), overrides, figure=False)
+        return folder
+    if "sweep" in options:
+        if run_as_sweep(path, study, folder, argv_overrides):
+            return folder
+    jobs = _runs_at_once(options, study)
+    if jobs > 1:
+        results = run_parallel(path, study, folder, argv_overrides, jobs, _slug)
     else:
-        if "sweep" in options:
-            if run_as_sweep(path, study, folder, argv_overrides):
-                return folder
-        jobs = _runs_at_once(options, study)
-        if jobs > 1:
-            results = run_parallel(path, study, folder, argv_overrides, jobs, _slug)
-        else:
-            results = {label: {} for label in study["models"]}
-            for seed in study["seeds"]:
-                for label in study["models"]:
-                    results[label][seed] = run_one(study, folder, label, seed, overrides)
-    return report(study, folder, results, overrides, figure="from_sweep" not in options)
+        results = {label: {} for label in study["models"]}
+        for seed in study["seeds"]:
+            for label in study["models"]:
+                results[label][seed] = run_one(study, folder, label, seed, overrides)
+    # forked: the figure and the W&B run need torch and W&B, which the fork server has imported for the runs
+    call_forked(report, study, folder, results, overrides)
+    return folder
 
 
 def _runs_at_once(options: dict, study: dict) -> int:
@@ -347,7 +349,7 @@ def report(study: dict, folder: Path, results: dict[str, dict[int, dict]], overr
     from experiments.study_figure import lesion_error_types_figure, qualitative_figure
 
     figures = []
-    if table_kind.figure == "qualitative" and figure:  # it needs the run folders, which a sweep spread over machines does not have here
+    if table_kind.figure == "qualitative" and figure:
         first_seed = study["seeds"][0]
         finals = {label: _final_stage(folder / _slug(label) / f"seed_{first_seed}") for label in study["models"]}
         figures.append(qualitative_figure(finals, folder / "qualitative.png"))
@@ -371,6 +373,9 @@ def log_to_wandb(name: str, folder: Path, rows: list[dict], project: str, figure
     """The table and the figures as one W&B run of job type `study` (offline without a key, like every run)."""
     import wandb
 
+    from experiments.console import quiet_library_noise, wandb_offline_hint
+
+    quiet_library_noise()  # W&B's offline chatter: the one line below names the run instead, as a run's does
     columns = list(dict.fromkeys(k for row in rows for k in row))
     run = wandb.init(project=project, name=name, job_type="study", dir=str(folder))
     logged = {"study/results": wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])}
@@ -379,6 +384,9 @@ def log_to_wandb(name: str, folder: Path, rows: list[dict], project: str, figure
             logged[f"study/{Path(path).stem}"] = wandb.Image(str(path))
     run.log(logged)
     run.finish()
+    hint = wandb_offline_hint(folder)
+    if hint:
+        print(f"[lits study] {hint}")
 
 
 def study_main(argv: list[str]) -> None:

@@ -22,6 +22,7 @@ sequential one: finished runs are skipped, unfinished ones continue from their l
 
 from __future__ import annotations
 
+import glob
 import json
 import multiprocessing.process
 import os
@@ -48,6 +49,8 @@ def devices() -> list[str]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return [d.strip() for d in visible.split(",") if d.strip()]
+    if sys.platform.startswith("linux") and not (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd")):
+        return []  # no NVIDIA or ROCm device node: a CPU machine, known without importing torch (~1 s)
     try:
         import torch
 

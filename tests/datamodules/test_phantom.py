@@ -140,3 +140,12 @@ def test_lesions_are_learnable_contrast_and_most_volumes_have_one():
             with_lesions += 1
             assert np.median(hu[label == 1]) - np.median(hu[label == 2]) > 30  # blur and partial volume shave a few HU
     assert with_lesions >= 6
+
+
+def test_parallel_writers_write_the_same_files(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    write_phantom_dataset(one, volumes=3, seed=2, shape=SMALL, spacing=SMALL_SPACING, workers=1)
+    write_phantom_dataset(two, volumes=3, seed=2, shape=SMALL, spacing=SMALL_SPACING, workers=2)
+    for name in sorted(p.name for p in one.iterdir()):
+        a, b = nib.load(one / name), nib.load(two / name)
+        assert np.array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj)) and np.allclose(a.affine, b.affine)

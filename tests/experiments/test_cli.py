@@ -2,6 +2,8 @@
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,3 +141,11 @@ def test_pu_net_with_a_foreign_encoder_checkpoint_fails_before_training(tmp_path
     lines = [line for line in stderr.splitlines() if line.startswith("lits: error:")]
     assert len(lines) == 1 and "encoder.ckpt" in lines[0] and "in_channels=3, base_channels=8" in lines[0], stderr[-2000:]
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_console_script_import_does_not_import_lightning():
+    # the `lits` script's `from experiments.cli import main` looks `__path__` up on the module: that must not import the
+    # LightningCLI side (~5 s), which `lits study`, `run` and `sweep` leave to the processes they start
+    code = "from experiments.cli import main; import sys; print('pytorch_lightning' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr

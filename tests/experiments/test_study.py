@@ -277,3 +277,17 @@ def test_runs_per_device_and_placement_on_gpus(tmp_path, monkeypatch):
     launcher.wait(busy[1])  # GPU 1 is free again, GPU 0 still runs one: the next run goes to GPU 1
     last = launcher.start(report, tmp_path / "c.log")
     assert last.device == "1" and launcher.wait(busy[0]) == launcher.wait(last) == 0
+
+
+def test_a_machine_without_gpu_device_nodes_has_no_devices_without_asking_torch(monkeypatch):
+    from experiments import study_jobs
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(study_jobs.sys, "platform", "linux")
+    monkeypatch.setattr(study_jobs.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(study_jobs.os.path, "exists", lambda path: False)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: pytest.fail("torch asked on a machine without GPUs"))
+    assert study_jobs.devices() == []
+    monkeypatch.setattr(study_jobs.glob, "glob", lambda pattern: ["/dev/nvidia0", "/dev/nvidia1"])
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    assert study_jobs.devices() == ["0", "1"]

@@ -72,6 +72,8 @@ def test_one_step_each_module(cls):
     torch.manual_seed(0)
     module = cls(scheduler="none", **TINY)
     optimizer = module.configure_optimizers()
+    # Adam's fused kernel on the CPU, over every parameter (a frozen encoder's too: it is unfrozen later)
+    assert optimizer.defaults["fused"] and optimizer.param_groups[0]["params"] == list(module.parameters())
     before = [p.detach().clone() for p in module.parameters()]
     losses = module.compute_losses(module(batch()["image"]), batch())
     assert all(torch.isfinite(v) for v in losses.values())
