@@ -19,6 +19,7 @@ from its server) forks its own stages directly (``fork``), without a server of i
 clean server that has computed nothing and runs no other thread, so it saves a second import of the suite
 per run (with threads, it starts a server of its own). ``log`` sends a child's console to a file (a parallel
 study's ``console.log`` per run; ``error_log`` its stderr apart), ``cwd`` sets its working directory.
+``call_forked`` runs a function in such a child the same way: a study's report, which needs torch and W&B.
 """
 
 from __future__ import annotations
