@@ -91,7 +91,7 @@ def _child(args: list[str], env: dict[str, str], program: str, log: str | None =
         main(list(args))
         code = 0
     except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        code = _exit_code(stop)
     except BaseException:  # noqa: BLE001 -- report as an interpreter would, then leave with its exit code
         traceback.print_exc()
     finally:
@@ -103,6 +103,11 @@ def _child(args: list[str], env: dict[str, str], program: str, log: str | None =
             except Exception:  # noqa: BLE001 -- a logging failure must not change the stage's result
                 traceback.print_exc()
         _leave(code)
+
+
+def _exit_code(stop: SystemExit) -> int:
+    """The exit code an interpreter leaves with on ``stop``: its integer, 0 for None, 1 for anything else."""
+    return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
 
 
 def _leave(code: int) -> None:
@@ -141,7 +146,7 @@ def _call(function, args: tuple, env: dict[str, str]) -> None:
         function(*args)
         code = 0
     except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        code = _exit_code(stop)
     except BaseException as error:  # noqa: BLE001 -- reported here, as `lits` would report it
         from experiments.cli import _suite_error
 
