@@ -39,7 +39,13 @@ scales the parts to LiTS' composition:
 4. **Per-volume metric time against MONAI** on the full volume: ``metrics.volume_dice_hausdorff`` (the
    suite's; cropped to the masks' joint bounding box) against MONAI's ``compute_dice`` and
    ``compute_hausdorff_distance`` (95 and 100) on the uncropped volume; identical values asserted.
-5. **Augmentation**: the batch path (``datamodules.batch_augmentation``, on the device) against the
+5. **Surface distances in the worst case**: the liver's, with the whole of the smallest volume (512 x 512 x 100
+   at 5 mm; 32 slices with ``--quick``) predicted liver, an untrained network's answer: the truth's surface then
+   lies far inside the prediction's, MONAI's KD-tree search is at its slowest, and ``surface_distance`` answers
+   the far voxels from the distance transform. The suite's ``surface_distances`` against MONAI's
+   ``get_edge_surface_distance(..., symmetric=True)`` (not with ``--quick``), identical values asserted:
+   ``surface_worst_s``, ``surface_worst_monai_s``.
+6. **Augmentation**: the batch path (``datamodules.batch_augmentation``, on the device) against the
    per-sample MONAI path, in slices/s at 256 x 256: ``augment_batch_vs_sample``.
 
 The last line printed is a JSON object with at least ``validation_share``, ``augment_batch_vs_sample`` and
@@ -58,6 +64,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
+from monai.metrics.utils import get_edge_surface_distance
 
 from datamodules import LiTSDataModule
 from datamodules.cache import CachedVolume
@@ -67,6 +74,7 @@ from lightning_modules import BaselineUNet
 from lightning_modules.metrics import SLICE_KEYS, split_slice_figures, volume_dice_hausdorff
 from lightning_modules.volume_scoring import metric_workers, record_volumes, volume_figures
 from lightning_modules.slice_records import RECORD_KEYS
+from lightning_modules.surface_distance import surface_distances
 from lightning_modules.volume_records import volume_share
 
 from .augmentation import augmentation_throughput
@@ -275,6 +283,25 @@ def metrics_against_monai(volume: CachedVolume, repeats: int) -> dict:
     return {"shape": list(volume.full_shape), "suite_s": times["suite"], "monai_s": times["monai"], "values": ours}
 
 
+def worst_case_surfaces(volume: CachedVolume, with_monai: bool) -> dict:
+    """The liver's surface distances with the whole volume predicted liver: the suite's time, and MONAI's on the same
+    masks (``with_monai``; identical values asserted, or AssertionError)."""
+    truth = np.asarray(volume.label_full()) >= 1
+    pred = np.ones_like(truth)
+    spacing = [float(s) for s in volume.spacing]
+    start = time.perf_counter()
+    ours = surface_distances(pred, truth, spacing)
+    result = {"shape": list(truth.shape), "suite_s": time.perf_counter() - start, "monai_s": None}
+    if with_monai:
+        start = time.perf_counter()
+        _, theirs, _ = get_edge_surface_distance(torch.from_numpy(pred), torch.from_numpy(truth), spacing=spacing,
+                                                 symmetric=True, warn_empty=False)
+        result["monai_s"] = time.perf_counter() - start
+        if not all(torch.equal(a, b) for a, b in zip(ours, theirs)):
+            raise AssertionError("worst-case surface distances: the suite's differ from MONAI's")
+    return result
+
+
 def bench_lits_scale(work: Path, quick: bool, ranks: int, device: str, eval_batch_size: int | None = None) -> dict:
     """Every part (see the module's docstring); ``eval_batch_size`` None: 6 on the CPU, 32 (``quick``: 16) on a device."""
     geometry = VOLUMES["quick" if quick else "full"]
@@ -295,14 +322,17 @@ def bench_lits_scale(work: Path, quick: bool, ranks: int, device: str, eval_batc
     cache = sorted(p for p in (work / "epoch_cache").rglob("*") if p.is_dir() and (p / "image.npy").exists())
     largest = max((CachedVolume(entry) for entry in cache), key=lambda v: np.prod(v.full_shape))
     against = metrics_against_monai(largest, repeats=1 if quick else 2)
+    smallest = min((CachedVolume(entry) for entry in cache), key=lambda v: np.prod(v.full_shape))
+    worst = worst_case_surfaces(smallest, with_monai=not quick)
     augmentation = augmentation_throughput(device=device)
     return {"pre": pre, "slices": slices, "geometry": geometry, "parts": parts, "epoch": epoch, "against": against,
-            "augmentation": augmentation, "ranks": ranks}
+            "worst": worst, "augmentation": augmentation, "ranks": ranks}
 
 
 def report_rows(result: dict, device: str) -> list[tuple[str, str, str]]:
     """The printed table: (part, figure, note) rows."""
     pre, parts, epoch, against, augmentation = (result[k] for k in ("pre", "parts", "epoch", "against", "augmentation"))
+    worst = result["worst"]
     workers = epoch["metric_workers"]
     return [
         ("preprocess per volume", f"{pre['preprocess_s'] / pre['volumes']:.2f} s", f"plain nibabel decode {pre['decode_s'] / pre['volumes']:.2f} s ({pre['ratio']:.2f}x)"),
@@ -321,6 +351,10 @@ def report_rows(result: dict, device: str) -> list[tuple[str, str, str]]:
         ("  same, metrics in-process", f"{epoch['validation_share_1_worker']:.1%}", f"validation {epoch['validation_s_1_worker'] / 60:.1f} min (as before the workers)"),
         ("Dice + hd95 + HD, suite", f"{against['suite_s']:.2f} s/volume", f"volume {against['shape']}, near-truth prediction"),
         ("  MONAI, uncropped volume", f"{against['monai_s']:.2f} s/volume", f"same values; {against['monai_s'] / against['suite_s']:.2f}x"),
+        ("surface distances, worst case", f"{worst['suite_s']:.2f} s/volume",
+         f"volume {worst['shape']} all predicted liver"),
+        ("  MONAI", "not run (--quick)" if worst["monai_s"] is None else f"{worst['monai_s']:.2f} s/volume",
+         "" if worst["monai_s"] is None else f"same values; {worst['monai_s'] / worst['suite_s']:.2f}x"),
         ("augmentation, per sample (MONAI)", f"{augmentation['augment_sample_slices_per_s']:,.0f} slices/s", "1 thread (a DataLoader worker), 256x256"),
         ("augmentation, batch", f"{augmentation['augment_batch_slices_per_s']:,.0f} slices/s",
          f"{augmentation['augment_batch_vs_sample']:.1f}x, batches of {augmentation['batch']} on {device}" + (", 1 thread" if device == "cpu" else "")),
@@ -346,6 +380,8 @@ def summary(result: dict, device: str) -> dict:
         "lits_epoch_training_s": round(epoch["training_s"], 1),
         "lits_epoch_validation_s": round(epoch["validation_s"], 1),
         "metric_suite_vs_monai_uncropped": round(against["suite_s"] / against["monai_s"], 3),
+        "surface_worst_s": round(result["worst"]["suite_s"], 3),
+        "surface_worst_monai_s": None if result["worst"]["monai_s"] is None else round(result["worst"]["monai_s"], 3),
         "ranks": result["ranks"],
         "device": device,
     }

@@ -20,9 +20,10 @@ Surface distances, in mm:
   neighbours is background. (The LiTS organisers' reference code erodes with the 18-neighbourhood,
   which puts a few more voxels on curved surfaces; the figures can differ slightly from theirs.)
 * ``d(P->T)`` is the list of euclidean distances from every surface voxel of ``P`` to the nearest
-  surface voxel of ``T`` (and ``d(T->P)`` the other way), computed once per case with MONAI's
+  surface voxel of ``T`` (and ``d(T->P)`` the other way), computed once per case: MONAI's
   ``get_edge_surface_distance(..., spacing, symmetric=True)``, the machinery behind its
-  ``compute_hausdorff_distance`` and ``compute_average_surface_distance``.
+  ``compute_hausdorff_distance`` and ``compute_average_surface_distance``, to the last bit, by
+  ``surface_distance.surface_distances`` (2-9x faster; see there).
 * ``assd_mm``: average symmetric surface distance, the mean over the union of both lists,
   ``(sum d(P->T) + sum d(T->P)) / (|S(P)| + |S(T)|)``. This is LiTS' definition (the organisers' code
   divides the two sums by the total number of surface voxels) and exactly MONAI's
@@ -69,13 +70,13 @@ no case has any foreground) and the detection rates, pooled over all lesions of 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.metrics.utils import get_edge_surface_distance
 from scipy import ndimage
+
+from .surface_distance import joint_box, surface_distances
 
 CASE_KEYS = ("dice", "voe", "rvd", "assd_mm", "mssd_mm", "hd95_mm", "pred_voxels", "truth_voxels", "intersection_voxels")
 DETECTION_KEYS = ("truth_lesions", "detected_lesions", "pred_lesions", "matched_pred_lesions", "lesion_recall", "lesion_precision")
@@ -100,50 +101,6 @@ def _check_spacing(spacing: Sequence[float]) -> list[float]:
     if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
         raise ValueError(f"spacing must be three positive mm sizes, one per axis, got {spacing}")
     return spacing
-
-
-def _extent(mask: np.ndarray) -> list[tuple[int, int]] | None:
-    """Per axis ``(first, last + 1)`` of the mask's foreground, or None when it is empty.
-
-    Each axis is found inside the slab the previous axes left, so only the first pass reads the whole
-    volume (once); the others read the (small) slab.
-    """
-    extent: list[tuple[int, int]] = []
-    for axis in range(mask.ndim):
-        others = tuple(a for a in range(mask.ndim) if a != axis)
-        slab = mask[tuple(slice(*e) for e in extent)]  # the axes before `axis` cut to their extent
-        hits = np.flatnonzero(slab.any(axis=others))
-        if hits.size == 0:
-            return None
-        extent.append((int(hits[0]), int(hits[-1]) + 1))
-    return extent
-
-
-def joint_box(pred: np.ndarray, truth: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
-    """Slices of the bounding box of ``pred | truth`` grown by ``margin`` voxels (clipped to the array);
-    None when both are empty. Never forms ``pred | truth`` on the full volume."""
-    extents = [e for e in (_extent(pred), _extent(truth)) if e is not None]
-    if not extents:
-        return None
-    return tuple(
-        slice(max(0, min(e[axis][0] for e in extents) - margin), min(size, max(e[axis][1] for e in extents) + margin))
-        for axis, size in enumerate(pred.shape)
-    )
-
-
-def _surface_distances(pred: np.ndarray, truth: np.ndarray, spacing: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(d(P->T), d(T->P))`` in mm for two non-empty masks, float32 tensors (what MONAI returns)."""
-    with warnings.catch_warnings():
-        # MONAI 1.5+ passes its own deprecated `always_return_as_numpy` internally; harmless, only noise.
-        warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
-        _, distances, _ = get_edge_surface_distance(
-            torch.from_numpy(np.ascontiguousarray(pred)),
-            torch.from_numpy(np.ascontiguousarray(truth)),
-            spacing=spacing,
-            symmetric=True,
-            warn_empty=False,
-        )
-    return distances[0], distances[1]
 
 
 # -- per case --------------------------------------------------------------------------------------
@@ -176,7 +133,7 @@ def case_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) 
     if n_pred == 0 or n_truth == 0:  # one surface missing: the worst distance inside the volume
         figures |= {"assd_mm": diagonal, "mssd_mm": diagonal, "hd95_mm": diagonal}
     else:
-        to_truth, to_pred = _surface_distances(pred, truth, spacing)
+        to_truth, to_pred = surface_distances(pred, truth, spacing)
         figures |= {
             # The same float32 reductions as MONAI's compute_* functions, so the figures agree to the bit.
             "assd_mm": float(torch.cat([to_truth, to_pred]).mean()),

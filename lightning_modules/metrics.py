@@ -14,6 +14,8 @@ Conventions (all figures the suite reports follow them):
   mask edges (``mask XOR binary_erosion(mask)``, computed on the masks' cropped bounding box), symmetric
   (``directed=False``). The ``p``-th percentile variant (hd95) is MONAI's: the percentile of each
   direction's surface distances (``torch.quantile``, linear interpolation), then the max of both directions.
+  A volume's surface distances are MONAI's to the last bit, computed by ``surface_distance.surface_distances``
+  (2-9x faster than MONAI's function: see there).
   Empty masks, where MONAI returns NaN or inf, are handled here and never reach MONAI:
   both empty -> 0.0; exactly one empty -> the diagonal of the field of view, the worst distance possible
   inside the image: ``sqrt(H^2 + W^2)`` pixels for a slice (spacing 1), and
@@ -49,17 +51,15 @@ Conventions (all figures the suite reports follow them):
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.metrics.utils import get_edge_surface_distance
 from scipy import ndimage
 from scipy.spatial import KDTree
 
-from .lits_metrics import joint_box
+from .surface_distance import joint_box, mask_edges, surface_distances
 from .slice_records import _check_pair, _unpack_bits
 
 SLICE_KEYS = ("slice_dice", "slice_hd_px")  # a row's per-slice figures with ``volume_figures(..., with_slices=True)``
@@ -100,27 +100,11 @@ def _hausdorff(
         return [0.0] * len(percentiles)
     if pred_any != target_any:
         return [diagonal] * len(percentiles)
-    with warnings.catch_warnings():
-        # MONAI 1.5+ passes its own deprecated `always_return_as_numpy` internally; harmless, only noise.
-        warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
-        _, distances, _ = get_edge_surface_distance(pred.float(), target.float(), spacing=spacing, symmetric=True, warn_empty=False)
+    distances = surface_distances(pred.numpy(), target.numpy(), spacing if spacing is not None else [1.0] * pred.ndim)
     return [
         float(max(d.max() if p is None else torch.quantile(d.float(), p / 100) for d in distances))
         for p in percentiles
     ]
-
-
-def _edges(mask: np.ndarray) -> np.ndarray:
-    """MONAI's edges of a bool (H, W) mask: ``mask XOR binary_erosion(mask)`` with scipy's default structure (the
-    4-neighbour cross) and background outside the array (``border_value=0``; MONAI's crop pads with background)."""
-    inner = mask.copy()
-    inner[1:] &= mask[:-1]
-    inner[:-1] &= mask[1:]
-    inner[:, 1:] &= mask[:, :-1]
-    inner[:, :-1] &= mask[:, 1:]
-    inner[0] = inner[-1] = False
-    inner[:, 0] = inner[:, -1] = False
-    return mask & ~inner
 
 
 def _slice_hausdorff_px(pred: np.ndarray, target: np.ndarray) -> float:
@@ -134,7 +118,7 @@ def _slice_hausdorff_px(pred: np.ndarray, target: np.ndarray) -> float:
     maximum, which is 0.0 when no pixel is left.
     """
     box = joint_box(pred, target, margin=1)
-    edges = _edges(pred[box]), _edges(target[box])
+    edges = mask_edges(pred[box]), mask_edges(target[box])
     distance = 0.0
     for a, b in (edges, edges[::-1]):
         query = np.argwhere(a & ~b)

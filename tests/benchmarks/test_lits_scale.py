@@ -74,6 +74,7 @@ def test_summary_and_table_hold_the_figures_the_issue_tracks():
     result = {"pre": {"preprocess_s": 2.0, "decode_s": 1.0, "volumes": 2, "ratio": 2.0}, "parts": parts,
               "epoch": lits_epoch(parts, ranks=1), "ranks": 1, "geometry": [((512, 512, 100), (0.8, 0.8, 5.0))],
               "against": {"suite_s": 1.0, "monai_s": 4.0, "shape": [100, 512, 512]},
+              "worst": {"suite_s": 2.0, "monai_s": 20.0, "shape": [100, 512, 512]},
               "augmentation": {"augment_sample_slices_per_s": 100.0, "augment_batch_slices_per_s": 1000.0,
                                "augment_batch_vs_sample": 10.0, "batch": 64}}
     figures = summary(result, "cpu")
@@ -85,4 +86,8 @@ def test_summary_and_table_hold_the_figures_the_issue_tracks():
     assert math.isclose(figures["validation_share"], result["epoch"]["validation_share"], abs_tol=1e-4)
     table = {name.strip(): (value, note) for name, value, note in report_rows(result, "cpu")}
     assert "88 of 100 slices" in table["validation: forward"][1] and "2 warm-up" in table["validation: forward"][1]
+    assert (figures["surface_worst_s"], figures["surface_worst_monai_s"]) == (2.0, 20.0)
+    assert table["MONAI"] == ("20.00 s/volume", "same values; 10.00x")
+    quick = summary(result | {"worst": result["worst"] | {"monai_s": None}}, "cpu")
+    assert quick["surface_worst_monai_s"] is None
     assert table["with 2 worker(s)"][0].startswith(f"{1.5 * LITS_SLICES_PER_VOLUME / 100 / 2:.2f}")

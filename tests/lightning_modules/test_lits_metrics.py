@@ -14,7 +14,6 @@ from monai.metrics import compute_average_surface_distance, compute_hausdorff_di
 from lightning_modules.lits_metrics import (
     case_metrics,
     evaluate_case,
-    joint_box,
     lesion_detection,
     summarize_cases,
 )
@@ -121,17 +120,6 @@ def test_refuses_label_maps_and_bad_shapes():
 
 
 # -- the crop is exact ---------------------------------------------------------------------------
-def test_joint_box_hand_computed():
-    a = np.zeros((10, 12, 14), dtype=bool)
-    b = np.zeros_like(a)
-    a[2, 7, 3] = a[4, 1, 3] = True  # extents z 2..4, y 1..7, x 3
-    b[6, 5, 0] = b[3, 5, 9] = True  # z 3..6, y 5, x 0..9
-    assert joint_box(a, b) == (slice(2, 7), slice(1, 8), slice(0, 10))
-    assert joint_box(a, b, margin=1) == (slice(1, 8), slice(0, 9), slice(0, 11))  # clipped at x = 0
-    assert joint_box(a, np.zeros_like(a), margin=2) == (slice(0, 7), slice(0, 10), slice(1, 6))
-    assert joint_box(np.zeros_like(a), np.zeros_like(a)) is None
-
-
 def _monai_full_volume(pred: np.ndarray, truth: np.ndarray, spacing) -> tuple[float, float, float]:
     p, t = torch.from_numpy(pred)[None, None].float(), torch.from_numpy(truth)[None, None].float()
     with warnings.catch_warnings():

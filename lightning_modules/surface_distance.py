@@ -1,0 +1,163 @@
+"""Exact surface distances between two masks: MONAI's values, at a cost that stays low at LiTS scale.
+
+``surface_distances(pred, truth, spacing)`` returns what MONAI's
+``get_edge_surface_distance(pred, truth, spacing=spacing, symmetric=True)`` returns as its distances (the
+ones behind ``compute_hausdorff_distance`` and ``compute_average_surface_distance``), to the last bit and in
+the same order:
+
+* The surface (edge) of a mask is ``mask XOR binary_erosion(mask)``, scipy's default structure (the
+  face-neighbour cross) with background outside the array: a voxel is on the surface when one of its
+  ``2 * ndim`` face neighbours is background or outside (``mask_edges``).
+* ``d(P->T)`` holds, for every edge voxel of ``P`` in C (raster) order, the euclidean distance in mm to the
+  nearest edge voxel of ``T``, float32; ``d(T->P)`` the other way. Coordinates are ``index * spacing`` in
+  float64, as in MONAI.
+
+Why not call MONAI (measured on the 2-core CPU, 2026-11-28; ``tests/lightning_modules/test_surface_distance.py``
+keeps MONAI as the reference):
+
+* A trained model's prediction, a 512x512x450 liver of 7.1 M voxels shifted by 2 px: MONAI took 1.05 s, of
+  which 0.31 s were scipy's binary erosion and 0.15 s cropping and ``argwhere``. Here the edges come from
+  numpy slicing on the masks' joint bounding box (grown by one voxel, as MONAI crops; every voxel outside it is
+  background in both masks, so the edges are the whole volume's), and edge voxels lying on the other mask's
+  edge (distance 0) are not queried.
+* MONAI's KD-tree query slows down as the queried surface lies far from the other one: scipy's tree cells
+  are the split planes' boxes, not the points' (a flat surface's cells reach into the empty space around it),
+  so a far query visits many cells. A liver predicted in the whole of a 512x512x100 volume took MONAI 58 s
+  (41 s of them the truth's 95 k edge voxels queried against the far box faces). Here each direction is first
+  queried within a small radius (``_near_radius``); the voxels left beyond it are then queried without a
+  bound when they are few, or else read off scipy's exact euclidean distance transform of the box
+  (``distance_transform_edt(~edges, sampling=spacing)``, whose cost is the box's voxel count, not the
+  distance). Both give the same float64 distance, rounded to the same float32 (tested).
+* The queries run on ``torch.get_num_threads()`` threads and the two directions' transforms in two threads
+  (scipy releases the GIL), so a metric worker pinned to one thread stays on one.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+from scipy.spatial import KDTree
+
+_TRANSFORM_S_PER_VOXEL = 0.26e-6  # scipy's exact transform, one thread of the 2-core CPU (measured)
+_PROBE_QUERIES = 256  # far queries timed to choose between the KD-tree and the transform
+_LEAFSIZE = 32  # MONAI's: a larger leaf than scipy's default suits one batched query
+
+
+def _extent(mask: np.ndarray) -> list[tuple[int, int]] | None:
+    """Per axis ``(first, last + 1)`` of the mask's foreground, or None when it is empty.
+
+    Each axis is found inside the slab the previous axes left, so only the first pass reads the whole
+    volume (once); the others read the (small) slab.
+    """
+    extent: list[tuple[int, int]] = []
+    for axis in range(mask.ndim):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        slab = mask[tuple(slice(*e) for e in extent)]  # the axes before `axis` cut to their extent
+        hits = np.flatnonzero(slab.any(axis=others))
+        if hits.size == 0:
+            return None
+        extent.append((int(hits[0]), int(hits[-1]) + 1))
+    return extent
+
+
+def joint_box(pred: np.ndarray, truth: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
+    """Slices of the bounding box of ``pred | truth`` grown by ``margin`` voxels (clipped to the array);
+    None when both are empty. Never forms ``pred | truth`` on the full volume."""
+    extents = [e for e in (_extent(pred), _extent(truth)) if e is not None]
+    if not extents:
+        return None
+    return tuple(
+        slice(max(0, min(e[axis][0] for e in extents) - margin), min(size, max(e[axis][1] for e in extents) + margin))
+        for axis, size in enumerate(pred.shape)
+    )
+
+
+def mask_edges(mask: np.ndarray) -> np.ndarray:
+    """The edge voxels of a bool N-D mask, ``mask XOR binary_erosion(mask)`` as MONAI's ``get_mask_edges``
+    computes them (scipy's default cross structure, background outside the array), by slicing.
+
+    Shapes: ``(H, W) -> (H, W)``, ``(Z, H, W) -> (Z, H, W)``; bool in, bool out.
+    """
+    inner = mask.copy()
+    for axis in range(mask.ndim):
+        def part(index):
+            return tuple(index if a == axis else slice(None) for a in range(mask.ndim))
+
+        inner[part(slice(1, None))] &= mask[part(slice(None, -1))]  # the neighbour before along `axis` is set
+        inner[part(slice(None, -1))] &= mask[part(slice(1, None))]  # and the one after
+        inner[part(0)] = False  # outside the array is background
+        inner[part(-1)] = False
+    return np.logical_xor(mask, inner, out=inner)  # inner is inside mask: the XOR is mask minus inner
+
+
+def _near_radius(spacing: np.ndarray) -> float:
+    """The first query's bound (mm): two of the coarsest voxel steps. Small, because a far query's cost grows
+    with the bound even when nothing lies within it (measured: 0.2 s for 95 k queries at 5 mm, 7 s at 40 mm)."""
+    return 2.0 * float(spacing.max())
+
+
+def _query(query: np.ndarray, target: np.ndarray, target_edges: np.ndarray, scale: np.ndarray, threads: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 distances (mm) from the ``query`` voxel indices (n, ndim) to the nearest of the ``target`` indices
+    (whose mask is ``target_edges``), and the positions among ``query`` still to be read off the box's distance
+    transform (empty when the KD-tree answered them all, the cheaper way)."""
+    distances = np.zeros(len(query), dtype=np.float64)
+    todo = np.flatnonzero(~target_edges[tuple(query.T)])  # a voxel on the other edge is at distance 0
+    if todo.size == 0:
+        return distances, todo
+    tree = KDTree(target * scale, leafsize=_LEAFSIZE)
+    points = query[todo] * scale
+    found = tree.query(points, k=1, distance_upper_bound=_near_radius(scale), workers=threads)[0]
+    far = np.flatnonzero(np.isinf(found))
+    if far.size:
+        # A far query costs 5 us to over 1 ms depending on the surfaces' shapes (measured), so it is timed on an
+        # evenly spread sample; the rest goes to the KD-tree or the transform, whichever is cheaper. Both give the
+        # same values, so the choice (which may vary with the machine's load) changes only the time.
+        probe = far[:: max(1, far.size // _PROBE_QUERIES)]
+        start = time.perf_counter()
+        found[probe] = tree.query(points[probe], k=1, workers=threads)[0]
+        per_query = (time.perf_counter() - start) / probe.size
+        far = far[np.isinf(found[far])]
+        if far.size * per_query <= target_edges.size * _TRANSFORM_S_PER_VOXEL:
+            found[far] = tree.query(points[far], k=1, workers=threads)[0]
+            far = far[:0]
+    distances[todo] = found
+    return distances, todo[far]
+
+
+def _transform(edges: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return ndimage.distance_transform_edt(~edges, sampling=scale)
+
+
+def surface_distances(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d(P->T), d(T->P))``: MONAI's symmetric edge surface distances (mm) of two bool masks of one shape.
+
+    Args:
+        pred, truth: bool N-D arrays of one shape, both with some foreground.
+        spacing: one positive size (mm) per axis.
+    Returns:
+        Two float32 CPU tensors: the distances from every edge voxel of ``pred`` (C order) to ``truth``'s
+        edge, and from ``truth``'s to ``pred``'s; MONAI's values to the last bit.
+    """
+    box = joint_box(pred, truth, margin=1)
+    if box is None or not pred[box].any() or not truth[box].any():
+        raise ValueError("surface distances need two masks with some foreground each")
+    edges = mask_edges(pred[box]), mask_edges(truth[box])
+    points = [np.argwhere(e) for e in edges]  # C order, as MONAI's
+    scale = np.asarray(spacing, dtype=np.float64)
+    threads = max(1, torch.get_num_threads())
+    directions = [(0, 1), (1, 0)]  # (query, target): P->T, T->P
+    answers = [_query(points[q], points[t], edges[t], scale, threads) for q, t in directions]
+    pending = [i for i, (_, far) in enumerate(answers) if far.size]
+    if pending:  # both directions' transforms at once: scipy releases the GIL
+        with ThreadPoolExecutor(min(threads, len(pending))) as pool:
+            fields = pool.map(_transform, [edges[directions[i][1]] for i in pending], [scale] * len(pending))
+            for i, field in zip(pending, fields):
+                distances, far = answers[i]
+                distances[far] = field[tuple(points[directions[i][0]][far].T)]
+    return tuple(torch.from_numpy(distances.astype(np.float32)) for distances, _ in answers)
