@@ -46,7 +46,7 @@ import torch
 from scipy import ndimage
 from scipy.spatial import KDTree
 
-_TRANSFORM_S_PER_VOXEL = 0.26e-6  # scipy's exact transform, one thread of the 2-core CPU (measured)
+_TRANSFORM_S_PER_VOXEL = 0.2e-6  # scipy's exact feature transform, one thread of the 2-core CPU (0.12-0.2 us measured)
 _PROBE_QUERIES = 256  # far queries timed to choose between the KD-tree and the transform
 # MONAI's leaf size (a larger leaf than scipy's default suits one batched query). Sliding-midpoint splits without
 # shrinking the cells build 3x faster (1.5 s instead of 4.3 s for 8.3 M edge voxels of a noise prediction) and
@@ -136,8 +136,20 @@ def _query(query: np.ndarray, target: np.ndarray, target_edges: np.ndarray, scal
     return distances, todo[far]
 
 
-def _transform(edges: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    return ndimage.distance_transform_edt(~edges, sampling=scale)
+def _nearest_edge_voxels(edges: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """scipy's exact euclidean feature transform of the box: for every voxel the index of its nearest edge voxel,
+    int32 (ndim, *box). 13 bytes a voxel at its peak, against 49 for the distance transform, and 1.5x faster:
+    the distances are then formed at the queried voxels only (``_distances_to``)."""
+    return ndimage.distance_transform_edt(~edges, sampling=scale, return_distances=False, return_indices=True)
+
+
+def _distances_to(nearest: np.ndarray, points: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Float64 distances from the voxel indices ``points`` (n, ndim) to their nearest edge voxels in the feature
+    transform ``nearest``: scipy's own distance formula, operation for operation, so its values to the bit."""
+    offsets = (nearest[(slice(None), *points.T)] - points.T.astype(np.int32)).astype(np.float64)
+    offsets *= scale[:, None]
+    offsets *= offsets
+    return np.sqrt(np.add.reduce(offsets, axis=0))
 
 
 def surface_distances(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,8 +174,8 @@ def surface_distances(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[flo
     pending = [i for i, (_, far) in enumerate(answers) if far.size]
     if pending:  # both directions' transforms at once: scipy releases the GIL
         with ThreadPoolExecutor(min(threads, len(pending))) as pool:
-            fields = pool.map(_transform, [edges[directions[i][1]] for i in pending], [scale] * len(pending))
-            for i, field in zip(pending, fields):
+            transforms = pool.map(_nearest_edge_voxels, [edges[directions[i][1]] for i in pending], [scale] * len(pending))
+            for i, nearest in zip(pending, transforms):
                 distances, far = answers[i]
-                distances[far] = field[tuple(points[directions[i][0]][far].T)]
+                distances[far] = _distances_to(nearest, points[directions[i][0]][far], scale)
     return tuple(torch.from_numpy(distances.astype(np.float32)) for distances, _ in answers)

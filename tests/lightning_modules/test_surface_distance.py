@@ -74,8 +74,8 @@ def test_distances_equal_monai_to_the_last_bit(case, way, monkeypatch):
     monkeypatch.setattr(surface_distance, "_PROBE_QUERIES", 4)
     monkeypatch.setattr(surface_distance, "_TRANSFORM_S_PER_VOXEL", float("inf") if way == "kd-tree" else -1.0)
     transforms = []
-    real_transform = surface_distance._transform
-    monkeypatch.setattr(surface_distance, "_transform", lambda *a: transforms.append(1) or real_transform(*a))
+    real_transform = surface_distance._nearest_edge_voxels
+    monkeypatch.setattr(surface_distance, "_nearest_edge_voxels", lambda *a: transforms.append(1) or real_transform(*a))
     ours = surface_distances(pred, truth, spacing)
     theirs = _monai_distances(pred, truth, spacing)
     for a, b in zip(ours, theirs):
