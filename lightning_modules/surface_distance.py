@@ -23,13 +23,12 @@ keeps MONAI as the reference):
 * MONAI's KD-tree query slows down as the queried surface lies far from the other one: scipy's tree cells
   are the split planes' boxes, not the points' (a flat surface's cells reach into the empty space around it),
   so a far query visits many cells (5 us to over 1 ms each, measured). A liver predicted in the whole of a
-  512x512x100 volume took MONAI 54 s (41 s of them the truth's 95 k edge voxels queried against the far box
-  faces); this module 5.5 s. Each direction is first queried within a small radius (``_near_radius``); the
-  voxels left beyond it are timed on a sample and then answered by the KD-tree, or by scipy's exact euclidean
-  distance transform of the box (``distance_transform_edt(~edges, sampling=spacing)``, whose cost is the
-  box's voxel count, not the distance) when that is cheaper. Both give the same float64 distance, rounded to
-  the same float32 (tested on both ways), so the choice, which may vary with the machine's load, changes only
-  the time.
+  512x512x100 volume took MONAI 54-69 s (41 s of them the truth's 95 k edge voxels queried against the far
+  box faces); this module 5.4 s. Each direction is first queried within a small radius (``_near_radius``);
+  the voxels left beyond it are timed on a sample and then answered by the KD-tree, or by scipy's exact
+  euclidean feature transform of the box (``_nearest_edge_voxels``, whose cost is the box's voxel count, not
+  the distance) when that is cheaper. Both give the same float64 distance, rounded to the same float32
+  (tested on both ways), so the choice, which may vary with the machine's load, changes only the time.
 * The queries run on ``torch.get_num_threads()`` threads and the two directions' transforms in two threads
   (scipy releases the GIL), so a metric worker pinned to one thread stays on one.
 * On a GPU this module still runs on the CPU (a GPU path is not built: MONAI's needs cuCIM, not a dependency).
