@@ -33,6 +33,18 @@ SCHEDULERS = ("cosine_warm_restarts", "step", "none")
 _FUSED_ADAM_DEVICES = ("cpu", "cuda", "mps", "xpu")  # fused CPU kernel: torch >= 2.4
 
 
+def losses_in_progress_bar(device: torch.device) -> bool:
+    """Whether the training losses go to the progress bar on ``device``: on the CPU only.
+
+    Lightning reads every progress-bar metric back to the host at the end of every training batch, progress bar
+    shown or not (``_ResultCollection.metrics`` converts them to numbers; Lightning issue #21232). On an accelerator
+    that is a host-device synchronisation per step: the host waits for the step to finish before it queues the
+    next one. Without it, a step has no host read-back at all (``tests/lightning_modules/test_base.py`` counts
+    them); the loggers still receive every loss, every ``log_every_n_steps``.
+    """
+    return device.type == "cpu"
+
+
 def adam(params, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
     """Adam with its fused kernel where every parameter is on a device that has one (CUDA, CPU, ...): the same
     update in one kernel instead of several per parameter tensor. On one CPU core the U-Net's 1.9 M parameters
@@ -118,7 +130,8 @@ class BaseTask(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses = self.compute_losses(self(batch["image"]), batch)
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(batch["image"]))
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=losses_in_progress_bar(self.device),
+                      batch_size=len(batch["image"]))
         return losses["loss"]
 
     def _evaluation_step(self, batch: dict, stage: str) -> None:

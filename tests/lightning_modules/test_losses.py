@@ -122,12 +122,18 @@ def test_distance_weights_raise_pixels_between_close_objects():
     assert float(plain(error_between, target)) == pytest.approx(float(plain(error_outside, target)))
 
 
-def test_distance_weight_maps_per_sample_and_channel():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_distance_weight_maps_per_sample_and_channel(threads):
     generator = torch.Generator().manual_seed(2)
-    target = torch.rand(2, 2, 12, 10, generator=generator) > 0.7
-    maps = distance_weight_maps(target, 4.0, 2.0)
+    target = torch.rand(3, 2, 12, 10, generator=generator) > 0.7
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)  # 2: the slices go to a thread pool, in order
+    try:
+        maps = distance_weight_maps(target, 4.0, 2.0)
+    finally:
+        torch.set_num_threads(previous)
     assert maps.shape == target.shape and maps.dtype == torch.float32
-    for b in range(2):
+    for b in range(3):
         for c in range(2):
             assert np.array_equal(maps[b, c].numpy(), unet_weight_map(target[b, c].numpy(), 4.0, 2.0))
     with pytest.raises(ValueError, match="need 2D slices"):

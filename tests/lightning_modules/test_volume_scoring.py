@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -160,13 +161,17 @@ def noisy_volumes(count: int = 4):
 
 class RecordingLoad:
     """``load_target`` that leaves a file per call naming the process that made it (a forked worker's calls
-    cannot be seen otherwise)."""
+    cannot be seen otherwise). With ``wait_for`` N, a call returns once N processes have called (10 s at most), so
+    that one fast worker cannot take every volume before the others start (the assertion must not depend on timing)."""
 
-    def __init__(self, full: dict, spacing: tuple, folder):
-        self.full, self.spacing, self.folder = full, spacing, folder
+    def __init__(self, full: dict, spacing: tuple, folder, wait_for: int = 1):
+        self.full, self.spacing, self.folder, self.wait_for = full, spacing, folder, wait_for
 
     def __call__(self, v: int):
         (self.folder / f"{v}-{os.getpid()}").touch()
+        deadline = time.monotonic() + 10
+        while len(self.processes()) < self.wait_for and time.monotonic() < deadline:
+            time.sleep(0.01)
         return self.full[v], self.spacing
 
     def processes(self) -> set[int]:
@@ -177,7 +182,8 @@ def test_volume_figures_in_worker_processes_equal_the_in_process_figures(tmp_pat
     records, full = noisy_volumes()
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    one, two = RecordingLoad(full, (2.5, 0.8, 0.7), tmp_path / "one"), RecordingLoad(full, (2.5, 0.8, 0.7), tmp_path / "two")
+    one = RecordingLoad(full, (2.5, 0.8, 0.7), tmp_path / "one")
+    two = RecordingLoad(full, (2.5, 0.8, 0.7), tmp_path / "two", wait_for=2)
     in_process = volume_figures(records, one, (0,), 0.5, workers=1)
     in_workers = volume_figures(records, two, (0,), 0.5, workers=2)
     assert in_workers == in_process  # every float to the last bit, and the volumes in the same order
