@@ -218,7 +218,8 @@ class WholeVolume3DDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         volume = self.volumes[i]
         return {
-            "image": torch.from_numpy(np.asarray(volume.image))[None].float(),
+            # a writable float32 copy: the cached image is a read-only memory map (torch warns on sharing one)
+            "image": torch.from_numpy(np.array(volume.image, dtype=np.float32))[None],
             "mask": torch.from_numpy(target_channels(np.asarray(volume.label), self.target).astype(np.float32)),
             "volume_index": self.volume_indices[i],
             "volume": volume.volume.volume_id,
