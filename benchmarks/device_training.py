@@ -21,18 +21,25 @@ machine; skipped configurations are reported as such, never estimated.
 (B, 1, D, H, W) crops (``benchmarks/volumetric.py``); ``slices_per_s`` then counts crops, and the
 channels-last group is left out (``ChannelsLast`` converts 4D tensors only).
 
+The host read-back of a progress-bar loss (``progress_bar_readback``): the Lightning step at batch 10 in bf16 with
+the training losses in the progress bar, as the suite logged them everywhere before 2026-11-28 (Lightning then
+reads them back to the host at every batch end: one device synchronisation per step), against without (what
+``base.losses_in_progress_bar`` now chooses on an accelerator), alternated twice, the faster of each kept.
+
 Validation time per volume: ``lits predict`` and one ``lits test`` pass of the 2D cascade on a
 512x512x100 phantom volume on the device (``benchmarks/cascade_inference.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytorch_lightning as pl
 import torch
 from monai.networks.nets import BasicUNet
 
+import lightning_modules.base as base
 from lightning_modules import BaselineUNet
 from lightning_modules.base import adam
 from lightning_modules.channels_last import ChannelsLast
@@ -175,6 +182,31 @@ def bench_training(device: str = "cuda", batch_sizes=(10, 64), size: int | tuple
                 if device.type == "cuda":
                     row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return rows
+
+
+@contextlib.contextmanager
+def _losses_in_progress_bar(shown: bool):
+    """The training losses in the progress bar (``True``: the suite's logging before 2026-11-28) or not, whatever the device."""
+    chosen = base.losses_in_progress_bar
+    base.losses_in_progress_bar = lambda device: shown
+    try:
+        yield
+    finally:
+        base.losses_in_progress_bar = chosen
+
+
+def progress_bar_readback(device: str = "cuda", batch_size: int = 10, size: int = 256, steps: int = 30, warmup: int = 5,
+                          precision: str = "bf16-mixed") -> dict:
+    """Seconds of ``steps`` Lightning steps with and without the losses in the progress bar (module docstring), and
+    their ratio (> 1: the read-back cost time)."""
+    device = torch.device(device)
+    batches = random_batches(warmup + steps, batch_size, size, device, channels_last=False)
+    seconds = {True: float("inf"), False: float("inf")}
+    for shown in (True, False, True, False):
+        with _losses_in_progress_bar(shown):
+            seconds[shown] = min(seconds[shown], lightning_seconds(batches, warmup, device, precision, False, False))
+    return {"batch": batch_size, "precision": precision, "with_s": seconds[True], "without_s": seconds[False],
+            "ratio": round(seconds[True] / seconds[False], 3)}
 
 
 def find(rows: list[dict], implementation: str, batch: int, precision: str, compiled: bool = False, channels_last: bool = False) -> dict:

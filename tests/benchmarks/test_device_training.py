@@ -2,8 +2,17 @@
 configuration it reports is measured or says why not, and its ratios read the right rows."""
 
 import pytest
+import torch
 
-from benchmarks.device_training import IMPLEMENTATIONS, bench_training, find, ratio
+import lightning_modules.base as base
+from benchmarks.device_training import (
+    IMPLEMENTATIONS,
+    _losses_in_progress_bar,
+    bench_training,
+    find,
+    progress_bar_readback,
+    ratio,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,3 +47,13 @@ def test_budget_and_failures_are_reported_not_estimated():
     lightning = find(broken, "lightning", 2, "no-such-precision")
     assert "slices_per_s" not in lightning and "precision" in lightning["skipped"]  # the Trainer refused it
     assert find(broken, "plain", 2, "no-such-precision")["slices_per_s"] > 0  # the other rows still ran
+
+
+def test_progress_bar_readback_times_both_loggings_and_restores_the_choice():
+    with _losses_in_progress_bar(True):
+        assert base.losses_in_progress_bar(torch.device("cuda"))  # the suite's logging before 2026-11-28
+    assert not base.losses_in_progress_bar(torch.device("cuda")) and base.losses_in_progress_bar(torch.device("cpu"))
+    result = progress_bar_readback("cpu", batch_size=2, size=32, steps=2, warmup=1, precision="32-true")
+    assert result["with_s"] > 0 and result["without_s"] > 0
+    assert result["ratio"] == pytest.approx(result["with_s"] / result["without_s"], abs=1e-3)
+    assert not base.losses_in_progress_bar(torch.device("cuda"))
