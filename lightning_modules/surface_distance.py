@@ -161,6 +161,10 @@ def surface_distances(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[flo
         Two float32 CPU tensors: the distances from every edge voxel of ``pred`` (C order) to ``truth``'s
         edge, and from ``truth``'s to ``pred``'s; MONAI's values to the last bit.
     """
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    if pred.dtype != bool or truth.dtype != bool or pred.shape != truth.shape or len(spacing) != pred.ndim:
+        raise ValueError(f"surface distances need two bool masks of one shape and one spacing per axis, got "
+                         f"{pred.dtype} {pred.shape}, {truth.dtype} {truth.shape} and spacing {tuple(spacing)}")
     box = joint_box(pred, truth, margin=1)
     if box is None or not pred[box].any() or not truth[box].any():
         raise ValueError("surface distances need two masks with some foreground each")

@@ -116,11 +116,17 @@ def test_hand_computed_distances():
     assert to_b.tolist() == [pytest.approx(float(np.hypot(6.0, 2.0)))] and to_a.tolist() == to_b.tolist()
 
 
-def test_empty_mask_is_refused():
+def test_empty_or_ill_typed_masks_are_refused():
     mask = np.zeros((3, 4, 4), dtype=bool)
     mask[1, 1, 1] = True
     with pytest.raises(ValueError, match="foreground"):
         surface_distances(mask, np.zeros_like(mask), (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="bool masks"):  # a label map would be read as its bits
+        surface_distances(mask.astype(np.uint8), mask.astype(np.uint8), (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="one shape"):
+        surface_distances(mask, mask[:, :, :3], (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="one spacing per axis"):
+        surface_distances(mask, mask, (1.0, 1.0))
 
 
 def test_joint_box_hand_computed():
