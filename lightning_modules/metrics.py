@@ -88,7 +88,7 @@ def _as_bool_array(mask: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def _hausdorff(
-    pred: torch.Tensor, target: torch.Tensor, diagonal: float, spacing: list[float] | None, percentiles: Sequence[float | None]
+    pred: np.ndarray, target: np.ndarray, diagonal: float, spacing: list[float], percentiles: Sequence[float | None]
 ) -> list[float]:
     """Hausdorff distances between two bool spatial masks (one channel), one per percentile (None: the maximum).
 
@@ -100,7 +100,7 @@ def _hausdorff(
         return [0.0] * len(percentiles)
     if pred_any != target_any:
         return [diagonal] * len(percentiles)
-    distances = surface_distances(pred.numpy(), target.numpy(), spacing if spacing is not None else [1.0] * pred.ndim)
+    distances = surface_distances(pred, target, spacing)
     return [
         float(max(d.max() if p is None else torch.quantile(d.float(), p / 100) for d in distances))
         for p in percentiles
@@ -174,9 +174,9 @@ def _channel_figures(pred: np.ndarray, target: np.ndarray, spacing: list[float],
     box = joint_box(pred, target, margin=1)
     if box is None:  # both empty: a perfect answer
         return {"dice": 1.0, "hd95": 0.0, "hd": 0.0, "tp_voxels": 0, "fp_voxels": 0, "fn_voxels": 0}
-    p, t = torch.from_numpy(np.ascontiguousarray(pred[box])), torch.from_numpy(np.ascontiguousarray(target[box]))
+    p, t = pred[box], target[box]  # views: nothing of the volume is copied
     hd95, hd = _hausdorff(p, t, diagonal, spacing, [95, None])
-    tp, n_pred, n_target = int((p & t).sum()), int(p.sum()), int(t.sum())
+    tp, n_pred, n_target = int(np.count_nonzero(p & t)), int(np.count_nonzero(p)), int(np.count_nonzero(t))
     # MONAI's compute_dice, 2|P & T| / (|P| + |T|), from exact integer counts (one of P, T is not empty here)
     return {"dice": 2 * tp / (n_pred + n_target), "hd95": hd95, "hd": hd,
             "tp_voxels": tp, "fp_voxels": n_pred - tp, "fn_voxels": n_target - tp}
