@@ -46,22 +46,22 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from datamodules.cache import CachedVolume, PreprocessSettings, build_cache
-from datamodules.dataset import SliceDataset
-from datamodules.nifti import discover
-from datamodules.phantom import write_phantom_dataset
-from datamodules.roi_dataset import LiverCropDataset
+from datamodules.io.cache import CachedVolume, PreprocessSettings, build_cache
+from datamodules.datasets.slices import SliceDataset
+from datamodules.io.nifti import discover
+from datamodules.io.phantom import write_phantom_dataset
+from datamodules.datasets.liver_region import LiverCropDataset
 from lightning_modules import BaselineUNet, MaskMining
 from lightning_modules.base import adam
 
-from . import volumetric
-from .cascade_inference import bench_cascade
-from .preprocessing import bench_preprocess
-from .lits_scale import bench_lits_scale
-from .lits_scale import print_report as print_lits_report
-from .lits_scale import summary as lits_summary
-from .device_training import progress_bar_readback, bench_training, find, print_table, ratio
-from .device_training import random_batches as device_batches
+from benchmarks import volumetric
+from benchmarks.cascade_inference import bench_cascade
+from benchmarks.preprocessing import bench_preprocess
+from benchmarks.lits_scale import bench_lits_scale
+from benchmarks.lits_scale import print_report as print_lits_report
+from benchmarks.lits_scale import summary as lits_summary
+from benchmarks.device_training import progress_bar_readback, bench_training, find, print_table, ratio
+from benchmarks.device_training import random_batches as device_batches
 
 
 def _read_seconds(dataset, samples: int) -> float:
@@ -240,7 +240,7 @@ def main() -> None:
 
 
 def lits_scale_main(args) -> None:
-    from experiments.console import quiet_library_noise
+    from experiments.commands.console import quiet_library_noise
 
     quiet_library_noise()
     with tempfile.TemporaryDirectory() as folder:
@@ -250,7 +250,7 @@ def lits_scale_main(args) -> None:
 
 
 def volumetric_main(args) -> None:
-    from experiments.console import quiet_library_noise
+    from experiments.commands.console import quiet_library_noise
 
     quiet_library_noise()
     result = volumetric.run(args.quick, args.device, args.budget)

@@ -17,8 +17,8 @@ from contextlib import contextmanager
 
 import torch
 
-from datamodules.batch_augmentation import BatchAugmentation
-from datamodules.dataset import finish_sample, training_augmentation
+from datamodules.augment.batch import BatchAugmentation
+from datamodules.datasets.slices import finish_sample, training_augmentation
 
 
 def _synchronize(device: torch.device) -> None:

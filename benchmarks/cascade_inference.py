@@ -33,13 +33,13 @@ from types import SimpleNamespace
 
 import torch
 
-import experiments.predict as predict_module
-import lightning_modules.cascade as cascade_module
+import experiments.commands.predict as predict_module
+import lightning_modules.inference.cascade_2d as cascade_module
 import lightning_modules.segmentation as segmentation_module
-from datamodules.cache import CachedVolume, PreprocessSettings, build_cache
-from datamodules.nifti import discover
-from datamodules.roi_dataset import VolumeDataset
-from experiments.predict import CascadePredictor, predict_files
+from datamodules.io.cache import CachedVolume, PreprocessSettings, build_cache
+from datamodules.io.nifti import discover
+from datamodules.datasets.liver_region import VolumeDataset
+from experiments.commands.predict import CascadePredictor, predict_files
 from lightning_modules import BaselineUNet
 
 DATA = {"image_size": 256, "hu_window": [-100.0, 600.0]}  # what `lits predict` reads of the data module's hyperparameters

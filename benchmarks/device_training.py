@@ -42,7 +42,7 @@ from monai.networks.nets import BasicUNet
 import lightning_modules.base as base
 from lightning_modules import BaselineUNet
 from lightning_modules.base import adam
-from lightning_modules.channels_last import ChannelsLast
+from lightning_modules.callbacks.channels_last import ChannelsLast
 
 IMPLEMENTATIONS = ("lightning", "plain", "basicunet")
 PRECISIONS = ("32-true", "bf16-mixed")

@@ -34,7 +34,7 @@ echo "volumetric benchmark exit $?"; grep -v -i -E "warn|tip|available|^\s*$" "$
 
 runs=$(mktemp -d)
 start=$(date +%s)
-timeout "${STUDY_TIMEOUT:-240}" "$python" -m experiments.cli study experiments/studies/quickstart.yaml \
+timeout "${STUDY_TIMEOUT:-240}" "$python" -m experiments.commands.cli study experiments/studies/quickstart.yaml \
     --config=experiments/gpu.yaml --trainer.default_root_dir="$runs" > "$out/study.log" 2>&1
 status=$?
 seconds=$(( $(date +%s) - start ))

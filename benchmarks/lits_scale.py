@@ -46,7 +46,7 @@ scales the parts to LiTS' composition:
    ``get_edge_surface_distance(..., symmetric=True)`` (on the CPU, not with ``--quick``: the surface distances run
    on the CPU in any case, and the GPU check's time limit has no room for MONAI's ~30 s), identical values asserted:
    ``surface_worst_s``, ``surface_worst_monai_s``.
-6. **Augmentation**: the batch path (``datamodules.batch_augmentation``, on the device) against the
+6. **Augmentation**: the batch path (``datamodules.augment.batch``, on the device) against the
    per-sample MONAI path, in slices/s at 256 x 256: ``augment_batch_vs_sample``.
 
 The last line printed is a JSON object with at least ``validation_share``, ``augment_batch_vs_sample`` and
@@ -68,18 +68,18 @@ from monai.metrics import compute_dice, compute_hausdorff_distance
 from monai.metrics.utils import get_edge_surface_distance
 
 from datamodules import LiTSDataModule
-from datamodules.cache import CachedVolume
-from datamodules.phantom import write_phantom_dataset
+from datamodules.io.cache import CachedVolume
+from datamodules.io.phantom import write_phantom_dataset
 from datamodules.splits import _counts
 from lightning_modules import BaselineUNet
-from lightning_modules.metrics import SLICE_KEYS, split_slice_figures, volume_dice_hausdorff
-from lightning_modules.volume_scoring import metric_workers, record_volumes, volume_figures
-from lightning_modules.slice_records import RECORD_KEYS
-from lightning_modules.surface_distance import surface_distances
-from lightning_modules.volume_records import volume_share
+from lightning_modules.metrics.slice_volume import SLICE_KEYS, split_slice_figures, volume_dice_hausdorff
+from lightning_modules.metrics.volume_scoring import metric_workers, record_volumes, volume_figures
+from lightning_modules.metrics.slice_records import RECORD_KEYS
+from lightning_modules.metrics.surface_distance import surface_distances
+from lightning_modules.metrics.volume_records import volume_share
 
-from .augmentation import augmentation_throughput
-from .preprocessing import bench_preprocess
+from benchmarks.augmentation import augmentation_throughput
+from benchmarks.preprocessing import bench_preprocess
 
 LITS_VOLUMES, LITS_SLICES_PER_VOLUME, LITS_SPLIT = 131, 58_638 / 131, (0.7, 0.15, 0.15)
 # (shape x, y, z; spacing mm): LiTS' range of geometry, small enough for a few minutes on 2 cores

@@ -10,8 +10,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from datamodules.cache import PreprocessSettings, build_cache
-from datamodules.nifti import discover
+from datamodules.io.cache import PreprocessSettings, build_cache
+from datamodules.io.nifti import discover
 
 
 def best_of(repeats: int, *functions) -> list[float]:

@@ -62,16 +62,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datamodules.cache import CachedVolume, PreprocessSettings, build_cache
-from datamodules.crop3d import Crop3DDataset, InPlaneAugmentation, WholeVolume3DDataset
-from datamodules.nifti import discover
-from datamodules.phantom import write_phantom_dataset
-from datamodules.volume3d import DEFAULT_SLICE_SPACING_MM, to_original_slices
+from datamodules.io.cache import CachedVolume, PreprocessSettings, build_cache
+from datamodules.datasets.crops3d import Crop3DDataset, InPlaneAugmentation, WholeVolume3DDataset
+from datamodules.io.nifti import discover
+from datamodules.io.phantom import write_phantom_dataset
+from datamodules.io.volume3d import DEFAULT_SLICE_SPACING_MM, to_original_slices
 from lightning_modules import BaselineUNet
-from lightning_modules.cascade import liver_mask
+from lightning_modules.inference.cascade_2d import liver_mask
 
-from .cascade_inference import _set_head
-from .device_training import bench_training, find, ratio
+from benchmarks.cascade_inference import _set_head
+from benchmarks.device_training import bench_training, find, ratio
 
 FULL_CROP = (64, 128, 128)  # (D, H, W): the paper's 128x128x64, data.crop_size_3d's default
 CPU_CROP, QUICK_CROP = (32, 64, 64), (16, 32, 32)

@@ -4,14 +4,14 @@
 orchestration commands) does not import torch and MONAI.
 """
 
-from .errors import DataError
+from datamodules.errors import DataError
 
 __all__ = ["LiTSDataModule", "DataError"]
 
 
 def __getattr__(name: str):
     if name == "LiTSDataModule":
-        from .lits import LiTSDataModule
+        from datamodules.lits import LiTSDataModule
 
         return LiTSDataModule
     raise AttributeError(f"module 'datamodules' has no attribute {name!r}")

@@ -12,15 +12,15 @@ import torch
 from monai.data import DataLoader
 from torch.utils.data import Dataset, WeightedRandomSampler, default_convert
 
-from .batch_augmentation import BatchAugmentation
-from .cache import CachedVolume, PreprocessSettings, build_cache
-from .crop3d import Crop3DDataset, InPlaneAugmentation, WholeVolume3DDataset
-from .dataset import SliceDataset, target_channels, training_augmentation
-from .nifti import DataError, discover
-from .phantom import PHANTOM_VERSION, write_phantom_dataset
-from .roi_dataset import LiverCropDataset, VolumeDataset
-from .settings import check_data_settings
-from .splits import SPLIT_NAMES, split_volumes
+from datamodules.augment.batch import BatchAugmentation
+from datamodules.io.cache import CachedVolume, PreprocessSettings, build_cache
+from datamodules.datasets.crops3d import Crop3DDataset, InPlaneAugmentation, WholeVolume3DDataset
+from datamodules.datasets.slices import SliceDataset, target_channels, training_augmentation
+from datamodules.io.nifti import DataError, discover
+from datamodules.io.phantom import PHANTOM_VERSION, write_phantom_dataset
+from datamodules.datasets.liver_region import LiverCropDataset, VolumeDataset
+from datamodules.settings import check_data_settings
+from datamodules.splits import SPLIT_NAMES, split_volumes
 
 
 def default_cache_base() -> Path:

@@ -3,9 +3,9 @@ setting is refused with a one-line error naming it and the fix."""
 
 from __future__ import annotations
 
-from .crop3d import check_crop_size
-from .nifti import DataError
-from .splits import SPLIT_NAMES
+from datamodules.datasets.crops3d import check_crop_size
+from datamodules.io.nifti import DataError
+from datamodules.splits import SPLIT_NAMES
 
 SAMPLING_MODES = ("slices", "liver_roi")
 AUGMENT_ON = ("sample", "batch")

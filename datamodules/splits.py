@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .nifti import DataError
+from datamodules.io.nifti import DataError
 
 SPLIT_NAMES = ("train", "val", "test")
 

@@ -1,16 +1,16 @@
 """LightningModules of the suite: one BaseTask, one U-Net backbone, one short subclass per training strategy."""
 
-from .backbone import UNet
-from .base import BaseTask
-from .baseline import BaselineUNet
-from .classification import CheckpointError
-from .cmunet import CMUNet
-from .combined import CombinedLiverLesion
-from .combined_mask_mining import CombinedMaskMining
-from .encoder_pretraining import EncoderPretraining
-from .mask_mining import MaskMining
-from .pretrained_unet import PretrainedUNet
-from .segmentation import SegmentationTask
+from lightning_modules.networks.unet import UNet
+from lightning_modules.base import BaseTask
+from lightning_modules.baseline import BaselineUNet
+from lightning_modules.classification import CheckpointError
+from lightning_modules.cmunet import CMUNet
+from lightning_modules.combined import CombinedLiverLesion
+from lightning_modules.combined_mask_mining import CombinedMaskMining
+from lightning_modules.encoder_pretraining import EncoderPretraining
+from lightning_modules.mask_mining import MaskMining
+from lightning_modules.pretrained_unet import PretrainedUNet
+from lightning_modules.segmentation import SegmentationTask
 
 __all__ = [
     "UNet",

@@ -26,8 +26,8 @@ import torch
 import pytorch_lightning as pl
 from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts, StepLR
 
-from .backbone import BLOCKS, SPATIAL_DIMS
-from .classification import CheckpointError
+from lightning_modules.networks.unet import BLOCKS, SPATIAL_DIMS
+from lightning_modules.classification import CheckpointError
 
 SCHEDULERS = ("cosine_warm_restarts", "step", "none")
 _FUSED_ADAM_DEVICES = ("cpu", "cuda", "mps", "xpu")  # fused CPU kernel: torch >= 2.4
@@ -64,7 +64,7 @@ class BaseTask(pl.LightningModule):
         base_channels: the U-Net's first block width (16 in the paper; doubles per block up to 256).
         norm: ``instance`` (paper) or ``batch``.
         spatial_dims: 2 (the paper's slices) or 3 (volumes, (B, C, D, H, W) inputs; the data modules serve 2D slices only).
-        block: the U-Net block: ``plain`` (paper), ``residual`` or ``dense`` (see ``lightning_modules.backbone``).
+        block: the U-Net block: ``plain`` (paper), ``residual`` or ``dense`` (see ``lightning_modules.networks.unet``).
         se: follow every U-Net block with a squeeze-and-excitation layer.
         lr: Adam learning rate.
         weight_decay: Adam L2 penalty.

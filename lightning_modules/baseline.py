@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .classification import CheckpointError, check_backbone_variant
-from .segmentation import SegmentationTask
-from .segmentation_checkpoint import read_base_checkpoint
+from lightning_modules.classification import CheckpointError, check_backbone_variant
+from lightning_modules.segmentation import SegmentationTask
+from lightning_modules.networks.checkpoints import read_base_checkpoint
 
 
 class BaselineUNet(SegmentationTask):

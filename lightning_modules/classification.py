@@ -17,7 +17,7 @@ from monai.losses import FocalLoss
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score
 
-from .backbone import UNet, backbone_variant
+from lightning_modules.networks.unet import UNet, backbone_variant
 
 
 class CheckpointError(ValueError):

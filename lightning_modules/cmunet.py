@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backbone import UNet
-from .classification import classification_metrics, compute_classification, focal_loss, load_encoder_weights
-from .classification import slice_labels, update_classification
-from .segmentation import STAGES, SegmentationTask
+from lightning_modules.networks.unet import UNet
+from lightning_modules.classification import classification_metrics, compute_classification, focal_loss, load_encoder_weights
+from lightning_modules.classification import slice_labels, update_classification
+from lightning_modules.segmentation import STAGES, SegmentationTask
 
 
 class CMUNet(SegmentationTask):

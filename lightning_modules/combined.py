@@ -22,11 +22,11 @@ import torch.nn.functional as F
 
 from datamodules import DataError
 
-from .backbone import UNet
-from .cascade import Predictor
-from .classification import CheckpointError
-from .losses import SEG_LOSSES, build_segmentation_loss
-from .segmentation import SegmentationTask
+from lightning_modules.networks.unet import UNet
+from lightning_modules.inference.cascade_2d import Predictor
+from lightning_modules.classification import CheckpointError
+from lightning_modules.losses.segmentation import SEG_LOSSES, build_segmentation_loss
+from lightning_modules.segmentation import SegmentationTask
 
 _DIVISOR = 16  # four U-Net poolings
 

@@ -27,14 +27,14 @@ import contextvars
 
 import torch
 
-from .backbone import backbone_variant
-from .cascade import CASCADE_DEFAULTS
-from .classification import CheckpointError, check_backbone_variant
-from .combined import CombinedLiverLesion
-from .error_masks import error_mask
-from .error_masks import foreground_probability as error_foreground_probability
-from .mask_mining import MaskMining, load_with_error_head
-from .segmentation_checkpoint import BaseArchitecture, read_base_checkpoint
+from lightning_modules.networks.unet import backbone_variant
+from lightning_modules.inference.cascade_2d import CASCADE_DEFAULTS
+from lightning_modules.classification import CheckpointError, check_backbone_variant
+from lightning_modules.combined import CombinedLiverLesion
+from lightning_modules.losses.error_masks import error_mask
+from lightning_modules.losses.error_masks import foreground_probability as error_foreground_probability
+from lightning_modules.mask_mining import MaskMining, load_with_error_head
+from lightning_modules.networks.checkpoints import BaseArchitecture, read_base_checkpoint
 
 
 def read_combined_base(path: str, **settings) -> tuple[BaseArchitecture, CombinedLiverLesion]:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backbone import UNet
-from .base import BaseTask
-from .classification import classification_metrics, compute_classification, focal_loss, slice_labels, update_classification
+from lightning_modules.networks.unet import UNet
+from lightning_modules.base import BaseTask
+from lightning_modules.classification import classification_metrics, compute_classification, focal_loss, slice_labels, update_classification
 
 STAGES = ("val", "test")
 

@@ -26,18 +26,18 @@ from torch import nn
 
 from datamodules import DataError
 
-from .backbone import UNet, backbone_variant
-from .classification import CheckpointError, check_backbone_variant, focal_loss, slice_labels
-from .error_masks import LOSSES, TN, TP, build_error_loss, error_mask
-from .error_masks import foreground_probability as error_foreground_probability
-from .cascade_evaluation import FIGURE_KEYS, PARTS, case_figures, error_counts
-from .cascade_evaluation import summarize_volumes as summarize_cascade
-from .error_report import write_error_report
-from .slice_records import SliceRecords
-from .volume_records import VolumeRecords
-from .segmentation import STAGES, SegmentationTask
-from .segmentation_checkpoint import foreground_probability as model_probability
-from .segmentation_checkpoint import frozen_model, read_base_checkpoint
+from lightning_modules.networks.unet import UNet, backbone_variant
+from lightning_modules.classification import CheckpointError, check_backbone_variant, focal_loss, slice_labels
+from lightning_modules.losses.error_masks import LOSSES, TN, TP, build_error_loss, error_mask
+from lightning_modules.losses.error_masks import foreground_probability as error_foreground_probability
+from lightning_modules.inference.cascade_evaluation import FIGURE_KEYS, PARTS, case_figures, error_counts
+from lightning_modules.inference.cascade_evaluation import summarize_volumes as summarize_cascade
+from lightning_modules.reports.error_report import write_error_report
+from lightning_modules.metrics.slice_records import SliceRecords
+from lightning_modules.metrics.volume_records import VolumeRecords
+from lightning_modules.segmentation import STAGES, SegmentationTask
+from lightning_modules.networks.checkpoints import foreground_probability as model_probability
+from lightning_modules.networks.checkpoints import frozen_model, read_base_checkpoint
 
 
 def load_with_error_head(model: UNet, weights: dict[str, torch.Tensor]) -> None:

@@ -15,7 +15,7 @@ Per-slice predictions are collected in a torchmetrics state gathered over DDP ra
 de-duplicated; each rank then reassembles and scores its share of the volumes and the per-volume rows
 are gathered, so the figures are exact whatever the number of devices and the per-volume work is
 divided by it. See
-``lightning_modules.metrics`` for the empty-mask conventions.
+``lightning_modules.metrics.slice_volume`` for the empty-mask conventions.
 """
 
 from __future__ import annotations
@@ -28,29 +28,29 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .backbone import UNet
-from .base import BaseTask
+from lightning_modules.networks.unet import UNet
+from lightning_modules.base import BaseTask
 from datamodules import DataError
-from datamodules.dataset import target_channels
-from datamodules.volume3d import original_positions, to_original_slices
+from datamodules.datasets.slices import target_channels
+from datamodules.io.volume3d import original_positions, to_original_slices
 
-from .cascade import CASCADE_DEFAULTS, Predictor, liver_mask, mask_box, slice_probabilities
-from .cascade_3d import predict_volume_3d, window_probabilities
-from .cascade_evaluation import FIGURE_KEYS, LiverNetwork, case_figures, predict_sample
-from .cascade_evaluation import summarize_volumes as summarize_cascade
-from .classification import CheckpointError, check_backbone_variant
-from .figures import overlay_figure, save_figure
-from .losses import SEG_LOSSES, build_segmentation_loss
-from .metrics import COUNT_KEYS, split_slice_figures, summarize_slices
-from .volume_scoring import mean_volume_figures, metric_workers, record_volumes, share_voxels, volume_figures
-from .slice_records import SliceRecords
-from .volume_records import VolumeRecords, gather_volume_rows, volume_share
+from lightning_modules.inference.cascade_2d import CASCADE_DEFAULTS, Predictor, liver_mask, mask_box, slice_probabilities
+from lightning_modules.inference.cascade_3d import predict_volume_3d, window_probabilities
+from lightning_modules.inference.cascade_evaluation import FIGURE_KEYS, LiverNetwork, case_figures, predict_sample
+from lightning_modules.inference.cascade_evaluation import summarize_volumes as summarize_cascade
+from lightning_modules.classification import CheckpointError, check_backbone_variant
+from lightning_modules.reports.figures import overlay_figure, save_figure
+from lightning_modules.losses.segmentation import SEG_LOSSES, build_segmentation_loss
+from lightning_modules.metrics.slice_volume import COUNT_KEYS, split_slice_figures, summarize_slices
+from lightning_modules.metrics.volume_scoring import mean_volume_figures, metric_workers, record_volumes, share_voxels, volume_figures
+from lightning_modules.metrics.slice_records import SliceRecords
+from lightning_modules.metrics.volume_records import VolumeRecords, gather_volume_rows, volume_share
 
 STAGES = ("val", "test")
 
 
 class SegmentationTask(BaseTask):
-    """Segmentation on the CMU-Net U-Net, trained with the loss ``seg_loss`` (see ``lightning_modules.losses``).
+    """Segmentation on the CMU-Net U-Net, trained with the loss ``seg_loss`` (see ``lightning_modules.losses.segmentation``).
 
     The backbone and optimisation arguments are ``BaseTask``'s.
 

@@ -1,4 +1,4 @@
-"""`lits ARGS` from a test, as the suite runs a stage: a child of the fork server (``experiments.processes``).
+"""`lits ARGS` from a test, as the suite runs a stage: a child of the fork server (``experiments.commands.processes``).
 
 A new interpreter per command would spend seconds importing torch, Lightning, MONAI and W&B; the fork server
 of a test worker imports them once and forks a child per command, which is still a process of its own (its
@@ -13,10 +13,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import experiments.cli
-from experiments.processes import start_cli, wait_cli
+import experiments.commands.cli
+from experiments.commands.processes import start_cli, wait_cli
 
-CLI = experiments.cli.__file__  # the child's sys.argv[0]: what a DDP launch inside it starts for its other ranks
+CLI = experiments.commands.cli.__file__  # the child's sys.argv[0]: what a DDP launch inside it starts for its other ranks
 
 
 def lits(*args, cwd, env: dict | None = None, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.cache import CachedVolume, PreprocessSettings, build_cache, to_display
-from datamodules.nifti import discover, load_pair
-from lightning_modules.metrics import volume_dice_hausdorff
-from lightning_modules.volume_scoring import summarize_volumes
-from lightning_modules.slice_records import SliceRecords
+from datamodules.io.cache import CachedVolume, PreprocessSettings, build_cache, to_display
+from datamodules.io.nifti import discover, load_pair
+from lightning_modules.metrics.slice_volume import volume_dice_hausdorff
+from lightning_modules.metrics.volume_scoring import summarize_volumes
+from lightning_modules.metrics.slice_records import SliceRecords
 from tests.conftest import REAL_CT
 
 

@@ -7,8 +7,7 @@ import pytest
 
 from benchmarks import lits_scale
 from benchmarks.lits_scale import LITS_SLICES_PER_VOLUME, EpochTimer, lits_epoch, lits_metric_workers, report_rows, summary
-from lightning_modules import volume_scoring
-
+from lightning_modules.metrics import volume_scoring
 PARTS = {"wait_s_per_slice": 0.001, "step_s_per_slice": 0.1, "val_forward_s_per_slice": 0.05,
          "val_metrics_s_per_volume": 1.0, "val_slices": 100}
 

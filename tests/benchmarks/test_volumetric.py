@@ -11,10 +11,10 @@ import torch
 
 from benchmarks import volumetric
 from benchmarks.device_training import _suite_task, lightning_seconds, plain_seconds, random_batches
-from datamodules.cache import PreprocessSettings, build_cache
-from datamodules.nifti import discover
-from datamodules.phantom import write_phantom_dataset
-from lightning_modules.cascade import liver_mask
+from datamodules.io.cache import PreprocessSettings, build_cache
+from datamodules.io.nifti import discover
+from datamodules.io.phantom import write_phantom_dataset
+from lightning_modules.inference.cascade_2d import liver_mask
 
 CROP = (16, 32, 32)  # the smallest 3D U-Net input with instance norm (an axis of 32 at least)
 

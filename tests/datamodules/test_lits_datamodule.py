@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from datamodules import DataError, LiTSDataModule
-from datamodules.roi_dataset import LiverCropDataset, VolumeDataset
+from datamodules.datasets.liver_region import LiverCropDataset, VolumeDataset
 from tests.synthetic import tiny_volume, write_pair
 
 
@@ -188,7 +188,7 @@ def test_the_augmentation_stream_follows_seed_everything(tiny_lits, tmp_path):
     # each seed of a study draws its own augmentations, and the same seed the same ones
     import pytorch_lightning as pl
 
-    from lightning_modules.random_state import _randomizables
+    from lightning_modules.callbacks.random_state import _randomizables
 
     def transform_states(seed):
         pl.seed_everything(seed, verbose=False)

@@ -1,6 +1,6 @@
 import pytest
 
-from datamodules.nifti import DataError
+from datamodules.io.nifti import DataError
 from datamodules.splits import split_volumes
 
 IDS = [str(i) for i in range(20)]

@@ -15,10 +15,10 @@ from monai.networks.blocks.dynunet_block import UnetResBlock
 from scipy import stats
 from torch import nn
 
-from experiments import study as study_module
-from experiments.stages import load_experiment, stage_command
-from experiments.study import load_study, report
-from experiments.study_tables import LITS_LIVER_LESION, before_and_after, markdown_table, summarize
+from experiments.commands import study as study_module
+from experiments.commands.stages import load_experiment, stage_command
+from experiments.commands.study import load_study, report
+from experiments.commands.study_tables import LITS_LIVER_LESION, before_and_after, markdown_table, summarize
 
 ROOT = Path(__file__).parents[2]
 PLAIN = "mask_mining_cascade_2d_dice"
@@ -48,7 +48,7 @@ def built_variant(network: nn.Module) -> tuple[str, bool, str]:
 def test_every_stage_of_a_variant_chain_builds_its_variant(name, tmp_path, monkeypatch):
     """Liver, lesion and mining stage as `lits run` starts them; the mined base is the lesion stage's network, so a
     mining stage without the chain's variant fails here as on LiTS (MaskMining refuses another block or se)."""
-    from experiments.cli import LitsCLI
+    from experiments.commands.cli import LitsCLI
     from lightning_modules import MaskMining
 
     monkeypatch.chdir(ROOT)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from experiments.predict import predict_main
+from experiments.commands.predict import predict_main
 from lightning_modules import BaselineUNet, CheckpointError
 from tests.synthetic import tiny_volume, write_pair
 from tests.lits_commands import lits as run_lits

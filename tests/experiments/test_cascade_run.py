@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from datamodules import DataError
-from experiments.evaluate import evaluate_main
-from experiments.predict import predict_main
+from experiments.commands.evaluate import evaluate_main
+from experiments.commands.predict import predict_main
 from lightning_modules import CheckpointError
 from tests.synthetic import tiny_experiment
 from tests.lits_commands import lits as run_lits
@@ -137,7 +137,7 @@ def test_predict_rejects_bad_input_in_one_line(cascade_run, tmp_path):
 
 
 def test_lesion_stage_without_a_liver_model_fails_in_one_line(tmp_path, capsys, monkeypatch):
-    from experiments.cli import main
+    from experiments.commands.cli import main
 
     write_cascade(tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -174,7 +174,7 @@ def test_roi_from_prediction_draws_the_crops_around_the_liver_networks_liver(cas
 
     from datamodules import LiTSDataModule
     from lightning_modules import BaselineUNet
-    from lightning_modules.cascade import liver_mask, mask_box, slice_probabilities
+    from lightning_modules.inference.cascade_2d import liver_mask, mask_box, slice_probabilities
 
     liver_ckpt = str(cascade_run / "out" / "cascade" / "liver" / "checkpoints" / "best.ckpt")
     config = yaml.safe_load((cascade_run / "lesion.yaml").read_text())["data"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from experiments.predict import predict_main
+from experiments.commands.predict import predict_main
 from tests.experiments.test_mask_mining_run import lits  # asserts the run succeeded
 from tests.synthetic import tiny_experiment
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import yaml
 
-from experiments.stages import load_experiment
-from experiments.study import load_study
+from experiments.commands.stages import load_experiment
+from experiments.commands.study import load_study
 
 ROOT = Path(__file__).parents[2]
 
@@ -66,7 +66,7 @@ def handover(argument: str, sources, configs: list[Path], checkpoints: dict) -> 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
 def test_every_stage_of_every_experiment_builds(path, checkpoints, tmp_path, monkeypatch):
-    from experiments.cli import LitsCLI
+    from experiments.commands.cli import LitsCLI
 
     monkeypatch.chdir(ROOT)
     _, stages = load_experiment(path)
@@ -91,7 +91,7 @@ def test_every_study_loads(path, monkeypatch):
 def test_gpu_overlay_stacks_and_keeps_the_experiment_name(monkeypatch):
     from types import SimpleNamespace
 
-    from experiments.cli import LitsCLI
+    from experiments.commands.cli import LitsCLI
 
     monkeypatch.chdir(ROOT)
     overlay = yaml.safe_load((ROOT / "experiments" / "gpu.yaml").read_text())

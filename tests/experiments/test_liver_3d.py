@@ -36,7 +36,7 @@ def workspace(tmp_path_factory):
 
 def lits_main(*args, capsys=None) -> tuple[int, str]:
     """`lits ARGS` in this process: (exit code, stderr); 0 when it returns."""
-    from experiments.cli import main
+    from experiments.commands.cli import main
 
     if capsys is not None:
         capsys.readouterr()

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from scipy import stats
 
-from experiments.study_tables import METRICS, before_and_after, markdown_table, summarize
+from experiments.commands.study_tables import METRICS, before_and_after, markdown_table, summarize
 from tests.synthetic import tiny_experiment
 from tests.lits_commands import lits as run_lits
 
@@ -70,7 +70,7 @@ def test_before_and_after_rows_are_tested_against_each_other():
 
 
 def test_unknown_loss_is_one_line_through_the_cli(tmp_path, capsys, monkeypatch):
-    from experiments.cli import main
+    from experiments.commands.cli import main
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_code:

@@ -13,11 +13,11 @@ import yaml
 from scipy import stats
 
 from datamodules import DataError, LiTSDataModule
-from datamodules.roi_dataset import LiverCropDataset, VolumeDataset
-from experiments import study as study_module
-from experiments.study import load_study, report
-from experiments.study_tables import LITS_LIVER_LESION, TABLES, lesion_error_counts, with_lesion_counts
-from experiments.study_figure import normalised_error_bars, setup_and_loss
+from datamodules.datasets.liver_region import LiverCropDataset, VolumeDataset
+from experiments.commands import study as study_module
+from experiments.commands.study import load_study, report
+from experiments.commands.study_tables import LITS_LIVER_LESION, TABLES, lesion_error_counts, with_lesion_counts
+from experiments.commands.study_figure import normalised_error_bars, setup_and_loss
 from tests.lits_commands import lits
 
 ROOT = Path(__file__).parents[2]
@@ -216,7 +216,7 @@ def test_tiny_table1_study_end_to_end_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(study_module, "log_to_wandb", lambda *a, **k: None)
     calls = []
     monkeypatch.setattr(study_module, "run_cli", lambda *a, **k: calls.append(a))
-    monkeypatch.setattr("experiments.stages.run_cli", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr("experiments.commands.stages.run_cli", lambda *a, **k: calls.append(a))
     study_module.run_study("study.yaml", ["--trainer.default_root_dir=out"])
     assert calls == [] and (folder / "results.md").read_text() == table
     assert load_study("study.yaml")["rows"] == {"2D": "2D, dice"}

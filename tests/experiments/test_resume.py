@@ -6,7 +6,7 @@ import json
 import torch
 import yaml
 
-from tests.experiments.test_stages import lits
+from tests.experiments.commands.test_stages import lits
 from tests.synthetic import tiny_experiment
 
 

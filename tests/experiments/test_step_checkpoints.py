@@ -41,7 +41,7 @@ def tiny(tmp_path, monkeypatch):
 
 
 def fit(*args):
-    from experiments.cli import main
+    from experiments.commands.cli import main
 
     main(["fit", "--config", "tiny.yaml", "--checkpoint_every_n_steps=2", *args])
 
@@ -69,7 +69,7 @@ def test_last_checkpoint_every_n_steps_mid_epoch_and_resume(tiny):
 
 
 def test_a_bad_step_interval_is_a_one_line_error(tmp_path, capsys):
-    from experiments.cli import main
+    from experiments.commands.cli import main
 
     with pytest.raises(SystemExit) as stop:
         main(["fit", "--checkpoint_every_n_steps=0", "--data.root=nowhere", f"--trainer.default_root_dir={tmp_path / 'runs'}"])

@@ -6,7 +6,7 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_modules import BaselineUNet, CheckpointError, CombinedLiverLesion, CombinedMaskMining
-from lightning_modules.error_masks import build_error_loss, error_mask
+from lightning_modules.losses.error_masks import build_error_loss, error_mask
 
 TINY = dict(base_channels=4)
 

@@ -76,7 +76,7 @@ def resolved_defaults(cls) -> dict:
 
 def print_config(*args) -> dict:
     """``lits fit ARGS --print_config``: the model part of the printed config."""
-    from experiments.cli import LitsCLI
+    from experiments.commands.cli import LitsCLI
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_code:
@@ -205,7 +205,7 @@ def test_every_argument_has_its_help(cls):
 @pytest.mark.parametrize("cls", [c for c in EXPECTED if c is not CombinedMaskMining], ids=lambda c: c.__name__)
 def test_load_from_checkpoint_of_a_module_built_by_the_cli(cls, tmp_path):
     # LightningCLI saves the resolved config as the hyperparameters and rebuilds the module through jsonargparse
-    from experiments.cli import LitsCLI
+    from experiments.commands.cli import LitsCLI
 
     base = tmp_path / "batch.ckpt"
     save(BaselineUNet(base_channels=4, norm="batch"), base)

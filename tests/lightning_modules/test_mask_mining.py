@@ -7,8 +7,8 @@ import torch
 
 from datamodules import DataError, LiTSDataModule
 from lightning_modules import BaselineUNet, CheckpointError, CMUNet, EncoderPretraining, MaskMining
-from lightning_modules.error_masks import FN, FP, LOSSES, TN, TP, decode_argmax
-from lightning_modules.error_masks import foreground_probability as error_foreground_probability
+from lightning_modules.losses.error_masks import FN, FP, LOSSES, TN, TP, decode_argmax
+from lightning_modules.losses.error_masks import foreground_probability as error_foreground_probability
 
 TINY = dict(base_channels=4)
 

@@ -1,0 +1,226 @@
+"""3D datasets of the z-resampled volumes (``datamodules.io.volume3d``): random training crops and their augmentation in
+the axial plane, and whole volumes for evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from monai import transforms as mt
+from torch.utils.data import Dataset
+
+from datamodules.io.cache import CachedVolume, grow_box
+from datamodules.datasets.slices import TARGETS, augment, target_channels, training_augmentation
+from datamodules.io.nifti import DataError
+from datamodules.datasets.liver_region import crop_start
+from datamodules.io.volume3d import DEFAULT_SLICE_SPACING_MM, NETWORK_DIVISOR, resample_volume
+
+
+# -- augmentation -------------------------------------------------------------------------------
+class InPlaneAugmentation(mt.Randomizable):
+    """Random flips, rotation and zoom in the axial plane of 3D samples: the 2D ``training_augmentation`` per crop.
+
+    Applied to a dict with ``image`` (K, D, H, W) and ``mask`` (C, D, H, W) (K = 1 for
+    ``Crop3DDataset``), it folds D into the channels, (K * D, H, W) and (C * D, H, W), runs
+    ``training_augmentation(flip_prob, rotate_degrees, zoom_range, prob)`` (MONAI's ``RandFlipd``
+    on H and on W, ``RandRotated(range_x)``, ``RandZoomd(keep_size=True)``; image bilinear, mask
+    nearest), and unfolds. Every slice of a crop gets the same flips, angle and zoom factor, and no
+    transform reads across slices, so D is never mixed, and the parameter distributions are those
+    of the 2D pipeline. (MONAI's 3D ``RandZoomd`` would draw H and W factors independently, or,
+    given two factors, pair H with W assuming (H, W, D) axes; folding avoids both.)
+
+    ``set_random_state`` reseeds the 2D transforms: MONAI's DataLoader does so in each worker.
+    """
+
+    def __init__(self, flip_prob: float = 0.5, rotate_degrees: float = 15.0, zoom_range: Sequence[float] = (0.9, 1.1), prob: float = 0.5):
+        self.transform = training_augmentation(flip_prob, rotate_degrees, zoom_range, prob)
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> InPlaneAugmentation:
+        self.transform.set_random_state(seed, state)
+        return self
+
+    def __call__(self, sample: dict) -> dict:
+        shapes = {key: sample[key].shape for key in ("image", "mask")}
+        folded = {key: value.reshape(-1, *value.shape[-2:]) if key in shapes else value for key, value in sample.items()}
+        result = self.transform(folded)
+        return {key: value.reshape(shapes[key]) if key in shapes else value for key, value in result.items()}
+
+
+# -- crops --------------------------------------------------------------------------------------
+def check_crop_size(crop_size: Sequence[int]) -> tuple[int, int, int]:
+    """``crop_size`` as (D, H, W) ints; a one-line DataError unless three positive multiples of 16."""
+    size = tuple(int(v) for v in crop_size)
+    if len(size) != 3 or any(v <= 0 or v % NETWORK_DIVISOR for v in size):
+        raise DataError(
+            f"crop_size {tuple(crop_size)} (D, H, W) must be positive and divisible by {NETWORK_DIVISOR} on every axis "
+            f"(the 3D U-Net halves each axis four times); use e.g. (64, 128, 128)"
+        )
+    return size
+
+
+def _read_window(array: np.ndarray, start: Sequence[int], size: Sequence[int], fill: float) -> np.ndarray:
+    """``array[start:start + size]`` per axis, ``fill`` beyond the array; numpy, ``array``'s dtype."""
+    low = [max(0, s) for s in start]
+    high = [min(n, s + k) for n, s, k in zip(array.shape, start, size)]
+    region = np.array(array[tuple(slice(l, h) for l, h in zip(low, high))])
+    if region.shape == tuple(size):
+        return region
+    out = np.full(size, fill, dtype=array.dtype)
+    out[tuple(slice(l - s, h - s) for l, h, s in zip(low, high, start))] = region
+    return out
+
+
+class Crop3DDataset(Dataset):
+    """Random (D, H, W) crops of cached volumes resampled to ``slice_spacing_mm``, for 3D training.
+
+    ``samples_per_volume`` samples per volume (sample i belongs to volume i // samples_per_volume);
+    each access draws a new crop from torch's global RNG (four float64 uniforms per sample, so
+    ``seed_everything`` and DataLoader workers, reseeded by torch, reproduce a run):
+
+    * with probability ``positive_fraction`` the crop is centred on a voxel drawn uniformly among
+      the target's foreground voxels (``target="liver"`` or ``"both"``: labels >= 1; ``"lesion"``:
+      label 2), as MONAI's ``RandCropByPosNegLabeld`` does;
+    * otherwise the centre is uniform in the volume's region: the whole volume for ``"liver"`` and
+      ``"both"`` (unlike MONAI's negatives, which sit on background voxels: "anywhere" keeps the
+      liver's edges in the negatives' view), and for ``"lesion"`` the liver's bounding box grown by
+      ``crop_margin`` voxels per axis and clipped to the volume, as ``LiverCropDataset`` in 2D;
+    * a volume without foreground of the target draws every centre in its region; a volume
+      without liver has the whole volume as its ``"lesion"`` region.
+
+    The crop is placed as in ``LiverCropDataset`` (``crop_start``): on an axis at least as long as
+    the crop it is shifted inside the volume and still contains the centre; on a shorter axis it is
+    centred on the volume and padded, the image with the volume's minimum, the labels with 0.
+    MONAI's ``generate_pos_neg_label_crop_centers`` is not used: it needs every foreground voxel's
+    index in memory (megabytes per volume) and draws from NumPy's RNG; here a foreground draw
+    picks a slice from per-slice counts and reads that one slice.
+
+    Each sample is a dict:
+
+    ================  ======================  ==================================================
+    key               value                   meaning
+    ================  ======================  ==================================================
+    ``image``         float32 (1, D, H, W)    windowed image in [0, 1] (``crop_size`` = (D, H, W))
+    ``mask``          float32 (C, D, H, W)    target mask(s) 0/1, C as in ``target_channels``
+                                              (1 for liver/lesion, 2 for both)
+    ``label``         float32 ()              1 if the mask has foreground (after augmentation)
+    ``volume_index``  int                     index of the volume in the data module
+    ``volume``        str                     volume id
+    ``crop_origin``   int64 (3,)              (z0, y0, x0) of the crop in the resampled grid,
+                                              before augmentation (negative where padded)
+    ================  ======================  ==================================================
+
+    ``transform`` (e.g. ``InPlaneAugmentation()``) is applied to ``{"image", "mask"}`` with MONAI's
+    metadata tracking off. The volumes are resampled (``resample_volume``) in the constructor.
+    Raises ``DataError`` (one line) unless every ``crop_size`` axis is divisible by 16.
+    """
+
+    def __init__(
+        self,
+        volumes: Sequence[CachedVolume],
+        volume_indices: Sequence[int],
+        crop_size: Sequence[int] = (64, 128, 128),
+        target: str = "liver",
+        positive_fraction: float = 0.5,
+        samples_per_volume: int = 1,
+        transform: Callable | None = None,
+        slice_spacing_mm: float = DEFAULT_SLICE_SPACING_MM,
+        crop_margin: int | Sequence[int] = 8,
+    ):
+        self.crop_size = check_crop_size(crop_size)
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
+        if not 0.0 <= positive_fraction <= 1.0:
+            raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
+        if samples_per_volume < 1:
+            raise ValueError(f"samples_per_volume must be at least 1, got {samples_per_volume}")
+        self.volumes = [resample_volume(v, slice_spacing_mm) for v in volumes]
+        self.volume_indices = list(volume_indices)
+        self.target = target
+        self.positive_fraction = float(positive_fraction)
+        self.samples_per_volume = int(samples_per_volume)
+        self.transform = transform
+        margins = (crop_margin,) * 3 if isinstance(crop_margin, int) else tuple(crop_margin)
+        foreground = "lesion" if target == "lesion" else "liver"
+        self._cumulative, self._regions = [], []
+        for volume in self.volumes:
+            self._cumulative.append(np.cumsum(volume.slice_voxels[foreground]))
+            region = [[0, n] for n in volume.shape]
+            if target == "lesion" and volume.slice_voxels["liver"].any():
+                region = grow_box([list(axis) for axis in volume.liver_box], margins, volume.shape)
+            self._regions.append(region)
+
+    def __len__(self) -> int:
+        return len(self.volumes) * self.samples_per_volume
+
+    def draw_crop(self, position: int) -> tuple[tuple[int, int, int], tuple[int, int, int], bool]:
+        """(centre, origin, positive) of a random crop of volume ``position``: voxel (z, y, x) and crop start (z0, y0, x0)."""
+        volume = self.volumes[position]
+        u = torch.rand(4, dtype=torch.float64).tolist()
+        cumulative = self._cumulative[position]
+        total = int(cumulative[-1])
+        positive = u[0] < self.positive_fraction and total > 0
+        if positive:
+            rank = min(int(u[1] * total), total - 1)
+            z = int(np.searchsorted(cumulative, rank, side="right"))
+            before = int(cumulative[z - 1]) if z else 0
+            labels = np.asarray(volume.label[z])
+            present = labels == 2 if self.target == "lesion" else labels >= 1
+            flat = int(np.flatnonzero(present)[rank - before])
+            centre = (z, *divmod(flat, labels.shape[1]))
+        else:
+            centre = tuple(start + min(int(v * (stop - start)), stop - start - 1) for v, (start, stop) in zip(u[1:], self._regions[position]))
+        origin = tuple(crop_start(c, k, 0, n) for c, k, n in zip(centre, self.crop_size, volume.shape))
+        return centre, origin, positive
+
+    def __getitem__(self, i: int) -> dict:
+        position = i // self.samples_per_volume
+        volume = self.volumes[position]
+        _, origin, _ = self.draw_crop(position)
+        image = _read_window(volume.image, origin, self.crop_size, volume.image_min)
+        labels = _read_window(volume.label, origin, self.crop_size, 0)
+        sample = {
+            "image": torch.from_numpy(image)[None].float(),  # float16 -> float32 in torch, the fast side
+            "mask": torch.from_numpy(target_channels(labels, self.target).astype(np.float32)),
+        }
+        if self.transform is not None:
+            sample = augment(self.transform, sample)
+        sample["label"] = torch.tensor(float((sample["mask"] > 0.5).any()))
+        sample["volume_index"] = self.volume_indices[position]
+        sample["volume"] = volume.volume.volume_id
+        sample["crop_origin"] = torch.tensor(origin, dtype=torch.int64)
+        return sample
+
+
+class WholeVolume3DDataset(Dataset):
+    """One sample per whole volume resampled along z to ``slice_spacing_mm`` (``resample_volume``): 3D evaluation.
+
+    ================  ======================  ==================================================
+    key               value                   meaning
+    ================  ======================  ==================================================
+    ``image``         float32 (1, Z', S, S)   windowed image in [0, 1] on the resampled grid
+    ``mask``          float32 (C, Z', S, S)   target mask(s) 0/1 on the resampled grid
+    ``volume_index``  int                     index of the volume in the data module
+    ``volume``        str                     volume id
+    ================  ======================  ==================================================
+
+    Volumes differ in Z': the loader batches one volume at a time.
+    """
+
+    def __init__(self, volumes: list[CachedVolume], volume_indices: list[int], target: str, slice_spacing_mm: float):
+        self.volumes = [resample_volume(v, slice_spacing_mm) for v in volumes]
+        self.volume_indices = list(volume_indices)
+        self.target = target
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def __getitem__(self, i: int) -> dict:
+        volume = self.volumes[i]
+        return {
+            # a writable float32 copy: the cached image is a read-only memory map (torch warns on sharing one)
+            "image": torch.from_numpy(np.array(volume.image, dtype=np.float32))[None],
+            "mask": torch.from_numpy(target_channels(np.asarray(volume.label), self.target).astype(np.float32)),
+            "volume_index": self.volume_indices[i],
+            "volume": volume.volume.volume_id,
+        }

@@ -1,0 +1,138 @@
+"""Axial-slice dataset over cached volumes, and the training augmentation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from monai import transforms as mt
+from monai.data import get_track_meta, set_track_meta
+from torch.utils.data import Dataset
+
+from datamodules.io.cache import CachedVolume
+
+# Target name -> label map (..., H, W) in {0, 1, 2} -> bool channels (C, ..., H, W).
+# LiTS lesions lie inside the liver, so liver = labels 1 and 2.
+TARGETS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "liver": lambda labels: (labels >= 1)[None],
+    "lesion": lambda labels: (labels == 2)[None],
+    "both": lambda labels: np.stack([labels >= 1, labels == 2]),
+}
+_CLASS_LABELS = (torch.tensor(0.0), torch.tensor(1.0))  # shared, collate copies them into the batch
+
+
+def target_channels(labels: np.ndarray, target: str) -> np.ndarray:
+    """Label map (..., H, W) in {0, 1, 2} -> bool target mask (C, ..., H, W) for ``target``."""
+    return TARGETS[target](labels)
+
+
+def training_augmentation(flip_prob: float = 0.5, rotate_degrees: float = 15.0, zoom_range: Sequence[float] = (0.9, 1.1), prob: float = 0.5) -> mt.Compose:
+    """Random flips, rotation and zoom in the axial plane (the mask-mining paper), applied to image and mask together."""
+    keys = ("image", "mask")
+    return mt.Compose(
+        [
+            mt.RandFlipd(keys, prob=flip_prob, spatial_axis=0),
+            mt.RandFlipd(keys, prob=flip_prob, spatial_axis=1),
+            mt.RandRotated(keys, range_x=math.radians(rotate_degrees), prob=prob, mode=("bilinear", "nearest"), padding_mode="border"),
+            mt.RandZoomd(keys, min_zoom=zoom_range[0], max_zoom=zoom_range[1], prob=prob, mode=("bilinear", "nearest"), padding_mode="edge"),
+        ]
+    ).set_random_state(seed=0)
+
+
+def augment(transform: Callable, sample: dict) -> dict:
+    """Apply a MONAI dictionary ``transform`` to ``sample`` ({"image", "mask"} tensors); plain tensors back.
+
+    MONAI's metadata tracking (MetaTensor, applied-operations lists) is 2/3 of the augmentation
+    time on small slices, and nothing reads it here: off for this call only, same results.
+    """
+    tracking = get_track_meta()
+    set_track_meta(False)
+    try:
+        result = transform(sample)
+    finally:
+        set_track_meta(tracking)
+    return {k: torch.as_tensor(v).as_subclass(torch.Tensor) for k, v in result.items()}
+
+
+def context_indices(z: int, context: int, num_slices: int) -> np.ndarray:
+    """Slice ``z`` and ``context`` neighbours on each side; beyond the volume's ends the edge slice repeats."""
+    return np.clip(np.arange(z - context, z + context + 1), 0, num_slices - 1)
+
+
+def finish_sample(sample: dict, transform: Callable | None, volume_index: int, slice_index: int, volume_id: str) -> dict:
+    """Augment a training sample (``transform``) and add its class label and provenance.
+
+    The label is computed after augmentation, so that ``label == mask.any()`` always.
+    """
+    if transform is not None:
+        sample = augment(transform, sample)
+    sample["label"] = _CLASS_LABELS[bool((sample["mask"] > 0.5).any())]
+    sample["volume_index"] = volume_index
+    sample["slice_index"] = slice_index
+    sample["volume"] = volume_id
+    return sample
+
+
+class SliceDataset(Dataset):
+    """One sample per (volume, axial slice).
+
+    Each sample is a dict:
+
+    ================  ====================  ===============================================
+    key               value                 meaning
+    ================  ====================  ===============================================
+    ``image``         float32 (K, S, S)     the slice and ``context_slices`` on each side
+    ``mask``          float32 (C, S, S)     target mask(s), 0/1
+    ``label``         float32 ()            slice class: 1 if the mask has foreground
+    ``volume_index``  int64 ()              index of the volume in the data module
+    ``slice_index``   int64 ()              axial index in the volume
+    ``volume``        str                   volume id
+    ================  ====================  ===============================================
+
+    K = 2 * context_slices + 1; neighbours beyond the volume's ends repeat the edge slice.
+    """
+
+    def __init__(
+        self,
+        volumes: Sequence[CachedVolume],
+        volume_indices: Sequence[int],
+        slices: Sequence[np.ndarray],
+        target: str = "liver",
+        context_slices: int = 0,
+        transform: Callable | None = None,
+    ):
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
+        self.volumes = list(volumes)
+        self.volume_indices = list(volume_indices)
+        self.index = np.concatenate(
+            [np.stack([np.full(len(s), position), np.asarray(s)], 1) for position, s in enumerate(slices)] or [np.zeros((0, 2))]
+        ).astype(np.int64)
+        self.target = target
+        self.context_slices = context_slices
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def slice_labels(self) -> np.ndarray:
+        """Class label of every sample before augmentation (for balanced sampling), without reading images."""
+        return np.array(
+            [bool(target_channels(self.volumes[p].label[z], self.target).any()) for p, z in self.index], dtype=bool
+        )
+
+    def __getitem__(self, i: int) -> dict:
+        position, z = self.index[i]
+        volume = self.volumes[position]
+        image = volume.image[context_indices(z, self.context_slices, volume.num_slices)] if self.context_slices else volume.image[z : z + 1]
+        labels = np.array(volume.label[z])
+        mask = target_channels(labels, self.target)
+        sample = {
+            # float16 -> float32 in torch, bool -> float32 in numpy: the fast side of each conversion
+            "image": torch.from_numpy(np.array(image)).float(),
+            "mask": torch.from_numpy(mask.astype(np.float32)),
+        }
+        sample = finish_sample(sample, self.transform, self.volume_indices[position], int(z), volume.volume_id)
+        return sample

@@ -1,0 +1,324 @@
+"""The one-time preprocessing cache: windowed, resized axial slices stored for memory-mapped access.
+
+One entry (a folder) per volume:
+
+=================  =====================  ==================================================
+file               array                  content
+=================  =====================  ==================================================
+``image.npy``      float16 (Z, S, S)      HU clipped to the window, scaled to [0, 1], resized
+``label.npy``      uint8 (Z, S, S)        full label map (0/1/2), nearest-neighbour resized
+``label_box.npy``  uint8                  full label map at the original resolution, cropped
+                                          to its bounding box (``meta.json``'s ``label_box``)
+``roi_image.npy``  float16 (Zr, Hr, Wr)   windowed like ``image.npy`` but NOT resized: the full
+                                          in-plane resolution inside ``roi_box``, the liver's
+                                          bounding box grown by ``roi_margin_px`` pixels in-plane
+                                          and ``roi_margin_slices`` slices, clipped to the volume
+                                          ((0, 0, 0) and an empty box for a volume without liver)
+``meta.json``      -                      spacing, shapes, boxes, ``label_counts`` (voxels of
+                                          label 0/1/2) and the fingerprint of inputs+settings
+=================  =====================  ==================================================
+
+Boxes are ``[[z0, z1], [y0, y1], [x0, x1]]``, half-open, in full-resolution display coordinates.
+The liver network reads the resized stack; a lesion network reads the full-resolution region
+around the liver through ``CachedVolume.read_image`` / ``read_labels``.
+
+Slices are stored in radiological display orientation (rows anterior->posterior, columns patient
+right->left, ``z`` inferior->superior), so figures need no flipping. Spacing is ``(sz, sy, sx)``
+in mm, matching the (Z, H, W) arrays.
+
+An entry is written into a temporary folder and renamed into place only once complete, with
+``meta.json`` written last: a killed run leaves no half-written entry, and the next run rebuilds
+only what is missing. An entry is reused while its fingerprint (source files' path, size and
+mtime, and the preprocessing settings) is unchanged, and rebuilt otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from datamodules.io.nifti import VolumeFiles, load_pair
+
+CACHE_FORMAT = 3
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    hu_min: float = -100.0
+    hu_max: float = 600.0
+    image_size: int = 256
+    roi_margin_px: int = 64  # in-plane margin of the full-resolution region around the liver
+    roi_margin_slices: int = 4  # its margin along z
+
+
+def _file_stamp(path: Path) -> dict:
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def fingerprint(files: VolumeFiles, settings: PreprocessSettings) -> dict:
+    return {
+        "format": CACHE_FORMAT,
+        "settings": asdict(settings),
+        "image": _file_stamp(files.image),
+        "label": _file_stamp(files.label),
+    }
+
+
+def to_display(array: np.ndarray) -> np.ndarray:
+    """Canonical (X, Y, Z) -> display (Z, rows, cols), rows anterior->posterior, columns patient right->left (a view)."""
+    return array[::-1, ::-1, :].transpose(2, 1, 0)
+
+
+def window(hu: np.ndarray, settings: PreprocessSettings) -> np.ndarray:
+    """Clip HU to the window and scale to [0, 1], in one float32 pass plus two in-place ones."""
+    image = np.empty(hu.shape, dtype=np.float32)  # C-contiguous even when ``hu`` is a strided view
+    np.clip(hu, settings.hu_min, settings.hu_max, out=image, casting="unsafe")
+    image -= settings.hu_min
+    image *= 1.0 / (settings.hu_max - settings.hu_min)
+    return image
+
+
+def resize_image(slices: np.ndarray, size: int) -> np.ndarray:
+    """(Z, H, W) float32 -> float16 (Z, size, size).
+
+    Downsampling averages the source pixels under each output pixel ('area', an exact 2x2 mean for
+    LiTS' 512 -> 256), which is antialiased and cheap; upsampling is bilinear.
+    """
+    tensor = torch.from_numpy(slices)[:, None]
+    height, width = slices.shape[1:]
+    if height % size == 0 and width % size == 0:
+        resized = F.avg_pool2d(tensor, kernel_size=(height // size, width // size))
+    elif size <= min(height, width):
+        resized = F.interpolate(tensor, size=(size, size), mode="area")
+    else:
+        resized = F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)
+    return resized[:, 0].half().numpy()
+
+
+def resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
+    """(Z, H, W) label map -> (Z, size, size) by nearest neighbour, the same pixels torch's 'nearest-exact' picks."""
+    height, width = labels.shape[1:]
+    if height % size == 0 and width % size == 0:  # an integer factor k picks every k-th pixel from k // 2
+        step_y, step_x = height // size, width // size
+        return np.ascontiguousarray(labels[:, step_y // 2 :: step_y, step_x // 2 :: step_x])
+    rows = np.minimum(((np.arange(size) + 0.5) * labels.shape[1] / size).astype(np.int64), labels.shape[1] - 1)
+    cols = np.minimum(((np.arange(size) + 0.5) * labels.shape[2] / size).astype(np.int64), labels.shape[2] - 1)
+    return np.ascontiguousarray(labels[:, rows][:, :, cols])
+
+
+def foreground_box(labels: np.ndarray) -> list[list[int]]:
+    """[start, stop) per axis of the non-zero labels (empty boxes for an empty map)."""
+    box = []
+    for axis in range(labels.ndim):
+        present = np.flatnonzero(labels.any(axis=tuple(a for a in range(labels.ndim) if a != axis)))
+        box.append([int(present[0]), int(present[-1]) + 1] if present.size else [0, 0])
+    return box
+
+
+def grow_box(box: list[list[int]], margins: tuple[int, int, int], shape: tuple[int, ...]) -> list[list[int]]:
+    """``box`` grown by ``margins`` per axis and clipped to ``shape``; an empty box stays empty ([0, 0] per axis)."""
+    if any(stop <= start for start, stop in box):
+        return [[0, 0] for _ in box]
+    return [[max(0, start - m), min(n, stop + m)] for (start, stop), m, n in zip(box, margins, shape)]
+
+
+def _slices(box) -> tuple[slice, ...]:
+    return tuple(slice(int(start), int(stop)) for start, stop in box)
+
+
+def preprocess_volume(files: VolumeFiles, settings: PreprocessSettings, entry: Path) -> None:
+    """Read one pair, window, resize and write its cache entry atomically at ``entry``."""
+    hu, labels, (sx, sy, sz) = load_pair(files)
+    hu, labels = to_display(hu), to_display(labels)
+    # The full-resolution labels are kept only inside their bounding box: a liver fills a few percent of a CT.
+    box = foreground_box(labels)
+    roi = grow_box(box, (settings.roi_margin_slices, settings.roi_margin_px, settings.roi_margin_px), labels.shape)
+    boxed_labels = labels[_slices(box)]
+    nonzero, lesion = np.count_nonzero(boxed_labels), np.count_nonzero(boxed_labels == 2)  # labels are 0 outside the box
+    windowed = window(hu, settings)
+    # The ROI is a view of the windowed float32 stack (no second windowing pass); torch's half() is the fast conversion.
+    roi_image = torch.from_numpy(windowed[_slices(roi)]).half().numpy()
+    tmp = entry.parent / f".tmp-{entry.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        np.save(tmp / "image.npy", resize_image(windowed, settings.image_size))
+        np.save(tmp / "label.npy", resize_labels(labels, settings.image_size))
+        np.save(tmp / "label_box.npy", boxed_labels)
+        np.save(tmp / "roi_image.npy", roi_image)
+        meta = {
+            "volume_id": files.volume_id,
+            "spacing": [sz, sy, sx],
+            "full_shape": list(labels.shape),
+            "label_box": box,
+            "roi_box": roi,
+            "label_counts": [int(labels.size - nonzero), int(nonzero - lesion), int(lesion)],
+            "fingerprint": fingerprint(files, settings),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if entry.exists():
+            trash = entry.parent / f".trash-{entry.name}-{uuid.uuid4().hex[:8]}"
+            entry.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        tmp.rename(entry)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_current(entry: Path, files: VolumeFiles, settings: PreprocessSettings) -> bool:
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("fingerprint") == fingerprint(files, settings)
+
+
+def build_cache(
+    pairs: list[VolumeFiles],
+    cache_dir: str | Path,
+    settings: PreprocessSettings,
+    workers: int | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Preprocess every pair whose entry is missing or stale; return the entry folders in ``pairs`` order."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in list(cache_dir.glob(".tmp-*")) + list(cache_dir.glob(".trash-*")):
+        shutil.rmtree(leftover, ignore_errors=True)  # from a killed run
+    entries = [cache_dir / files.volume_id for files in pairs]
+    todo = [(f, e) for f, e in zip(pairs, entries) if not _is_current(e, f, settings)]
+    if not todo:
+        return entries
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
+    bar = tqdm(total=len(todo), desc=f"Preprocessing {len(todo)} volume(s) into {cache_dir}", unit="vol", disable=not progress)
+    with bar:
+        if workers == 1:
+            for files, entry in todo:
+                preprocess_volume(files, settings, entry)
+                bar.update()
+        else:
+            # one thread per worker: the parallelism is over volumes
+            with ProcessPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                futures = [pool.submit(preprocess_volume, f, settings, e) for f, e in todo]
+                try:
+                    for future in as_completed(futures):
+                        future.result()
+                        bar.update()
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    raise
+    return entries
+
+
+def read_box(source: np.ndarray, source_box, box, dtype=None) -> np.ndarray:
+    """``box`` of a volume of which ``source`` holds the part ``source_box``, as ``dtype``: 0 outside ``source_box``.
+
+    Boxes are per-axis ``(start, stop)``, half-open, in one coordinate frame; ``box`` may reach
+    beyond ``source_box`` and beyond the volume. The intersection is read from ``source`` (a
+    memory map) in one slice and copied with one assignment; a dtype change goes through torch,
+    several times faster than numpy for float16 -> float32.
+    """
+    dtype = np.dtype(dtype or source.dtype)
+    starts = [int(start) for start, _ in box]
+    shape = [int(stop) - start for start, (_, stop) in zip(starts, box)]
+    low = [max(start, int(s)) for start, (s, _) in zip(starts, source_box)]
+    high = [min(start + n, int(e)) for start, n, (_, e) in zip(starts, shape, source_box)]
+    covered = low == starts and high == [start + n for start, n in zip(starts, shape)]
+    if any(h <= l for l, h in zip(low, high)):
+        return np.zeros(shape, dtype)
+    region = np.array(source[tuple(slice(l - int(s), h - int(s)) for l, h, (s, _) in zip(low, high, source_box))])
+    if covered and region.dtype == dtype:
+        return region
+    out = np.empty(shape, dtype) if covered else np.zeros(shape, dtype)
+    target = tuple(slice(l - start, h - start) for l, h, start in zip(low, high, starts))
+    if region.dtype == dtype:
+        out[target] = region
+    else:
+        torch.from_numpy(out)[target] = torch.from_numpy(region)
+    return out
+
+
+class CachedVolume:
+    """Read access to one cache entry; the arrays are memory-mapped on first use (per process)."""
+
+    def __init__(self, entry: str | Path):
+        self.entry = Path(entry)
+        self.meta = json.loads((self.entry / "meta.json").read_text())
+        self.volume_id: str = self.meta["volume_id"]
+        self.spacing: tuple[float, float, float] = tuple(self.meta["spacing"])
+
+    @cached_property
+    def image(self) -> np.ndarray:
+        return np.load(self.entry / "image.npy", mmap_mode="r")
+
+    @cached_property
+    def label(self) -> np.ndarray:
+        return np.load(self.entry / "label.npy", mmap_mode="r")
+
+    @cached_property
+    def roi_image(self) -> np.ndarray:
+        """Windowed image at full in-plane resolution inside ``roi_box``, float16 (Zr, Hr, Wr)."""
+        return np.load(self.entry / "roi_image.npy", mmap_mode="r")
+
+    @cached_property
+    def label_box(self) -> np.ndarray:
+        """Full-resolution labels inside ``liver_box``, uint8 (every non-zero label of the volume is in it)."""
+        return np.load(self.entry / "label_box.npy", mmap_mode="r")
+
+    @property
+    def num_slices(self) -> int:
+        return self.meta["full_shape"][0]
+
+    @property
+    def full_shape(self) -> tuple[int, int, int]:
+        """(Z, H, W) at the original resolution."""
+        return tuple(self.meta["full_shape"])
+
+    @property
+    def liver_box(self) -> tuple[tuple[int, int], ...]:
+        """Bounding box of the labels >= 1 (liver and lesions), ``((z0, z1), (y0, y1), (x0, x1))``; all (0, 0) without liver."""
+        return tuple(tuple(axis) for axis in self.meta["label_box"])
+
+    @property
+    def roi_box(self) -> tuple[tuple[int, int], ...]:
+        """The region cached in ``roi_image``: ``liver_box`` grown by the ROI margins, clipped to the volume."""
+        return tuple(tuple(axis) for axis in self.meta["roi_box"])
+
+    @property
+    def label_counts(self) -> tuple[int, int, int]:
+        """Voxels of label 0 (background), 1 (liver), 2 (lesion) at the original resolution."""
+        return tuple(self.meta["label_counts"])
+
+    def read_image(self, box) -> np.ndarray:
+        """Windowed full-resolution image in ``box`` (``((z0, z1), (y0, y1), (x0, x1))``, half-open), float32 (z, h, w).
+
+        ``box`` may extend beyond the cached ``roi_box`` and beyond the volume: those voxels are
+        0.0, the window's lower bound (outside the cached region the true image is unknown).
+        """
+        return read_box(self.roi_image, self.roi_box, box, np.float32)
+
+    def read_labels(self, box) -> np.ndarray:
+        """Full-resolution labels (0/1/2) in ``box``, uint8 (z, h, w); 0 outside the volume (exact everywhere)."""
+        return read_box(self.label_box, self.liver_box, box, np.uint8)
+
+    def label_full(self) -> np.ndarray:
+        """The label map at the original resolution, (Z, H, W) uint8."""
+        labels = np.zeros(self.meta["full_shape"], dtype=np.uint8)
+        labels[_slices(self.meta["label_box"])] = np.load(self.entry / "label_box.npy")
+        return labels
+
+    def __getstate__(self):
+        # Memory maps are reopened in each DataLoader worker instead of being pickled.
+        return {"entry": self.entry, "meta": self.meta, "volume_id": self.volume_id, "spacing": self.spacing}

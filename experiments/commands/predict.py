@@ -1,0 +1,287 @@
+"""``lits predict MODEL --input PATH --output DIR``: label maps for new CT scans, written on each input's own grid.
+
+MODEL is a checkpoint of the suite or a ``lits run`` folder (its last stage's best checkpoint):
+
+* a liver network (any segmentation module trained on ``--data.target=liver``): labels 0/1;
+* a cascade's lesion network, whose checkpoint names its liver network (``liver_checkpoint``; override
+  with ``--liver_checkpoint``): labels 0/1/2, by the same whole-volume inference as ``lits test``
+  (``lightning_modules.inference.cascade_2d``);
+* 3D networks (``spatial_dims: 3``, e.g. ``experiments/cascade_3d.yaml``): the volume is windowed, resized in-plane
+  and resampled along z to the networks' slice spacing exactly as the 3D cache is, then predicted with the sliding
+  window of ``lits test`` (``lightning_modules.inference.cascade_3d``) and mapped back onto the input's own slices.
+
+PATH is a NIfTI file or a folder: LiTS ``volume-<id>`` / ``test-volume-<id>`` files (any sub-folder),
+an MSD folder with ``imagesTs/``, or any ``*.nii[.gz]``. Each output has the input's shape, affine and
+orientation (not the canonical one the networks see), uint8, named as LiTS expects:
+``volume-<id>`` -> ``segmentation-<id>.nii``, ``test-volume-<id>`` -> ``test-segmentation-<id>.nii``,
+anything else keeps its own name. Files are written atomically (a killed run leaves whole files
+only). ``--probabilities`` also writes ``<name>_liver_probability.nii.gz`` and
+``<name>_lesion_probability.nii.gz`` (float32). Runs on the GPU when there is one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from datamodules import DataError
+from datamodules.io.cache import PreprocessSettings, read_box, resize_image, to_display, window
+from datamodules.io.nifti import NIFTI_SUFFIXES, _open, _read
+from datamodules.io.volume3d import interpolate_z, original_positions, resampled_positions
+from lightning_modules.networks.unet import UNet
+from lightning_modules.inference.cascade_2d import CASCADE_DEFAULTS, predict_volume
+from lightning_modules.inference.cascade_3d import predict_volume_3d
+from lightning_modules.classification import CheckpointError
+from lightning_modules.combined import CombinedLiverLesion
+from lightning_modules.combined_mask_mining import CombinedMaskMining
+from lightning_modules.networks.checkpoints import BaseArchitecture, foreground_probability, frozen_model, read_base_checkpoint
+
+
+@dataclass
+class Network:
+    """One trained network rebuilt from its checkpoint, with the data settings it was trained with."""
+
+    path: str
+    model: UNet
+    arch: BaseArchitecture
+    hparams: dict
+    image_size: int
+    hu_window: tuple[float, float]
+    data: dict  # the data module's hyperparameters it was trained with
+
+    def predictor(self):
+        return lambda image: foreground_probability(self.model, self.arch, image)
+
+
+def load_network(path: str, device: torch.device) -> Network:
+    arch, weights = read_base_checkpoint(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
+    hparams = dict(checkpoint["hyper_parameters"])
+    if arch.out_channels != 1:
+        raise CheckpointError(f"{path} predicts {arch.out_channels} channels (data.target=both); lits predict takes a liver network or a cascade's lesion network")
+    return Network(path, frozen_model(arch, weights).to(device), arch, hparams,
+                   int(data.get("image_size", 256)), tuple(float(v) for v in data.get("hu_window", (-100.0, 600.0))), data)
+
+
+def resolve_model(model: str) -> str:
+    """A checkpoint path, or a ``lits run`` / ``lits fit`` folder's best checkpoint."""
+    path = Path(model)
+    if path.is_file():
+        return str(path)
+    if path.is_dir() and (path / "metrics.json").is_file():
+        figures = json.loads((path / "metrics.json").read_text())
+        if "stages" in figures:  # a `lits run` folder: its last stage holds the final network
+            path = path / Path(list(figures["stages"].values())[-1]).name  # recorded paths may be relative to another folder
+            figures = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").is_file() else {}
+        for best in (figures.get("best_checkpoint"), path / "checkpoints" / "best.ckpt"):
+            if best and Path(best).is_file():
+                return str(best)
+    raise CheckpointError(f"{model} is neither a checkpoint nor a finished run folder (with metrics.json naming its best checkpoint); pass <run>/checkpoints/best.ckpt or the run folder")
+
+
+class CascadePredictor:
+    """The liver network, and the lesion network when MODEL is a cascade's or a combined model: the same
+    inference as ``lits test``."""
+
+    def __init__(self, model: str, liver_checkpoint: str | None = None, device: str | None = None, batch_size: int = 16):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        path = resolve_model(model)
+        main = load_network(path, self.device)
+        self.combined = None
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        if any(k.startswith("liver_model.") for k in state):
+            # a combined model: both networks in one checkpoint, the liver network at the liver resolution;
+            # mask-mined when its networks have error heads
+            combined = CombinedMaskMining if "liver_model.error_head.weight" in state else CombinedLiverLesion
+            self.combined = combined.load_from_checkpoint(path, map_location=self.device).eval()
+            liver_checkpoint = None
+        liver_path = liver_checkpoint or main.hparams.get("liver_checkpoint")
+        if liver_path:
+            if not Path(liver_path).is_file():
+                raise CheckpointError(f"{main.path} names its liver network {liver_path}, which does not exist; pass --liver_checkpoint=PATH")
+            self.liver, self.lesion = load_network(liver_path, self.device), main
+        elif self.combined is not None:
+            self.liver, self.lesion = main, main
+        else:
+            if main.arch.target == "lesion":
+                raise CheckpointError(f"{main.path} is a lesion network without a liver network; pass --liver_checkpoint=PATH (the cascade's liver stage)")
+            self.liver, self.lesion = main, None
+        if self.lesion is not None and self.lesion.arch.spatial_dims != self.liver.arch.spatial_dims:
+            raise CheckpointError(f"{self.liver.path} is a {self.liver.arch.spatial_dims}D network but the lesion network {main.path} is "
+                                  f"{self.lesion.arch.spatial_dims}D; pass --liver_checkpoint with the liver network of the same cascade")
+        self.main = main
+        self.settings = {k: main.hparams.get(k, v) for k, v in CASCADE_DEFAULTS.items()}
+        self.threshold = float(main.hparams.get("threshold", 0.5))
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, hu_display: np.ndarray, probabilities: bool = False, slice_spacing: float | None = None) -> dict[str, np.ndarray]:
+        """(Z, H, W) HU in display orientation (``slice_spacing``: its z spacing in mm, needed by 3D networks) ->
+        ``predict_volume``'s result."""
+        if self.liver.arch.spatial_dims == 3:
+            if slice_spacing is None:
+                raise ValueError("3D networks need the volume's slice spacing")
+            return self._predict_3d(hu_display, float(slice_spacing), probabilities)
+        liver_settings = PreprocessSettings(*self.liver.hu_window, self.liver.image_size)
+        image = torch.from_numpy(resize_image(window(hu_display, liver_settings), self.liver.image_size)).float().to(self.device)
+        full = None
+        if self.lesion is not None:  # float16 like the cache, so `lits test` and `lits predict` see the same values
+            full = window(hu_display, PreprocessSettings(*self.lesion.hu_window, 0)).astype(np.float16)
+
+        def read_image(box):
+            return read_box(full, [[0, n] for n in full.shape], box, np.float32)
+
+        if self.combined is not None:
+            sample = {"image": image, "full_shape": torch.tensor(hu_display.shape)}
+            liver, liver_channels, lesion, lesion_channels = self.combined.cascade_networks(sample)
+        else:
+            liver, liver_channels = self.liver.predictor(), self.liver.arch.in_channels
+            lesion = self.lesion.predictor() if self.lesion else None
+            lesion_channels = self.lesion.arch.in_channels if self.lesion else 1
+        return predict_volume(liver, lesion, image, read_image, hu_display.shape, liver_in_channels=liver_channels,
+                              lesion_in_channels=lesion_channels, threshold=self.threshold, batch_size=self.batch_size,
+                              probabilities=probabilities, **self.settings)
+
+
+    def _predict_3d(self, hu_display: np.ndarray, slice_spacing: float, probabilities: bool) -> dict[str, np.ndarray]:
+        """The 3D cascade on the volume preprocessed as the 3D cache is: windowed, resized in-plane to float16 (``image.npy``),
+        resampled linearly along z to the networks' slice spacing and stored as float16 (``image3d_<s>mm.npy``)."""
+        network, data = self.liver, self.liver.data
+        stack = resize_image(window(hu_display, PreprocessSettings(*network.hu_window, network.image_size)), network.image_size)
+        target_spacing = float(data.get("slice_spacing_mm", 2.5))
+        positions = resampled_positions(len(stack), slice_spacing, target_spacing)
+        image = interpolate_z(torch.from_numpy(stack)[None], positions, "linear")[0].float().to(self.device)
+        lesion = self.lesion.predictor() if self.lesion else None
+        hparams = self.main.hparams
+        return predict_volume_3d(self.liver.predictor(), lesion, image, original_positions(len(stack), slice_spacing, target_spacing),
+                                 hu_display.shape, data.get("crop_size_3d", (64, 128, 128)), float(hparams.get("sw_overlap", 0.25)),
+                                 str(hparams.get("sw_mode", "gaussian")), threshold=self.threshold, probabilities=probabilities,
+                                 **self.settings)
+
+
+def canonical_slice_spacing(reference: nib.Nifti1Image) -> float:
+    """The z spacing (mm) of a file in its closest canonical (RAS+) order, without reading its voxels."""
+    transform = nib.orientations.ornt_transform(nib.io_orientation(reference.affine), nib.orientations.axcodes2ornt(("R", "A", "S")))
+    zooms = reference.header.get_zooms()[:3]
+    return float(next(zoom for zoom, (axis, _) in zip(zooms, transform) if int(axis) == 2))
+
+
+# -- files -----------------------------------------------------------------------------------------
+def _stem(path: Path) -> str:
+    for suffix in NIFTI_SUFFIXES:
+        if path.name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.stem
+
+
+def find_inputs(path: str | Path) -> list[Path]:
+    """The CT volumes to predict under ``path`` (see the module docstring), sorted."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"--input {path} does not exist; pass a NIfTI file or a folder of them")
+    if (path / "imagesTs").is_dir():
+        path = path / "imagesTs"
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("._") and p.name.endswith(NIFTI_SUFFIXES))
+    lits = [p for p in files if _stem(p).startswith(("volume-", "test-volume-"))]
+    files = lits or [p for p in files if not _stem(p).startswith(("segmentation-", "test-segmentation-"))]
+    if not files:
+        raise DataError(f"--input {path} holds no NIfTI volume (*.nii, *.nii.gz); pass a file or a LiTS/MSD folder")
+    return files
+
+
+def output_name(path: Path) -> str:
+    stem = _stem(path)
+    for prefix, replacement in (("test-volume-", "test-segmentation-"), ("volume-", "segmentation-")):
+        if stem.startswith(prefix):
+            return replacement + stem[len(prefix):] + ".nii"
+    return path.name
+
+
+def from_display(array: np.ndarray) -> np.ndarray:
+    """Inverse of ``cache.to_display``: display (Z, rows, cols) -> canonical (X, Y, Z)."""
+    return array.transpose(2, 1, 0)[::-1, ::-1, :]
+
+
+def to_canonical(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """A file's voxel array -> closest canonical (RAS+) order, as ``nib.as_closest_canonical`` (which would
+    read the data itself, outside the one-line error for a truncated file)."""
+    transform = nib.orientations.ornt_transform(nib.io_orientation(affine), nib.orientations.axcodes2ornt(("R", "A", "S")))
+    return nib.orientations.apply_orientation(array, transform)
+
+
+def to_input_grid(canonical: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Canonical (RAS+) array -> the voxel order of a file with ``affine`` (undoes ``as_closest_canonical``)."""
+    transform = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")), nib.io_orientation(affine))
+    return np.ascontiguousarray(nib.orientations.apply_orientation(canonical, transform))
+
+
+def save_atomically(array: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
+    image = nib.Nifti1Image(array, reference.affine)
+    image.set_qform(reference.affine, code=int(reference.header["qform_code"]) or 1)
+    image.set_sform(reference.affine, code=int(reference.header["sform_code"]) or 1)
+    image.header.set_xyzt_units(*reference.header.get_xyzt_units())
+    tmp = path.parent / f".tmp-{uuid.uuid4().hex[:8]}-{path.name}"
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise DataError(f"--output {folder} cannot be written ({error.strerror or error}); pass a writable folder") from None
+
+
+def predict_files(predictor: CascadePredictor, inputs: list[Path], output: Path, probabilities: bool = False) -> list[Path]:
+    names = [output_name(p) for p in inputs]
+    if len(set(names)) != len(names):
+        raise DataError(f"--input {inputs[0].parent}: several inputs map to the same output name; predict them into separate folders")
+    check_writable(output)
+    written = []
+    for path, name in tqdm(list(zip(inputs, names)), desc=f"Predicting into {output}", unit="volume"):
+        reference = _open(path)
+        result = predictor(to_display(to_canonical(_read(reference, path), reference.affine)), probabilities,
+                           slice_spacing=canonical_slice_spacing(reference))
+        save_atomically(to_input_grid(from_display(result["labels"]), reference.affine), reference, output / name)
+        written.append(output / name)
+        if probabilities:
+            stem = _stem(Path(name))
+            for key in ("liver_probability", "lesion_probability"):
+                grid = to_input_grid(from_display(result[key]), reference.affine).astype(np.float32)
+                save_atomically(grid, reference, output / f"{stem}_{key}.nii.gz")
+    return written
+
+
+def predict_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="lits predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="a checkpoint (.ckpt) or a lits run / lits fit folder")
+    parser.add_argument("--input", required=True, help="a NIfTI file or a folder (LiTS, MSD imagesTs/, any *.nii[.gz])")
+    parser.add_argument("--output", required=True, help="folder for the label maps")
+    parser.add_argument("--liver_checkpoint", default=None, help="the cascade's liver network (default: the one the lesion checkpoint names)")
+    parser.add_argument("--probabilities", action="store_true", help="also write float32 probability maps")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--batch_size", type=int, default=16, help="slices per forward pass")
+    args = parser.parse_args(argv)
+    inputs = find_inputs(args.input)
+    predictor = CascadePredictor(args.model, args.liver_checkpoint, args.device, args.batch_size)
+    written = predict_files(predictor, inputs, Path(args.output), args.probabilities)
+    kind = "liver and lesion (0/1/2)" if predictor.lesion else "liver (0/1)"
+    print(f"wrote {len(written)} {kind} label map(s) to {args.output}")

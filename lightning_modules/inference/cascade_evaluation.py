@@ -1,0 +1,100 @@
+"""A segmentation network evaluated as the lesion network of a liver-lesion cascade.
+
+With ``liver_checkpoint`` set and the data in ``sampling: liver_roi`` mode, validation and test
+samples are whole volumes (``datamodules.datasets.liver_region.VolumeDataset``). Each volume goes through the
+cascade (``cascade.predict_volume``: the frozen liver network, then this network at full resolution in
+the predicted liver's region) and is scored with the LiTS metrics (``lits_metrics.evaluate_case``) on
+the rank that evaluated it. One row of figures per volume is gathered over ranks (``VolumeRecords``),
+so the epoch's figures are those of one process whatever the number of devices.
+
+Logged as ``{stage}/liver/<name>`` and ``{stage}/lesion/<name>``: the per-case means (``dice``, ``voe``,
+``rvd``, ``assd_mm``, ``mssd_mm``, ``hd95_mm``), ``dice_global``, and for lesions the pooled detection
+figures (``lesion_recall``, ``lesion_precision``, lesion counts).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from datamodules.io.cache import read_box
+from datamodules.errors import DataError
+
+from lightning_modules.inference.cascade_2d import Predictor, predict_volume
+from lightning_modules.classification import CheckpointError
+from lightning_modules.metrics.lits import CASE_KEYS, DETECTION_KEYS, evaluate_case, summarize_cases
+from lightning_modules.networks.checkpoints import foreground_probability, frozen_model, read_base_checkpoint
+
+PARTS = ("liver", "lesion")
+FIGURE_KEYS = [f"liver/{k}" for k in CASE_KEYS] + [f"lesion/{k}" for k in CASE_KEYS + DETECTION_KEYS]
+
+
+class LiverNetwork:
+    """A cascade's frozen liver network, rebuilt from its checkpoint.
+
+    It lives outside the task's module tree: not trained, not checkpointed (the task's hyperparameters
+    name its checkpoint), not wrapped by DDP.
+    """
+
+    def __init__(self, checkpoint: str):
+        self.path = checkpoint
+        self.arch, weights = read_base_checkpoint(checkpoint)
+        self.data = dict(torch.load(checkpoint, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters") or {})
+        if self.arch.target not in (None, "liver") or self.arch.out_channels != 1:
+            raise CheckpointError(f"liver_checkpoint {checkpoint} was trained on target {self.arch.target!r}; pass the cascade's liver network (--data.target=liver)")
+        self.model = frozen_model(self.arch, weights)
+
+    def check_data(self, data) -> None:
+        """One-line DataError unless this run's data (``LiTSDataModule.hparams``) gives the liver network the input it
+        was trained on: the same in-plane size, HU window and, in 3D, slice spacing (a checkpoint that does not record
+        its data is not checked)."""
+        keys = ["image_size", "hu_window"] + (["slice_spacing_mm"] if data.get("spatial_dims", 2) == 3 else [])
+        for key in keys:
+            if key in self.data and key in data and _plain(self.data[key]) != _plain(data[key]):
+                raise DataError(f"the liver network {self.path} was trained with --data.{key}={_plain(self.data[key])} but this run has "
+                                f"{_plain(data[key])}; train both networks of the cascade on the same --data.{key}")
+
+    def predictor(self, device: torch.device) -> Predictor:
+        model = self.model.to(device)
+        return lambda image: foreground_probability(model, self.arch, image)
+
+
+def _plain(value):
+    """A hyperparameter as a comparable plain value (tuples and lists alike, numbers as floats)."""
+    if isinstance(value, (list, tuple)):
+        return [float(v) for v in value]
+    return float(value)
+
+
+def predict_sample(liver: Predictor, liver_in_channels: int, lesion: Predictor, lesion_in_channels: int, sample: dict,
+                   **settings) -> dict[str, np.ndarray]:
+    """``cascade.predict_volume`` on one ``VolumeDataset`` sample (already on the device); ``settings`` are its region
+    and threshold arguments."""
+    roi, roi_box = sample["roi_image"].cpu().numpy(), sample["roi_box"].tolist()
+    return predict_volume(liver, lesion, sample["image"], lambda box: read_box(roi, roi_box, box, np.float32),
+                          sample["full_shape"].tolist(), liver_in_channels=liver_in_channels,
+                          lesion_in_channels=lesion_in_channels, **settings)
+
+
+def case_figures(labels: np.ndarray, truth: np.ndarray, spacing) -> dict[str, float]:
+    """One volume's LiTS figures, flat: ``{"liver/dice": ..., "lesion/lesion_recall": ...}``."""
+    figures = evaluate_case(labels, truth, [float(s) for s in spacing])
+    return {f"{part}/{key}": float(value) for part in PARTS for key, value in figures[part].items()}
+
+
+def summarize_volumes(per_volume: dict[int, dict[str, float]]) -> dict[str, float]:
+    """Epoch figures of the rows of ``case_figures``: ``summarize_cases`` for the liver and for lesions."""
+    figures = {}
+    for part in PARTS:
+        cases = {v: {k.split("/", 1)[1]: x for k, x in row.items() if k.startswith(f"{part}/")} for v, row in per_volume.items()}
+        figures |= {f"{part}/{key}": value for key, value in summarize_cases(cases).items()}
+    return figures
+
+
+def error_counts(per_volume: dict[int, dict[str, float]], part: str) -> dict[int, dict[str, float]]:
+    """Per volume, one part's (``liver`` or ``lesion``) TP / FP / FN voxels and Dice, as mask mining's error report reads them."""
+    counts = {}
+    for volume, row in per_volume.items():
+        tp, pred, truth = (row[f"{part}/{k}"] for k in ("intersection_voxels", "pred_voxels", "truth_voxels"))
+        counts[volume] = {"tp_voxels": tp, "fp_voxels": pred - tp, "fn_voxels": truth - tp, "dice_volume": row[f"{part}/dice"]}
+    return counts
