@@ -27,7 +27,7 @@ import pytorch_lightning as pl
 from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts, StepLR
 
 from lightning_modules.networks.unet import BLOCKS, SPATIAL_DIMS
-from lightning_modules.classification import CheckpointError
+from datamodules.errors import ConfigError
 
 SCHEDULERS = ("cosine_warm_restarts", "step", "none")
 _FUSED_ADAM_DEVICES = ("cpu", "cuda", "mps", "xpu")  # fused CPU kernel: torch >= 2.4
@@ -97,10 +97,9 @@ class BaseTask(pl.LightningModule):
         super().__init__()
         # Collects the arguments of every __init__ of the subclass chain (each keeps its own).
         self.save_hyperparameters()
-        # CheckpointError: the suite's one-line error (`lits: error: ...`), no traceback
         for name, value, allowed in (("scheduler", scheduler, SCHEDULERS), ("spatial_dims", spatial_dims, SPATIAL_DIMS), ("block", block, BLOCKS)):
             if value not in allowed:
-                raise CheckpointError(f"{name} must be one of {allowed}, got {value!r} (--model.init_args.{name})")
+                raise ConfigError(f"{name} must be one of {allowed}, got {value!r} (--model.init_args.{name})")
         self.configure_models()
         self.configure_losses()
         self.configure_metrics()

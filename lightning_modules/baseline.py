@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from lightning_modules.classification import CheckpointError, check_backbone_variant
+from datamodules.errors import CheckpointError
+from lightning_modules.classification import check_backbone_variant
 from lightning_modules.segmentation import SegmentationTask
 from lightning_modules.networks.checkpoints import read_base_checkpoint
 

@@ -17,11 +17,8 @@ from monai.losses import FocalLoss
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score
 
+from datamodules.errors import CheckpointError
 from lightning_modules.networks.unet import UNet, backbone_variant
-
-
-class CheckpointError(ValueError):
-    """A pretrained-weights checkpoint that cannot initialise this model; the message is one line."""
 
 
 def check_backbone_variant(path: str, found: dict, wanted: dict, alternative: str = "") -> None:

@@ -24,7 +24,7 @@ from datamodules import DataError
 
 from lightning_modules.networks.unet import UNet
 from lightning_modules.inference.cascade_2d import Predictor
-from lightning_modules.classification import CheckpointError
+from datamodules.errors import CheckpointError
 from lightning_modules.losses.segmentation import SEG_LOSSES, build_segmentation_loss
 from lightning_modules.segmentation import SegmentationTask
 

@@ -29,7 +29,8 @@ import torch
 
 from lightning_modules.networks.unet import backbone_variant
 from lightning_modules.inference.cascade_2d import CASCADE_DEFAULTS
-from lightning_modules.classification import CheckpointError, check_backbone_variant
+from datamodules.errors import CheckpointError
+from lightning_modules.classification import check_backbone_variant
 from lightning_modules.combined import CombinedLiverLesion
 from lightning_modules.losses.error_masks import error_mask
 from lightning_modules.losses.error_masks import foreground_probability as error_foreground_probability

@@ -27,7 +27,8 @@ from torch import nn
 from datamodules import DataError
 
 from lightning_modules.networks.unet import UNet, backbone_variant
-from lightning_modules.classification import CheckpointError, check_backbone_variant, focal_loss, slice_labels
+from datamodules.errors import CheckpointError
+from lightning_modules.classification import check_backbone_variant, focal_loss, slice_labels
 from lightning_modules.losses.error_masks import LOSSES, TN, TP, build_error_loss, error_mask
 from lightning_modules.losses.error_masks import foreground_probability as error_foreground_probability
 from lightning_modules.inference.cascade_evaluation import FIGURE_KEYS, PARTS, case_figures, error_counts

@@ -38,7 +38,8 @@ from lightning_modules.inference.cascade_2d import CASCADE_DEFAULTS, Predictor, 
 from lightning_modules.inference.cascade_3d import predict_volume_3d, window_probabilities
 from lightning_modules.inference.cascade_evaluation import FIGURE_KEYS, LiverNetwork, case_figures, predict_sample
 from lightning_modules.inference.cascade_evaluation import summarize_volumes as summarize_cascade
-from lightning_modules.classification import CheckpointError, check_backbone_variant
+from datamodules.errors import CheckpointError
+from lightning_modules.classification import check_backbone_variant
 from lightning_modules.reports.figures import overlay_figure, save_figure
 from lightning_modules.losses.segmentation import SEG_LOSSES, build_segmentation_loss
 from lightning_modules.metrics.slice_volume import COUNT_KEYS, split_slice_figures, summarize_slices

@@ -29,7 +29,7 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
-from datamodules.errors import DataError
+from datamodules.errors import SuiteError
 
 
 def configure_wandb_mode() -> None:
@@ -79,11 +79,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def _suite_error(error: BaseException | None) -> Exception | None:
     """The suite's own one-line error behind ``error``, if any: jsonargparse wraps errors raised while it instantiates the model."""
-    classification = sys.modules.get("lightning_modules.classification")  # loaded wherever a model was built
-    kinds = (DataError,) + ((classification.CheckpointError,) if classification is not None else ())
     seen = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, kinds):
+        if isinstance(error, SuiteError):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__

@@ -40,7 +40,7 @@ from datamodules.io.volume3d import interpolate_z, original_positions, resampled
 from lightning_modules.networks.unet import UNet
 from lightning_modules.inference.cascade_2d import CASCADE_DEFAULTS, predict_volume
 from lightning_modules.inference.cascade_3d import predict_volume_3d
-from lightning_modules.classification import CheckpointError
+from datamodules.errors import CheckpointError
 from lightning_modules.combined import CombinedLiverLesion
 from lightning_modules.combined_mask_mining import CombinedMaskMining
 from lightning_modules.networks.checkpoints import BaseArchitecture, foreground_probability, frozen_model, read_base_checkpoint

@@ -21,7 +21,7 @@ from datamodules.io.cache import read_box
 from datamodules.errors import DataError
 
 from lightning_modules.inference.cascade_2d import Predictor, predict_volume
-from lightning_modules.classification import CheckpointError
+from datamodules.errors import CheckpointError
 from lightning_modules.metrics.lits import CASE_KEYS, DETECTION_KEYS, evaluate_case, summarize_cases
 from lightning_modules.networks.checkpoints import foreground_probability, frozen_model, read_base_checkpoint
 

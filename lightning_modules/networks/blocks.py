@@ -14,6 +14,7 @@ from monai.networks.blocks.dynunet_block import UnetResBlock
 import torch
 import torch.nn.functional as F
 from torch import nn
+from datamodules.errors import ConfigError
 
 SPATIAL_DIMS = (2, 3)
 BLOCKS = ("plain", "residual", "dense")
@@ -119,10 +120,10 @@ def conv_block(spatial_dims: int, in_channels: int, out_channels: int, norm: str
 
 
 def check_variant(spatial_dims: int, block: str, norm: str) -> None:
-    """One-line ValueError for a spatial_dims, block or norm the backbone does not build."""
+    """One-line ConfigError for a spatial_dims, block or norm the backbone does not build."""
     if spatial_dims not in SPATIAL_DIMS:
-        raise ValueError(f"spatial_dims must be one of {SPATIAL_DIMS}, got {spatial_dims!r}")
+        raise ConfigError(f"spatial_dims must be one of {SPATIAL_DIMS}, got {spatial_dims!r}")
     if block not in BLOCKS:
-        raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
+        raise ConfigError(f"block must be one of {BLOCKS}, got {block!r}")
     if norm not in NORMS:
-        raise ValueError(f"norm must be one of {sorted(NORMS)}, got {norm!r}")
+        raise ConfigError(f"norm must be one of {sorted(NORMS)}, got {norm!r}")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lightning_modules.networks.unet import UNet, backbone_variant
-from lightning_modules.classification import CheckpointError
+from datamodules.errors import CheckpointError
 from lightning_modules.losses.error_masks import foreground_probability as error_foreground_probability
 
 

@@ -16,6 +16,7 @@ from jsonargparse import ArgumentParser
 
 import lightning_modules
 from lightning_modules import BaselineUNet, BaseTask, CMUNet, CombinedLiverLesion, CombinedMaskMining, EncoderPretraining, MaskMining, PretrainedUNet
+from datamodules.errors import ConfigError
 
 ROOT = Path(__file__).parents[2]
 TINY = dict(base_channels=4)
@@ -153,7 +154,7 @@ def test_mask_mining_records_the_base_architecture(tmp_path):
 
 
 def test_scheduler_is_checked():
-    with pytest.raises(ValueError, match="scheduler must be one of"):
+    with pytest.raises(ConfigError, match="scheduler must be one of"):
         BaselineUNet(scheduler="linear", **TINY)
 
 

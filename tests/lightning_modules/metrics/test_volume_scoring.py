@@ -14,7 +14,7 @@ import torch
 
 from lightning_modules import BaselineUNet
 from lightning_modules.metrics import volume_scoring
-from lightning_modules.classification import CheckpointError
+from datamodules.errors import CheckpointError
 from lightning_modules.metrics.slice_volume import summarize_slices
 from lightning_modules.metrics.slice_records import RECORD_KEYS, SliceRecords
 from lightning_modules.metrics.volume_records import gather_volume_rows, volume_share

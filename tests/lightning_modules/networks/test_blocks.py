@@ -13,6 +13,7 @@ from lightning_modules import BaselineUNet, CheckpointError, CMUNet, CombinedLiv
 from lightning_modules import EncoderPretraining, MaskMining, PretrainedUNet
 from lightning_modules.networks.unet import UNet
 from lightning_modules.networks.checkpoints import read_base_checkpoint
+from datamodules.errors import ConfigError
 
 TINY = dict(base_channels=4)
 SPATIAL = {2: (16, 32), 3: (16, 16, 32)}
@@ -198,7 +199,7 @@ def one_line(error) -> str:
 def test_unknown_variants_fail_in_one_line(arguments, message):
     for build in (lambda: BaselineUNet(**TINY, **arguments), lambda: EncoderPretraining(**TINY, **arguments),
                   lambda: UNet(**TINY, **arguments)):
-        with pytest.raises(ValueError, match=message) as error:
+        with pytest.raises(ConfigError, match=message) as error:
             build()
         one_line(error)
 
