@@ -46,8 +46,8 @@ DATA = {"image_size": 256, "hu_window": [-100.0, 600.0]}  # what `lits predict` 
 
 # Timed parts of `lits predict`, in pipeline order: (module, function, label of each call in turn).
 PREDICT_PARTS = [
-    (predict_module, "_open", ("NIfTI read + decode",)),
-    (predict_module, "_read", ("NIfTI read + decode",)),
+    (predict_module, "open_nifti", ("NIfTI read + decode",)),
+    (predict_module, "read_voxels", ("NIfTI read + decode",)),
     (predict_module, "window", ("window + resize input",)),  # once for the liver's input, once for the lesion network's fp16 copy
     (predict_module, "resize_image", ("window + resize input",)),
     (cascade_module, "slice_probabilities", ("liver network", "lesion network")),

@@ -39,21 +39,21 @@ class VolumeFiles:
     label: Path
 
 
-def _strip_nifti_suffix(name: str) -> str | None:
+def strip_nifti_suffix(name: str) -> str | None:
     for suffix in NIFTI_SUFFIXES:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return None
 
 
-def _natural_key(text: str) -> list:
+def natural_key(text: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def _nifti_files(folder: Path, recursive: bool) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in sorted(folder.rglob("*") if recursive else folder.iterdir()):
-        stem = _strip_nifti_suffix(path.name)
+        stem = strip_nifti_suffix(path.name)
         if stem is None or path.name.startswith("._") or not path.is_file():
             continue
         if stem in found:
@@ -69,7 +69,7 @@ def _pair_up(images: dict[str, Path], labels: dict[str, Path], image_word: str, 
     for volume_id, path in labels.items():
         if volume_id not in images:
             raise DataError(f"{path}: {label_word} has no {image_word}; add it or remove the mask from the data folder")
-    return [VolumeFiles(i, images[i], labels[i]) for i in sorted(images, key=_natural_key)]
+    return [VolumeFiles(i, images[i], labels[i]) for i in sorted(images, key=natural_key)]
 
 
 def discover(root: str | Path) -> list[VolumeFiles]:
@@ -93,7 +93,7 @@ def discover(root: str | Path) -> list[VolumeFiles]:
     return pairs
 
 
-def _open(path: Path) -> nib.Nifti1Image:
+def open_nifti(path: Path) -> nib.Nifti1Image:
     try:
         image = nib.load(path)
     except Exception as error:  # nibabel raises many types for corrupt headers
@@ -107,7 +107,7 @@ def _open(path: Path) -> nib.Nifti1Image:
 
 def check_pair(files: VolumeFiles) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
     """Header-level checks (cheap, nothing decompressed): both readable, same shape, same affine."""
-    image, label = _open(files.image), _open(files.label)
+    image, label = open_nifti(files.image), open_nifti(files.label)
     if image.shape != label.shape:
         raise DataError(
             f"{files.label}: mask shape {label.shape} differs from {files.image.name} shape {image.shape}; "
@@ -122,14 +122,14 @@ def check_pair(files: VolumeFiles) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
     return image, label
 
 
-def _read(image: nib.Nifti1Image, path: Path) -> np.ndarray:
+def read_voxels(image: nib.Nifti1Image, path: Path) -> np.ndarray:
     try:
         return np.asanyarray(image.dataobj)
     except (EOFError, OSError, ValueError, zlib.error) as error:
         raise DataError(f"{path}: truncated or corrupt data ({type(error).__name__}: {error}); re-download or re-export it") from None
 
 
-def _check_labels(labels: np.ndarray, path: Path) -> None:
+def check_labels(labels: np.ndarray, path: Path) -> None:
     # Range checks are single vectorised passes; np.unique (a sort) only runs to word the error.
     valid = labels.max() <= max(LABELS) and (labels.dtype.kind == "u" or labels.min() >= 0)
     if valid and labels.dtype.kind == "f":
@@ -149,8 +149,8 @@ def load_pair(files: VolumeFiles) -> tuple[np.ndarray, np.ndarray, tuple[float, 
     """
     image, label = check_pair(files)
     image, label = nib.as_closest_canonical(image), nib.as_closest_canonical(label)
-    hu = _read(image, files.image)
-    labels = _read(label, files.label)
-    _check_labels(labels, files.label)
+    hu = read_voxels(image, files.image)
+    labels = read_voxels(label, files.label)
+    check_labels(labels, files.label)
     spacing = tuple(float(s) for s in image.header.get_zooms()[:3])
     return hu, labels.astype(np.uint8, copy=False), spacing

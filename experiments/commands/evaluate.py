@@ -48,7 +48,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from datamodules import DataError
-from datamodules.io.nifti import _check_labels, _natural_key, _open, _read, _strip_nifti_suffix
+from datamodules.io.nifti import check_labels, natural_key, open_nifti, read_voxels, strip_nifti_suffix
 from lightning_modules.metrics.lits import CASE_KEYS, DETECTION_KEYS, evaluate_case, summarize_cases
 
 PRED_PREFIXES = ("test-segmentation-", "segmentation-")  # longest first: both end in "segmentation-"
@@ -72,7 +72,7 @@ def _nifti_under(folder: Path, recursive: bool, skip: Path | None = None) -> lis
     under ``skip`` (the prediction folder, when it lies inside the truth folder) left out."""
     found = []
     for path in sorted(folder.rglob("*") if recursive else folder.iterdir()):
-        stem = _strip_nifti_suffix(path.name)
+        stem = strip_nifti_suffix(path.name)
         if stem is None or path.name.startswith("._") or not path.is_file():
             continue
         if skip is not None and path.resolve().is_relative_to(skip):
@@ -125,7 +125,7 @@ def find_truth(folder: str | Path, skip: Path | None = None) -> dict[str, Path]:
 
 
 def _some(ids: list[str]) -> str:
-    ids = sorted(ids, key=_natural_key)
+    ids = sorted(ids, key=natural_key)
     return ", ".join(ids[:SHOW_IDS]) + (f" and {len(ids) - SHOW_IDS} more" if len(ids) > SHOW_IDS else "")
 
 
@@ -141,7 +141,7 @@ def match_cases(pred: dict[str, Path], truth: dict[str, Path], pred_dir: Path, t
             problems.append(f"{len(no_pred)} truth case(s) in {truth_dir} have no prediction in {pred_dir} (ids {_some(no_pred)})")
         remedy = "name predictions segmentation-<id>.nii[.gz] or <id>.nii[.gz] after their truth"
         raise DataError("; ".join(problems) + f"; {remedy}" + ("" if subset else ", or pass --subset to evaluate only the predicted cases"))
-    return [Case(i, pred[i], truth[i]) for i in sorted(pred, key=_natural_key)]
+    return [Case(i, pred[i], truth[i]) for i in sorted(pred, key=natural_key)]
 
 
 # -- reading label maps ----------------------------------------------------------------------------
@@ -163,9 +163,9 @@ def read_labels(path: Path) -> np.ndarray:
     The data are read before they are reoriented, so a truncated file is a DataError rather than a
     traceback from inside nibabel.
     """
-    image = _open(path)
-    labels = _read(image, path)
-    _check_labels(labels, path)
+    image = open_nifti(path)
+    labels = read_voxels(image, path)
+    check_labels(labels, path)
     ornt = nib.orientations.io_orientation(image.affine)
     return nib.orientations.apply_orientation(labels, ornt).astype(np.uint8, copy=False)
 
@@ -176,7 +176,7 @@ def check_cases(cases: list[Case]) -> tuple[dict[str, tuple[float, float, float]
     files place the grid differently in space (canonical affines differ)."""
     spacings, misplaced = {}, []
     for case in cases:
-        pred, truth = _open(case.pred), _open(case.truth)
+        pred, truth = open_nifti(case.pred), open_nifti(case.truth)
         pred_shape, _, pred_affine = _canonical_geometry(pred)
         truth_shape, truth_zooms, truth_affine = _canonical_geometry(truth)
         if pred_shape != truth_shape:

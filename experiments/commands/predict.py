@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from datamodules import DataError
 from datamodules.io.cache import PreprocessSettings, read_box, resize_image, to_display, window
-from datamodules.io.nifti import NIFTI_SUFFIXES, _open, _read
+from datamodules.io.nifti import NIFTI_SUFFIXES, open_nifti, read_voxels
 from datamodules.io.volume3d import interpolate_z, original_positions, resampled_positions
 from lightning_modules.networks.unet import UNet
 from lightning_modules.inference.cascade_2d import CASCADE_DEFAULTS, predict_volume
@@ -257,8 +257,8 @@ def predict_files(predictor: CascadePredictor, inputs: list[Path], output: Path,
     check_writable(output)
     written = []
     for path, name in tqdm(list(zip(inputs, names)), desc=f"Predicting into {output}", unit="volume"):
-        reference = _open(path)
-        result = predictor(to_display(to_canonical(_read(reference, path), reference.affine)), probabilities,
+        reference = open_nifti(path)
+        result = predictor(to_display(to_canonical(read_voxels(reference, path), reference.affine)), probabilities,
                            slice_spacing=canonical_slice_spacing(reference))
         save_atomically(to_input_grid(from_display(result["labels"]), reference.affine), reference, output / name)
         written.append(output / name)
