@@ -1,8 +1,8 @@
 """The ``lits`` command's training side: LightningCLI over the suite's modules and the LiTS DataModule.
 
-``lits fit|validate|test|preprocess`` (``LitsCLI``), ``lits synth``, ``lits predict`` and ``lits evaluate``
-run here; ``experiments/cli.py`` is the entry point, which imports this module (torch, Lightning,
-MONAI, W&B: ~6 s on a 2-core CPU) only for these commands.
+``lits fit|validate|test|preprocess`` (``LitsCLI``) and ``lits synth`` run here; ``experiments/commands/cli.py``
+is the entry point, which imports this module (torch, Lightning, MONAI, W&B: ~6 s on a 2-core CPU) only for
+these commands.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -20,8 +21,9 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 
 from datamodules import DataError, LiTSDataModule
-from experiments.commands.cli import configure_wandb_mode
+from datamodules.errors import ConfigError
 from experiments.commands.console import HistoryCSVLogger, quiet_library_noise, wandb_offline_hint
+from experiments.commands.wandb_mode import configure_wandb_mode
 from lightning_modules import BaseTask
 from lightning_modules.callbacks.random_state import RandomStateCheckpoint
 
@@ -114,7 +116,7 @@ class LitsCLI(LightningCLI):
         metric, mode = self.model.monitor
         every = self._get(self.config, "checkpoint_every_n_steps")
         if every is not None and every < 1:
-            raise DataError(f"--checkpoint_every_n_steps must be a whole number of training steps, 1 or more; got {every}")
+            raise ConfigError(f"--checkpoint_every_n_steps must be a whole number of training steps, 1 or more; got {every}")
         # With step checkpoints two callbacks write last.ckpt: neither may take the other's file for a stale one and
         # write last-v1.ckpt instead (Lightning's version counter)
         versions = every is None
@@ -157,17 +159,19 @@ class LitsCLI(LightningCLI):
         model = self.model.hparams
         expected_in = 2 * data.context_slices + 1
         if "in_channels" in model and model.in_channels != expected_in:
-            raise DataError(f"--model.init_args.in_channels={model.in_channels} but --data.context_slices={data.context_slices} gives {expected_in} input channels; make them agree")
+            raise ConfigError(f"--model.init_args.in_channels={model.in_channels} but --data.context_slices={data.context_slices} gives {expected_in} input channels; make them agree")
         model_dims, data_dims = model.get("spatial_dims", 2), data.get("spatial_dims", 2)
         if model_dims != data_dims:
-            raise DataError(f"--model.init_args.spatial_dims={model_dims} but --data.spatial_dims={data_dims}; "
-                            f"a {model_dims}D network needs {'volumes' if model_dims == 3 else 'slices'}: set both to the same value")
-        if data_dims == 3 and not getattr(self.model, "supports_3d", True):
-            raise DataError(f"--data.spatial_dims=3: {type(self.model).__name__} is 2D only for now (its slice-level design is the paper's); "
-                            "use --data.spatial_dims=2, or BaselineUNet, PretrainedUNet or MaskMining in 3D")
+            raise ConfigError(f"--model.init_args.spatial_dims={model_dims} but --data.spatial_dims={data_dims}; "
+                              f"a {model_dims}D network needs {'volumes' if model_dims == 3 else 'slices'}: set both to the same value")
+        if data_dims == 3 and not getattr(type(self.model), "supports_3d", True):  # the task class says whether it takes volumes
+            from lightning_modules import volumetric_tasks
+
+            raise ConfigError(f"--data.spatial_dims=3: {type(self.model).__name__} is 2D only for now (its slice-level design is the paper's); "
+                            f"use --data.spatial_dims=2, or in 3D one of {', '.join(volumetric_tasks())}")
         out_channels = getattr(self.model, "output_channels", None)
         if out_channels is not None and out_channels < self.datamodule.num_target_channels:
-            raise DataError(f"--model.init_args.out_channels={out_channels} is too few for --data.target={data.target}; set it to {self.datamodule.num_target_channels}")
+            raise ConfigError(f"--model.init_args.out_channels={out_channels} is too few for --data.target={data.target}; set it to {self.datamodule.num_target_channels}")
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # DDP workers find the cache ready
             self.datamodule.prepare_data()
 
@@ -220,18 +224,8 @@ def synth_main(argv: list[str]) -> None:
     print(f"wrote {len(paths)} phantom volumes with masks to {args.out}")
 
 
-def run_command(argv: list[str], from_command_line: bool) -> None:
-    """``lits fit|validate|test|preprocess|synth|predict|evaluate ...``; ``from_command_line``: ``argv`` is the
-    process's own ``sys.argv[1:]`` (LightningCLI then reads it itself)."""
-    if argv and argv[0] == "synth":
-        synth_main(argv[1:])
-        return
-    if argv and argv[0] in ("evaluate", "predict"):
-        from experiments.commands.evaluate import evaluate_main
-        from experiments.commands.predict import predict_main
-
-        {"evaluate": evaluate_main, "predict": predict_main}[argv[0]](argv[1:])
-        return
+def lits_cli_main(argv: list[str]) -> None:
+    """``lits fit|validate|test|preprocess ...``: ``argv`` is the whole command line after ``lits``, subcommand included."""
     configure_wandb_mode()
     quiet_library_noise()
-    LitsCLI(args=None if from_command_line else argv)
+    LitsCLI(args=None if argv == sys.argv[1:] else argv)  # None: LightningCLI reads the process's own command line

@@ -1,6 +1,8 @@
 """``lits predict MODEL --input PATH --output DIR``: label maps for new CT scans, written on each input's own grid.
 
-MODEL is a checkpoint of the suite or a ``lits run`` folder (its last stage's best checkpoint):
+MODEL is a checkpoint of the suite or a ``lits run`` folder (its last stage's best checkpoint). The task class the
+checkpoint records (``checkpoint["lits_suite"]["class_path"]``; older checkpoints: see ``base.checkpoint_class_path``)
+says how it predicts: its ``predictor`` (one network) or its ``cascade_predictor`` (a checkpoint holding both):
 
 * a liver network (any segmentation module trained on ``--data.target=liver``): labels 0/1;
 * a cascade's lesion network, whose checkpoint names its liver network (``liver_checkpoint``; override
@@ -34,16 +36,16 @@ import torch
 from tqdm.auto import tqdm
 
 from datamodules import DataError
-from datamodules.io.cache import PreprocessSettings, read_box, resize_image, to_display, window
+from datamodules.io.cache import read_box
 from datamodules.io.nifti import NIFTI_SUFFIXES, open_nifti, read_voxels
+from datamodules.io.preprocess import PreprocessSettings, resize_image, to_display, window
 from datamodules.io.volume3d import interpolate_z, original_positions, resampled_positions
-from lightning_modules.networks.unet import UNet
-from lightning_modules.inference.cascade_2d import CASCADE_DEFAULTS, predict_volume
-from lightning_modules.inference.cascade_3d import predict_volume_3d
+from datamodules.settings import data_setting
 from datamodules.errors import CheckpointError
-from lightning_modules.combined import CombinedLiverLesion
-from lightning_modules.combined_mask_mining import CombinedMaskMining
-from lightning_modules.networks.checkpoints import BaseArchitecture, foreground_probability, frozen_model, read_base_checkpoint
+from lightning_modules.base import checkpoint_task_class
+from lightning_modules.inference.cascade_2d import CASCADE_DEFAULTS, Predictor, predict_volume
+from lightning_modules.inference.cascade_3d import predict_volume_3d
+from lightning_modules.networks.checkpoints import BaseArchitecture, read_base_checkpoint
 
 
 @dataclass
@@ -51,25 +53,24 @@ class Network:
     """One trained network rebuilt from its checkpoint, with the data settings it was trained with."""
 
     path: str
-    model: UNet
+    task: type  # the task class that saved it (``checkpoint_task_class``): what it predicts and how
+    predictor: Predictor  # its foreground probability on the device (``task.predictor``)
     arch: BaseArchitecture
     hparams: dict
     image_size: int
     hu_window: tuple[float, float]
     data: dict  # the data module's hyperparameters it was trained with
 
-    def predictor(self):
-        return lambda image: foreground_probability(self.model, self.arch, image)
-
 
 def load_network(path: str, device: torch.device) -> Network:
-    arch, weights = read_base_checkpoint(path)
+    arch, _ = read_base_checkpoint(path)
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     hparams = dict(checkpoint["hyper_parameters"])
+    task = checkpoint_task_class(checkpoint, path)
     if arch.out_channels != 1:
         raise CheckpointError(f"{path} predicts {arch.out_channels} channels (data.target=both); lits predict takes a liver network or a cascade's lesion network")
-    return Network(path, frozen_model(arch, weights).to(device), arch, hparams,
+    return Network(path, task, task.predictor(path, device), arch, hparams,
                    int(data.get("image_size", 256)), tuple(float(v) for v in data.get("hu_window", (-100.0, 600.0))), data)
 
 
@@ -97,20 +98,16 @@ class CascadePredictor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         path = resolve_model(model)
         main = load_network(path, self.device)
-        self.combined = None
-        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-        if any(k.startswith("liver_model.") for k in state):
-            # a combined model: both networks in one checkpoint, the liver network at the liver resolution;
-            # mask-mined when its networks have error heads
-            combined = CombinedMaskMining if "liver_model.error_head.weight" in state else CombinedLiverLesion
-            self.combined = combined.load_from_checkpoint(path, map_location=self.device).eval()
+        # a checkpoint that holds the whole cascade (a combined model) predicts with it alone
+        self.cascade = main.task.cascade_predictor(path, self.device)
+        if self.cascade is not None:
             liver_checkpoint = None
         liver_path = liver_checkpoint or main.hparams.get("liver_checkpoint")
         if liver_path:
             if not Path(liver_path).is_file():
                 raise CheckpointError(f"{main.path} names its liver network {liver_path}, which does not exist; pass --liver_checkpoint=PATH")
             self.liver, self.lesion = load_network(liver_path, self.device), main
-        elif self.combined is not None:
+        elif self.cascade is not None:
             self.liver, self.lesion = main, main
         else:
             if main.arch.target == "lesion":
@@ -141,17 +138,16 @@ class CascadePredictor:
         def read_image(box):
             return read_box(full, [[0, n] for n in full.shape], box, np.float32)
 
-        if self.combined is not None:
+        if self.cascade is not None:
             sample = {"image": image, "full_shape": torch.tensor(hu_display.shape)}
-            liver, liver_channels, lesion, lesion_channels = self.combined.cascade_networks(sample)
+            liver, liver_channels, lesion, lesion_channels = self.cascade(sample)
         else:
-            liver, liver_channels = self.liver.predictor(), self.liver.arch.in_channels
-            lesion = self.lesion.predictor() if self.lesion else None
+            liver, liver_channels = self.liver.predictor, self.liver.arch.in_channels
+            lesion = self.lesion.predictor if self.lesion else None
             lesion_channels = self.lesion.arch.in_channels if self.lesion else 1
         return predict_volume(liver, lesion, image, read_image, hu_display.shape, liver_in_channels=liver_channels,
                               lesion_in_channels=lesion_channels, threshold=self.threshold, batch_size=self.batch_size,
                               probabilities=probabilities, **self.settings)
-
 
     def _predict_3d(self, hu_display: np.ndarray, slice_spacing: float, probabilities: bool) -> dict[str, np.ndarray]:
         """The 3D cascade on the volume preprocessed as the 3D cache is: windowed, resized in-plane to float16 (``image.npy``),
@@ -161,10 +157,10 @@ class CascadePredictor:
         target_spacing = float(data.get("slice_spacing_mm", 2.5))
         positions = resampled_positions(len(stack), slice_spacing, target_spacing)
         image = interpolate_z(torch.from_numpy(stack)[None], positions, "linear")[0].float().to(self.device)
-        lesion = self.lesion.predictor() if self.lesion else None
+        lesion = self.lesion.predictor if self.lesion else None
         hparams = self.main.hparams
-        return predict_volume_3d(self.liver.predictor(), lesion, image, original_positions(len(stack), slice_spacing, target_spacing),
-                                 hu_display.shape, data.get("crop_size_3d", (64, 128, 128)), float(hparams.get("sw_overlap", 0.25)),
+        return predict_volume_3d(self.liver.predictor, lesion, image, original_positions(len(stack), slice_spacing, target_spacing),
+                                 hu_display.shape, data_setting(data, "volume_3d.crop_size", (64, 128, 128)), float(hparams.get("sw_overlap", 0.25)),
                                  str(hparams.get("sw_mode", "gaussian")), threshold=self.threshold, probabilities=probabilities,
                                  **self.settings)
 

@@ -24,6 +24,7 @@ study's ``console.log`` per run; ``error_log`` its stderr apart), ``cwd`` sets i
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import multiprocessing.util
 import os
@@ -32,6 +33,12 @@ import sys
 import threading
 import traceback
 import warnings
+
+from experiments.commands.error_line import EXIT_CODE, print_error_line, suite_error
+
+# The module whose `main` a child runs (`lits ARGS`), named, not imported: that entry point dispatches to every
+# command, and `lits run`, `study` and `sweep` import this module.
+CLI_MODULE = "experiments.commands.cli"
 
 # Set in the fork server (it preloads this module first) and so in every child: a child started from
 # `python -m experiments.commands.cli` re-runs that module as multiprocessing's main, which runpy reports because
@@ -86,9 +93,7 @@ def _child(args: list[str], env: dict[str, str], program: str, log: str | None =
 
             torch.set_num_threads(int(threads))
         sys.argv = [program, *args]
-        from experiments.commands.cli import main
-
-        main(list(args))
+        importlib.import_module(CLI_MODULE).main(list(args))
         code = 0
     except SystemExit as stop:
         code = _exit_code(stop)
@@ -148,14 +153,12 @@ def _call(function, args: tuple, env: dict[str, str]) -> None:
     except SystemExit as stop:
         code = _exit_code(stop)
     except BaseException as error:  # noqa: BLE001 -- reported here, as `lits` would report it
-        from experiments.commands.cli import _suite_error
-
-        cause = _suite_error(error)
+        cause = suite_error(error)
         if cause is None:
             traceback.print_exc()
         else:
-            print(f"lits: error: {cause}", file=sys.stderr)
-            code = 2
+            print_error_line(cause)
+            code = EXIT_CODE
     finally:
         _leave(code)
 
@@ -175,7 +178,7 @@ def start_cli(args: list[str], env: dict[str, str], log: str | os.PathLike | Non
         output = open(log, "a") if log is not None else None
         errors = open(error_log, "a") if error_log is not None else (subprocess.STDOUT if output else None)
         try:
-            return subprocess.Popen([sys.executable, "-m", "experiments.commands.cli", *args], env=env, cwd=cwd, stdout=output,
+            return subprocess.Popen(cli_command(args), env=env, cwd=cwd, stdout=output,
                                     stderr=errors, start_new_session=new_session)
         finally:
             for handle in (output, errors):
@@ -186,6 +189,16 @@ def start_cli(args: list[str], env: dict[str, str], log: str | os.PathLike | Non
     process = context.Process(target=_child, args=(list(args), dict(env), program or sys.argv[0], log, cwd, new_session, error_log))
     process.start()
     return process
+
+
+def cli_command(args: list[str]) -> list[str]:
+    """``lits ARGS`` as a new interpreter's command line: this interpreter's suite, whatever ``lits`` is on PATH."""
+    return [sys.executable, "-m", CLI_MODULE, *args]
+
+
+def cli_arguments(command: list[str]) -> list[str] | None:
+    """``ARGS`` of a command line ``<any python> -m experiments.commands.cli ARGS``; None for any other."""
+    return list(command[3:]) if command[1:3] == ["-m", CLI_MODULE] else None
 
 
 def poll_cli(process) -> int | None:

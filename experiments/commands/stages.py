@@ -24,7 +24,7 @@ of its best checkpoint. A rerun skips finished stages (those with a ``metrics.js
 unfinished one from its ``last.ckpt``.
 
 Each stage runs as its own ``lits fit`` process, so DDP launches, crashes and memory stay per stage
-(forked from a fork server that has the suite imported: ``experiments/processes.py``).
+(forked from a fork server that has the suite imported: ``experiments/commands/processes.py``).
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ from pathlib import Path
 
 import yaml
 
-from datamodules import DataError
+from datamodules.errors import ConfigError
 from experiments.commands.processes import run_cli
+from experiments.commands.wandb_mode import configure_wandb_mode
 
 # Set by `wandb agent` for the one run it started; stage processes must not all claim that run.
 AGENT_ENV = ("WANDB_RUN_ID", "WANDB_SWEEP_ID", "WANDB_SWEEP_PARAM_PATH")
@@ -49,7 +50,7 @@ def normalise_overrides(argv: list[str]) -> list[str]:
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise DataError(f"unexpected argument {arg!r}; overrides look like --data.root=DIR")
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --data.root=DIR")
         if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
             arg, i = f"{arg}={argv[i + 1]}", i + 1
         result.append(arg)
@@ -66,35 +67,35 @@ def _resolve(path: str, experiment: Path) -> Path:
     for candidate in (Path(path), experiment.parent / path):
         if candidate.is_file():
             return candidate
-    raise DataError(f"{experiment}: config file {path} not found (relative to the current folder or the experiment file)")
+    raise ConfigError(f"{experiment}: config file {path} not found (relative to the current folder or the experiment file)")
 
 
 def load_experiment(path: str | Path) -> tuple[str, list[dict]]:
     """Read and check an experiment file: (name, stages) with config paths resolved."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"experiment file {path} not found; pass a YAML with a `stages:` list, e.g. experiments/pu_net.yaml")
+        raise ConfigError(f"experiment file {path} not found; pass a YAML with a `stages:` list, e.g. experiments/pu_net.yaml")
     spec = yaml.safe_load(path.read_text()) or {}
     if "stages" not in spec and "model" in spec:  # a plain `lits fit` config is a one-stage experiment
         spec = {"stages": [{"name": "fit", "config": str(path)}]}
     stages = spec.get("stages")
     if not isinstance(stages, list) or not stages:
-        raise DataError(f"{path}: no `stages:` list (nor a `model:` of a plain `lits fit` config)")
+        raise ConfigError(f"{path}: no `stages:` list (nor a `model:` of a plain `lits fit` config)")
     seen: list[str] = []
     for stage in stages:
         name = stage.get("name")
         if not name or name in seen:
-            raise DataError(f"{path}: every stage needs a unique `name:` (got {name!r})")
+            raise ConfigError(f"{path}: every stage needs a unique `name:` (got {name!r})")
         configs = stage.get("config") or []
         stage["config"] = [_resolve(c, path) for c in ([configs] if isinstance(configs, str) else configs)]
         weights = dict(stage.get("weights") or {})  # argument -> stage, or list of stages
         if stage.get("weights_from"):
             if not stage.get("weights_arg"):
-                raise DataError(f"{path}: stage {name} takes weights_from {stage['weights_from']!r} but has no weights_arg naming the argument that receives them")
+                raise ConfigError(f"{path}: stage {name} takes weights_from {stage['weights_from']!r} but has no weights_arg naming the argument that receives them")
             weights[stage["weights_arg"]] = stage["weights_from"]
         for argument, sources in weights.items():
             if any(s not in seen for s in ([sources] if isinstance(sources, str) else sources)):
-                raise DataError(f"{path}: stage {name} takes weights from {sources!r}, which must name earlier stages")
+                raise ConfigError(f"{path}: stage {name} takes weights from {sources!r}, which must name earlier stages")
         stage["weights"] = weights
         seen.append(name)
     return spec.get("name") or path.stem, stages
@@ -121,7 +122,7 @@ def given_checkpoints(overrides: list[str], stage_names: list[str]) -> dict[str,
         path = override_value(overrides, f"{name}_ckpt")
         if path is not None:
             if not Path(path).is_file():
-                raise DataError(f"--{name}_ckpt={path}: no such checkpoint file; pass the .ckpt of a finished run (e.g. its checkpoints/best.ckpt)")
+                raise ConfigError(f"--{name}_ckpt={path}: no such checkpoint file; pass the .ckpt of a finished run (e.g. its checkpoints/best.ckpt)")
             given[name] = path
     return given
 
@@ -157,7 +158,7 @@ def run_experiment(path: str | Path, argv: list[str], run_folder: Path | None = 
     names = [s["name"] for s in stages]
     given = given_checkpoints(overrides, names)
     if names[-1] in given:
-        raise DataError(f"--{names[-1]}_ckpt would skip the last stage, leaving nothing to run")
+        raise ConfigError(f"--{names[-1]}_ckpt would skip the last stage, leaving nothing to run")
     run_folder.mkdir(parents=True, exist_ok=True)
     for index, stage in enumerate(stages, 1):
         folder = run_folder / stage["name"]
@@ -200,4 +201,5 @@ def run_main(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return
+    configure_wandb_mode()
     run_experiment(argv[0], argv[1:])

@@ -1,21 +1,6 @@
 """``lits study STUDY.yaml [--key=value ...]``: every model of a study for N paired seeds, then a Table-1-style table.
 
-A study file::
-
-    name: cmunet_table1
-    baseline: U-Net                      # the model the others are tested against
-    seeds: [0, 1, 2]                     # or an integer N for seeds 0..N-1
-    models:                              # label -> experiment (a `lits fit` config or a `lits run` stages file)
-      U-Net: experiments/baseline_unet.yaml
-      PU-Net: experiments/pu_net.yaml
-      CMU-Net: experiments/cmunet.yaml
-    args: ["--trainer.max_epochs=100"]   # optional overrides for every run
-    inc: false                           # true for mask-mining experiments: see below
-    table: segmentation                  # or lits_liver_lesion (the mask-mining paper's Table 1): see below
-    rows: {U-Net: U-Net, ...}            # optional: which models are table rows, under which label
-    share_stages: false                  # true: stages several models have alike are trained once per seed
-    jobs: 1                              # runs at once (--jobs=K overrides; see experiments/study_jobs.py)
-    runs_per_device: 1                   # or: runs per GPU (the CPU: one device), so jobs = devices x N
+The study file (its format: ``experiments/commands/study_config.py``) names the models, the seeds and the table.
 
 Seeds are paired: seed ``s`` sets ``--seed_everything=s`` (the same initial weights for the layers
 models share, which the backbone builds in the same order) and ``--data.split_seed=s`` (the same
@@ -77,104 +62,40 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
-import yaml
-
-from datamodules import DataError
+# Light imports only: this process orchestrates (its runs are processes of their own). Torch, matplotlib and W&B are
+# imported inside the functions of the report, which runs in a child forked from a server that has them imported.
+from datamodules.errors import CheckpointError, ConfigError
 from experiments.commands.processes import call_forked, run_cli
 from experiments.commands.stages import AGENT_ENV, load_experiment, normalise_overrides, override_value, run_experiment, stage_overrides
+from experiments.commands.study_config import as_seed, load_study, model_overrides, run_folder, split_options
 from experiments.commands.study_jobs import run_parallel, runs_at_once
+from experiments.commands.study_sweep import results_from_wandb, run_as_sweep
 from experiments.commands.study_tables import TABLES, before_and_after, lesion_error_counts, summarize, with_lesion_counts, write_tables
-
-
-def load_study(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"study file {path} not found; pass a YAML with `models:` and `seeds:`, e.g. experiments/studies/quickstart.yaml")
-    spec = yaml.safe_load(path.read_text()) or {}
-    models = spec.get("models")
-    if not isinstance(models, dict) or not models:
-        raise DataError(f"{path}: no `models:` mapping of label -> experiment file")
-    for label, experiment in models.items():
-        found = [p for p in (Path(experiment), path.parent / experiment) if p.is_file()]
-        if not found:
-            raise DataError(f"{path}: model {label!r} names experiment file {experiment}, which does not exist")
-        models[label] = found[0]
-        load_experiment(found[0])  # a broken experiment fails now, not after hours of other models
-    baseline = spec.get("baseline", next(iter(models)))
-    if baseline not in models:
-        raise DataError(f"{path}: baseline {baseline!r} is not one of the models {list(models)}")
-    seeds = spec.get("seeds", 3)
-    seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
-    table = spec.get("table", "segmentation")
-    if table not in TABLES:
-        raise DataError(f"{path}: table {table!r} is not one of {', '.join(TABLES)}")
-    rows = spec.get("rows") or {label: label for label in models}
-    if not isinstance(rows, dict) or any(model not in models for model in rows.values()):
-        raise DataError(f"{path}: `rows:` maps a table row's label to one of the models {list(models)}; got {rows!r}")
-    if not spec.get("inc") and baseline not in rows.values():
-        raise DataError(f"{path}: the baseline {baseline!r} must be one of the table's rows {list(rows.values())}")
-    return {"name": spec.get("name") or path.stem, "models": models, "baseline": baseline, "seeds": seeds,
-            "args": list(spec.get("args", [])), "inc": bool(spec.get("inc", False)), "table": table, "rows": rows,
-            "share_stages": bool(spec.get("share_stages", False)), "jobs": spec.get("jobs"),
-            "runs_per_device": spec.get("runs_per_device")}
-
-
-def _slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
-
-
-STUDY_OPTIONS = ("model", "seed", "sweep", "from_sweep", "trial_dir", "jobs", "runs_per_device")
-
-
-def _split_options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
-    """The study's own options (--model, --seed, --sweep, --from_sweep, --trial_dir, --jobs, --runs_per_device) and the overrides for every run."""
-    options, rest = {}, []
-    for arg in normalise_overrides(argv):
-        key, _, value = arg[2:].partition("=")
-        if key in STUDY_OPTIONS:
-            options[key] = value
-        else:
-            rest.append(arg)
-    return options, rest
-
-
-def model_overrides(study: dict, label: str, overrides: list[str]) -> list[str]:
-    """The overrides one model's runs receive: all but those scoped to a stage that another model of the
-    study has and this model's experiment lacks (``--liver.trainer.max_epochs=2`` or ``--liver_ckpt=PATH``
-    for a model without a ``liver`` stage)."""
-    stages = {label: {s["name"] for s in load_experiment(path)[1]} for label, path in study["models"].items()}
-    foreign = set().union(*stages.values()) - stages[label]
-
-    def scoped_to_foreign(arg: str) -> bool:
-        key = arg[2:].split("=", 1)[0]
-        return ("." in key and key.split(".", 1)[0] in foreign) or (key.endswith("_ckpt") and key[: -len("_ckpt")] in foreign)
-
-    return [arg for arg in overrides if not scoped_to_foreign(arg)]
+from experiments.commands.wandb_mode import configure_wandb_mode
 
 
 def run_one(study: dict, folder: Path, label: str, seed: int, overrides: list[str]) -> dict:
     """One model at one seed (resumable); returns its final metrics (and, for a table with training-volume
     columns and a model that is one of its rows, the ``train/...`` figures of its training-volume evaluation)."""
     if label not in study["models"]:
-        raise DataError(f"unknown model {label!r}; the study has {list(study['models'])}")
+        raise ConfigError(f"unknown model {label!r}; the study has {list(study['models'])}")
     print(f"[lits study] {label}, seed {seed}", flush=True)
-    run_folder = folder / _slug(label) / f"seed_{seed}"
+    own_folder = run_folder(folder, label, seed)
     seeded = [f"--seed_everything={seed}", f"--data.split_seed={seed}"]
     shared = shared_stages(study, folder, label, seed, overrides) if study.get("share_stages") else {}
     for stage, (source, checkpoint) in shared.items():
         print(f"[lits study] {label}, seed {seed}: stage {stage} is {source}'s (same settings), not trained again", flush=True)
     given = [f"--{stage}_ckpt={checkpoint}" for stage, (_, checkpoint) in shared.items()]
-    run_experiment(study["models"][label], model_overrides(study, label, overrides) + seeded + given, run_folder=run_folder)
-    final = json.loads((run_folder / "metrics.json").read_text())
+    run_experiment(study["models"][label], model_overrides(study, label, overrides) + seeded + given, run_folder=own_folder)
+    final = json.loads((own_folder / "metrics.json").read_text())
     table = TABLES[study.get("table", "segmentation")]
     if table.evaluates_training_volumes and label in (study.get("rows") or {label: label}).values():  # table rows only
-        final |= evaluate_training_volumes(run_folder)
+        final |= evaluate_training_volumes(own_folder)
     if table.figure == "lesion_error_types":
-        final = with_lesion_counts(final, _final_stage(run_folder))
+        final = with_lesion_counts(final, final_stage(own_folder))
     return final
 
 
@@ -193,8 +114,7 @@ def shared_stages(study: dict, folder: Path, label: str, seed: int, overrides: l
     _, stages = load_experiment(study["models"][label])
     names = [s["name"] for s in stages]
     own = model_overrides(study, label, overrides)
-    run_folder = folder / _slug(label) / f"seed_{seed}"
-    if any((run_folder / s["name"] / "metrics.json").is_file() for s in stages[:-1]):
+    if any((run_folder(folder, label, seed) / s["name"] / "metrics.json").is_file() for s in stages[:-1]):
         return {}
     best: dict[str, tuple[str, str]] = {}
     for other in study["models"]:
@@ -205,7 +125,7 @@ def shared_stages(study: dict, folder: Path, label: str, seed: int, overrides: l
         theirs = model_overrides(study, other, overrides)
         common: dict[str, tuple[str, str]] = {}
         for mine, their in zip(stages[:-1], other_stages):
-            finished = folder / _slug(other) / f"seed_{seed}" / their["name"] / "metrics.json"
+            finished = run_folder(folder, other, seed) / their["name"] / "metrics.json"
             if _stage_settings(mine, own, names) != _stage_settings(their, theirs, other_names) or not finished.is_file():
                 break
             checkpoint = json.loads(finished.read_text()).get("best_checkpoint")
@@ -220,49 +140,37 @@ def shared_stages(study: dict, folder: Path, label: str, seed: int, overrides: l
 TRAIN_EVAL = "train_eval"  # the run folder's sub-folder of the training-volume evaluation
 
 
-def evaluate_training_volumes(run_folder: Path) -> dict[str, float]:
+def evaluate_training_volumes(run: Path) -> dict[str, float]:
     """The final stage's best checkpoint evaluated on the training volumes (``lits test --data.test_split=train``),
     once per run: its ``test/...`` figures as ``train/...``."""
-    target = run_folder / TRAIN_EVAL
+    target = run / TRAIN_EVAL
     if (target / "metrics.json").is_file():
-        print(f"[lits study] training-volume evaluation of {run_folder}: finished earlier, skipped")
+        print(f"[lits study] training-volume evaluation of {run}: finished earlier, skipped")
     else:
-        stage = _final_stage(run_folder)
+        stage = final_stage(run)
         best = json.loads((stage / "metrics.json").read_text()).get("best_checkpoint")
         if not best:
-            raise DataError(f"{stage}/metrics.json names no best checkpoint to evaluate on the training volumes")
+            raise CheckpointError(f"{stage}/metrics.json names no best checkpoint to evaluate on the training volumes")
         command = ["test", "--config", str(stage / "config.yaml"), f"--ckpt_path={best}",
                    "--data.test_split=train", f"--name={TRAIN_EVAL}", f"--run_dir={target}"]
-        print(f"[lits study] training-volume evaluation of {run_folder}", flush=True)
+        print(f"[lits study] training-volume evaluation of {run}", flush=True)
         code = run_cli(command, {k: v for k, v in os.environ.items() if k not in AGENT_ENV})
         if code:
-            print(f"lits: error: the training-volume evaluation of {run_folder} failed (exit {code}); fix it and rerun the study to resume", file=sys.stderr)
+            print(f"lits: error: the training-volume evaluation of {run} failed (exit {code}); fix it and rerun the study to resume", file=sys.stderr)
             sys.exit(code)
     figures = json.loads((target / "metrics.json").read_text())
     return {f"train/{k[len('test/'):]}": v for k, v in figures.items() if k.startswith("test/")}
 
 
-def sweep_config(path: str | Path, study: dict, overrides: list[str]) -> dict:
-    """A W&B grid sweep over model and seed whose every run is `lits study PATH --model=.. --seed=..`."""
-    return {
-        "name": study["name"],
-        "program": "lits",
-        "method": "grid",
-        "metric": {"name": TABLES[study.get("table", "segmentation")].sweep_metric, "goal": "maximize"},
-        "parameters": {"model": {"values": list(study["models"])}, "seed": {"values": study["seeds"]}},
-        "command": ["lits", "study", str(path), *overrides, "${args}"],
-    }
-
-
 def run_study(path: str | Path, argv: list[str]) -> Path:
     study = load_study(path)
-    options, argv_overrides = _split_options(argv)
+    options, argv_overrides = split_options(argv)
     overrides = normalise_overrides(study["args"]) + argv_overrides
     folder = Path(override_value(overrides, "trainer.default_root_dir") or "runs") / study["name"]
     if "model" in options or "seed" in options:
         if "model" not in options or "seed" not in options:
-            raise DataError("one run of a study needs both --model=LABEL and --seed=S")
-        final = run_one(study, folder, options["model"], _as_seed(options["seed"]), overrides)
+            raise ConfigError("one run of a study needs both --model=LABEL and --seed=S")
+        final = run_one(study, folder, options["model"], as_seed(options["seed"]), overrides)
         if options.get("trial_dir"):  # `lits sweep` reads each trial's figures from its own folder
             Path(options["trial_dir"]).mkdir(parents=True, exist_ok=True)
             (Path(options["trial_dir"]) / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
@@ -275,7 +183,7 @@ def run_study(path: str | Path, argv: list[str]) -> Path:
             return folder
     jobs = _runs_at_once(options, study)
     if jobs > 1:
-        results = run_parallel(path, study, folder, argv_overrides, jobs, _slug)
+        results = run_parallel(path, study, folder, argv_overrides, jobs)
     else:
         results = {label: {} for label in study["models"]}
         for seed in study["seeds"]:
@@ -290,49 +198,6 @@ def _runs_at_once(options: dict, study: dict) -> int:
     """Runs at once from the command line's --jobs / --runs_per_device if it has either, else from the study file's."""
     source = options if "jobs" in options or "runs_per_device" in options else study
     return runs_at_once(source.get("jobs"), source.get("runs_per_device"))
-
-
-def _as_seed(value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise DataError(f"--seed must be an integer, got {value!r}") from None
-
-
-def run_as_sweep(path: str | Path, study: dict, folder: Path, overrides: list[str]) -> bool:
-    """Write the grid sweep; online, register it and stop (True); offline, run it here (False: go on to the table)."""
-    from experiments.commands.sweep import run_sweep
-
-    folder.mkdir(parents=True, exist_ok=True)
-    config = sweep_config(path, study, overrides)
-    sweep_file = folder / "sweep.yaml"
-    sweep_file.write_text(yaml.safe_dump(config, sort_keys=False))
-    if os.environ.get("WANDB_MODE") not in ("offline", "disabled", "dryrun"):
-        import wandb
-
-        sweep_id = wandb.sweep(config, project=override_value(overrides, "wandb_project") or "lits-suite")
-        print(f"[lits study] sweep {sweep_id} registered ({sweep_file}). On each machine run:\n"
-              f"  wandb agent <entity>/<project>/{sweep_id}\nthen build the table with:\n"
-              f"  lits study {path} --from_sweep=<entity>/<project>/{sweep_id}")
-        return True
-    count = len(study["models"]) * len(study["seeds"])
-    run_sweep(sweep_file, [f"--count={count}", f"--trainer.default_root_dir={folder / 'sweep'}"])
-    return False
-
-
-def results_from_wandb(sweep_path: str, study: dict) -> dict[str, dict[int, dict]]:
-    """Each (model, seed)'s final figures from the summaries of a W&B sweep's finished runs."""
-    import wandb
-
-    results: dict[str, dict[int, dict]] = {label: {} for label in study["models"]}
-    for run in wandb.Api().sweep(sweep_path).runs:
-        label, seed = run.config.get("model"), run.config.get("seed")
-        if run.state == "finished" and label in results and seed is not None:
-            results[label][int(seed)] = dict(run.summary)
-    missing = [f"{label}/seed {s}" for label in results for s in study["seeds"] if s not in results[label]]
-    if missing:
-        raise DataError(f"sweep {sweep_path} has no finished run for {', '.join(missing)}; let its agents finish, then rerun")
-    return results
 
 
 def report(study: dict, folder: Path, results: dict[str, dict[int, dict]], overrides: list[str], figure: bool = True) -> Path:
@@ -351,7 +216,7 @@ def report(study: dict, folder: Path, results: dict[str, dict[int, dict]], overr
     figures = []
     if table_kind.figure == "qualitative" and figure:
         first_seed = study["seeds"][0]
-        finals = {label: _final_stage(folder / _slug(label) / f"seed_{first_seed}") for label in study["models"]}
+        finals = {label: final_stage(run_folder(folder, label, first_seed)) for label in study["models"]}
         figures.append(qualitative_figure(finals, folder / "qualitative.png"))
     if table_kind.figure == "lesion_error_types":
         counts = lesion_error_counts(results)
@@ -364,8 +229,9 @@ def report(study: dict, folder: Path, results: dict[str, dict[int, dict]], overr
     return folder
 
 
-def _final_stage(run_folder: Path) -> Path:
-    stages = json.loads((run_folder / "metrics.json").read_text())["stages"]
+def final_stage(run: Path) -> Path:
+    """The folder of a finished run's last stage."""
+    stages = json.loads((run / "metrics.json").read_text())["stages"]
     return Path(list(stages.values())[-1])
 
 
@@ -393,4 +259,5 @@ def study_main(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return
+    configure_wandb_mode()
     run_study(argv[0], argv[1:])

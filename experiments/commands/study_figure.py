@@ -15,6 +15,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from datamodules import LiTSDataModule  # noqa: E402
+from datamodules.settings import grouped_data_config  # noqa: E402
 from experiments.commands.study_tables import ERROR_TYPES  # noqa: E402
 
 
@@ -29,7 +30,7 @@ def qualitative_figure(model_folders: dict[str, Path], path: Path, slices_per_fi
     """``model_folders``: label -> the final stage folder of one seed's run of that model (same seed for all)."""
     models = {label: _load_model(folder) for label, folder in model_folders.items()}
     config = next(iter(models.values()))[1]
-    datamodule = LiTSDataModule(**{**config["data"], "num_workers": 0})
+    datamodule = LiTSDataModule(**{**grouped_data_config(config["data"]), "num_workers": 0})  # run folders of either layout
     datamodule.setup("test")
     dataset = datamodule.datasets["test"]
     # each test volume's slice with the most liver, so every row shows a different patient

@@ -33,8 +33,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from datamodules import DataError
-from experiments.commands.processes import poll_cli, run_cli, start_cli, wait_cli
+from datamodules.errors import ConfigError, SuiteError
+from experiments.commands.processes import cli_arguments, cli_command, poll_cli, run_cli, start_cli, wait_cli
+from experiments.commands.stages import load_experiment, normalise_overrides, stage_overrides
+from experiments.commands.study_config import load_study, model_overrides, run_folder, slug, split_options
 
 
 def threads(jobs: int) -> int:
@@ -60,13 +62,13 @@ def devices() -> list[str]:
 
 
 def whole_number(option: str, value, what: str) -> int:
-    """``value`` (text from the command line, or a YAML value) as an integer of at least 1; one-line DataError otherwise."""
+    """``value`` (text from the command line, or a YAML value) as an integer of at least 1; one-line ConfigError otherwise."""
     try:
         number = int(str(value).strip())  # through text: 2.5, true or null are refused, not rounded
     except ValueError:
         number = 0
     if number < 1:
-        raise DataError(f"--{option} must be a whole number of {what}, 1 or more; got {value!r}")
+        raise ConfigError(f"--{option} must be a whole number of {what}, 1 or more; got {value!r}")
     return number
 
 
@@ -122,8 +124,9 @@ class Launcher:
                     self._load[device] += 1
                 env["CUDA_VISIBLE_DEVICES"] = device
         log.parent.mkdir(parents=True, exist_ok=True)
-        if device is None and command[:3] == [sys.executable, "-m", "experiments.commands.cli"]:
-            return Started(start_cli(command[3:], env, log, new_session=own_session), device, log)
+        suite_args = cli_arguments(command) if command[0] == sys.executable else None
+        if device is None and suite_args is not None:
+            return Started(start_cli(suite_args, env, log, new_session=own_session), device, log)
         with open(log, "a") as handle:
             process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=own_session)
         return Started(process, device, log)
@@ -157,14 +160,14 @@ def failure(what: str, code: int, log: Path) -> str:
 def prepare_data(command: list[str], tag: str) -> None:
     """Before runs start side by side: ``lits preprocess`` (a forked child) with the data settings of ``command``'s first training.
 
-    ``command`` is a suite command line (``python -m experiments.commands.cli fit|run|study ...``): of a ``lits fit``
-    its own arguments, of a ``lits run`` its first stage's, of a ``lits study`` the first stage of the model
-    it runs (``--model``, else the study's first). The runs then find the data cache built instead of each
-    building it at once (the cache's builders clear each other's unfinished entries). Another command: nothing.
+    ``command`` is a suite command line (``python -m experiments.commands.cli fit|run|study ...``, see
+    ``processes.cli_command``): of a ``lits fit`` its own arguments, of a ``lits run`` its first stage's, of a
+    ``lits study`` the first stage of the model it runs (``--model``, else the study's first). The runs then find
+    the data cache built instead of each building it at once (the cache's builders clear each other's unfinished
+    entries). Another command: nothing.
     """
-    from experiments.commands.stages import load_experiment, normalise_overrides, stage_overrides
-
-    subcommand, rest = (command[3], command[4:]) if command[1:3] == ["-m", "experiments.commands.cli"] and len(command) > 4 else (None, [])
+    suite_args = cli_arguments(command) or []
+    subcommand, rest = (suite_args[0], suite_args[1:]) if len(suite_args) > 1 else (None, [])
     if subcommand == "fit":
         args = [a for a in rest if not a.startswith(("--run_dir=", "--ckpt_path="))]
     elif subcommand in ("run", "study"):
@@ -172,10 +175,8 @@ def prepare_data(command: list[str], tag: str) -> None:
             experiment = rest[0]
             every = normalise_overrides(rest[1:])
         else:
-            from experiments.commands.study import _split_options, load_study, model_overrides
-
             study = load_study(rest[0])
-            options, overrides = _split_options(rest[1:])
+            options, overrides = split_options(rest[1:])
             model = options.get("model") or next(iter(study["models"]))
             seed = options.get("seed") or study["seeds"][0]
             experiment = study["models"][model]
@@ -194,7 +195,7 @@ def prepare_data(command: list[str], tag: str) -> None:
         sys.exit(code)
 
 
-def run_parallel(path: str | Path, study: dict, folder: Path, overrides: list[str], jobs: int, slug) -> dict:
+def run_parallel(path: str | Path, study: dict, folder: Path, overrides: list[str], jobs: int) -> dict:
     """Every (model, seed) of ``study`` through ``jobs`` worker processes; ``{label: {seed: final metrics}}``.
 
     ``overrides`` are the command line's (the study file's own ``args`` are read again by each run).
@@ -203,21 +204,23 @@ def run_parallel(path: str | Path, study: dict, folder: Path, overrides: list[st
     results: dict = {label: {} for label in study["models"]}
     stop = threading.Event()
 
+    def trial(label: str, seed: int) -> Path:  # where the run's `lits study --model --seed` copies its figures
+        return folder / ".jobs" / f"{slug(label)}_seed_{seed}"
+
     def command(label: str, seed: int) -> list[str]:
-        trial = folder / ".jobs" / f"{slug(label)}_seed_{seed}"
-        return [sys.executable, "-m", "experiments.commands.cli", "study", str(path), *overrides,
-                f"--model={label}", f"--seed={seed}", f"--trial_dir={trial}"]
+        return cli_command(["study", str(path), *overrides, f"--model={label}", f"--seed={seed}", f"--trial_dir={trial(label, seed)}"])
 
     def run(label: str, seed: int) -> None:
-        log = folder / slug(label) / f"seed_{seed}" / "console.log"
+        log = run_folder(folder, label, seed) / "console.log"
         started = launcher.start(command(label, seed), log)
         # one write per line: runs start from several threads, and print writes the text and the newline apart
         print(f"[lits study] {label}, seed {seed}: started{started.where} (console: {log})\n", end="", flush=True)
         code = launcher.wait(started)
         if code != 0:
             stop.set()
-            raise DataError(failure(f"{label}, seed {seed}", code, log))
-        results[label][seed] = json.loads((folder / ".jobs" / f"{slug(label)}_seed_{seed}" / "metrics.json").read_text())
+            # the run printed its own error in its log; which kind it was, this process does not know
+            raise SuiteError(failure(f"{label}, seed {seed}", code, log))
+        results[label][seed] = json.loads((trial(label, seed) / "metrics.json").read_text())
         print(f"[lits study] {label}, seed {seed}: done\n", end="", flush=True)
 
     def chain(runs: list[tuple[str, int]]) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules import DataError
+from datamodules.errors import ConfigError
 
 ERROR_TYPES = ("fp", "fn", "tp")  # the lesion error types of Fig. 4, in the figure's order
 
@@ -116,7 +116,7 @@ def before_and_after(results: dict[str, dict[int, dict]], metrics: dict[str, str
     for label, runs in results.items():
         missing = [s for s, m in runs.items() if any(k in m and _before(k) not in m for k in metrics.values())]
         if missing:
-            raise DataError(f"model {label!r}: its runs (seed {missing[0]}) report no <split>/before/* figures (e.g. test/before/*); "
+            raise ConfigError(f"model {label!r}: its runs (seed {missing[0]}) report no <split>/before/* figures (e.g. test/before/*); "
                             "`inc: true` needs mask-mining experiments")
         expanded[label] = {s: {k: m[_before(k)] for k in metrics.values() if k in m} for s, m in runs.items()}
         expanded[f"{label} Inc."] = runs

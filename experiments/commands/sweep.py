@@ -3,14 +3,14 @@
 The YAML is W&B's own sweep format (``experiments/sweeps/*.yaml``); online, ``wandb sweep`` and
 ``wandb agent`` run it unchanged (and in parallel by starting more agents: one per GPU with
 ``CUDA_VISIBLE_DEVICES=i wandb agent ID``, or one per machine). Offline, this command asks W&B's
-open-source sweep engine (the ``sweeps`` package, the one the W&B server runs) for each next
+open-source sweep engine (the ``sweeps`` package, the one the W&B server runs; ``sweep_engine.py``) for each next
 configuration, so random, grid and bayes search behave as they do online, and runs the YAML's
 ``command`` with the same argument macros (``${args}``, ``${env}``, ...) as ``wandb agent``. While a
 trial runs, its validation history (``history.jsonl`` of its run folder) is fed to the engine's
 early-termination rule (e.g. hyperband); a trial the rule stops is terminated and recorded as stopped.
 
 ``--jobs K`` runs K trials at once, each in its own process, placed as ``lits study --jobs`` places its
-runs (``experiments/study_jobs.py``: ``cores // K`` threads each on a CPU, the least busy visible GPU
+runs (``experiments/commands/study_jobs.py``: ``cores // K`` threads each on a CPU, the least busy visible GPU
 each on GPUs; ``--runs_per_device N`` for K = devices x N). Each next configuration is proposed from the
 finished trials and the running ones, which the engine counts as in flight (a grid skips them, bayes
 search proposes around them, as the W&B server does for concurrent agents). Before the first trial
@@ -33,83 +33,21 @@ import json
 import math
 import os
 import signal
-import sys
 import time
-import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from datamodules import DataError
+from datamodules.errors import ConfigError
 from experiments.commands.stages import normalise_overrides, override_value
 from experiments.commands.study_jobs import Launcher, Started, prepare_data, runs_at_once, whole_number
+from experiments.commands.sweep_engine import engine, engine_run, load_sweep, metric_value, objective, trial_command
+from experiments.commands.wandb_mode import configure_wandb_mode
 
 POLL_SECONDS = 2.0
 # Data settings the preprocessing cache is built with: trials side by side share one cache, so they must agree on them
-CACHE_SETTINGS = ("data.root", "data.cache_dir", "data.image_size", "data.hu_window", "data.roi_margin_px",
-                  "data.roi_margin_slices", "data.phantom_")
-
-
-def _engine():
-    with warnings.catch_warnings():  # the engine's pydantic models emit v1->v2 migration noise on import
-        warnings.simplefilter("ignore")
-        import sweeps
-    return sweeps
-
-
-def load_sweep(path: str | Path) -> dict:
-    """Read a sweep YAML and check it with the sweep engine's own schema; one-line DataError otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"sweep file {path} not found; pass a W&B sweep YAML, e.g. experiments/sweeps/cmunet.yaml")
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise DataError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    if not isinstance(config, dict):
-        raise DataError(f"{path}: a sweep YAML is a mapping with method, metric, parameters and command")
-    violations = _engine().schema_violations_from_proposed_config(config)
-    if violations:
-        more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
-        raise DataError(f"{path}: the W&B sweep engine rejects it: {violations[0]}{more}")
-    if "metric" not in config or "name" not in config["metric"]:
-        raise DataError(f"{path}: no metric.name; say which logged figure to optimise, e.g. val/dice_volume")
-    command = [str(c) for c in config.get("command", [])]
-    if not any(c.startswith("${args") for c in command):
-        raise DataError(f"{path}: its command has no ${{args}} macro, so the trials would not receive the swept values")
-    return config
-
-
-def trial_command(config: dict, params: dict, overrides: list[str], trial_folder: Path) -> list[str]:
-    """The command ``wandb agent`` would run for these parameter values, pointed at ``trial_folder``."""
-    from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
-
-    macros = create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}})
-    macros |= {"env": [], "interpreter": [sys.executable], "program": [str(config.get("program", ""))]}
-    command: list[str] = []
-    for chunk in create_sweep_command(list(config["command"])):
-        chunk = str(chunk)
-        if chunk.startswith("${") and chunk.endswith("}"):
-            if chunk[2:-1] not in macros:
-                raise DataError(f"sweep command macro {chunk} is not supported offline; use ${{args}}")
-            if chunk.startswith("${args"):
-                command += overrides  # before the swept values, which therefore win
-            command += [str(c) for c in macros[chunk[2:-1]]]
-        else:
-            command.append(chunk)
-    if command[:1] == ["lits"]:  # this interpreter's suite, whatever `lits` is on PATH
-        command = [sys.executable, "-m", "experiments.commands.cli", *command[1:]]
-    subcommand = command[3] if command[1:3] == ["-m", "experiments.commands.cli"] and len(command) > 3 else None
-    if subcommand == "fit":
-        command.append(f"--run_dir={trial_folder}")
-        last = trial_folder / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            command.append(f"--ckpt_path={last}")
-    elif subcommand == "study":  # the run stays in the study's folder; a copy of its figures comes here
-        command.append(f"--trial_dir={trial_folder}")
-    else:  # lits run puts its folder under the root directory
-        command.append(f"--trainer.default_root_dir={trial_folder}")
-    return command
+CACHE_SETTINGS = ("data.root", "data.cache_dir", "data.image_size", "data.hu_window", "data.liver_roi.roi_margin_px",
+                  "data.liver_roi.roi_margin_slices", "data.phantom")
+SWEEP_OPTIONS = ("count", "jobs", "runs_per_device")
 
 
 def read_history(trial_folder: Path) -> list[dict]:
@@ -126,35 +64,11 @@ def read_result(trial_folder: Path) -> dict | None:
     return json.loads(found[0].read_text()) if found else None
 
 
-def _metric_value(trial: dict, metric: str, goal: str) -> float | None:
-    if trial.get("result") and metric in trial["result"]:
-        return float(trial["result"][metric])
-    values = [h[metric] for h in trial.get("history", []) if metric in h]
-    if not values:
-        return None
-    return max(values) if goal == "maximize" else min(values)
-
-
-def _engine_run(trial: dict, metric: str, goal: str):
-    """The trial as the engine's ``SweepRun``; a running trial is in flight: a grid skips it, bayes search proposes around it."""
-    sweeps = _engine()
-    value = _metric_value(trial, metric, goal)
-    states = {"running": sweeps.RunState.running, "finished": sweeps.RunState.finished,
-              "stopped": sweeps.RunState.killed, "failed": sweeps.RunState.failed}
-    return sweeps.SweepRun(
-        name=trial["name"],
-        config={k: {"value": v} for k, v in trial["params"].items()},
-        state=states[trial["state"]],
-        summary_metrics={metric: value} if value is not None else {},
-        history=[{metric: h[metric], "_step": i} for i, h in enumerate(trial.get("history", [])) if metric in h],
-    )
-
-
 def propose(config: dict, trials: list[dict], folder: Path) -> dict | None:
     """The engine's next trial from every trial so far (the running ones in flight), appended to ``trials`` and
     saved; None when the search space is exhausted."""
-    metric, goal = config["metric"]["name"], config["metric"].get("goal", "minimize")
-    proposal = _engine().next_run(config, [_engine_run(t, metric, goal) for t in trials])
+    metric, goal = objective(config)
+    proposal = engine().next_run(config, [engine_run(t, metric, goal) for t in trials])
     if proposal is None:
         return None
     name = f"trial_{len(trials):03d}"
@@ -170,8 +84,8 @@ def stop_early(config: dict, trials: list[dict], running: dict[str, Started], st
     watched = {t["name"] for t in trials if t["name"] in running and t["history"] and t["name"] not in stopped}
     if "early_terminate" not in config or not watched:
         return
-    metric, goal = config["metric"]["name"], config["metric"].get("goal", "minimize")
-    for run in _engine().stop_runs(config, [_engine_run(t, metric, goal) for t in trials]):
+    metric, goal = objective(config)
+    for run in engine().stop_runs(config, [engine_run(t, metric, goal) for t in trials]):
         if run.name in watched:
             validations = len(next(t for t in trials if t["name"] == run.name)["history"])
             print(f"[lits sweep] {run.name}: stopped early by {config['early_terminate']['type']} after {validations} validations", flush=True)
@@ -189,12 +103,14 @@ def finish(trial: dict, code: int, stopped: bool) -> None:
 
 
 def ranked(trials: list[dict], metric: str, goal: str) -> list[tuple[float, dict]]:
-    scored = [(v, t) for t in trials if (v := _metric_value(t, metric, goal)) is not None and math.isfinite(v)]
+    """The trials with a finite figure, best first."""
+    scored = [(v, t) for t in trials if (v := metric_value(t, metric, goal)) is not None and math.isfinite(v)]
     return sorted(scored, key=lambda x: -x[0] if goal == "maximize" else x[0])
 
 
 def write_results(folder: Path, trials: list[dict], config: dict) -> str:
-    metric, goal = config["metric"]["name"], config["metric"].get("goal", "minimize")
+    """``sweep.json`` (every trial) and ``results.md`` (the trials ranked) in the sweep's folder; the table."""
+    metric, goal = objective(config)
     (folder / "sweep.json").write_text(json.dumps({"config": config, "trials": trials}, indent=2) + "\n")
     names = sorted({k for t in trials for k in t["params"]})
     lines = [f"| rank | trial | state | {metric} | " + " | ".join(names) + " |", "|---" * (4 + len(names)) + "|"]
@@ -206,64 +122,107 @@ def write_results(folder: Path, trials: list[dict], config: dict) -> str:
     return table
 
 
+@dataclass
+class SweepTrials:
+    """The trials of one ``lits sweep``: started up to ``jobs`` at once, watched while they run, recorded as they end."""
+
+    config: dict
+    folder: Path
+    count: int  # the sweep's total number of trials
+    overrides: list[str]  # every trial's
+    launcher: Launcher
+    trials: list[dict]  # every trial so far, as sweep.json records them
+    running: dict[str, Started] = field(default_factory=dict)
+    stopped: set[str] = field(default_factory=set)  # stopped early by the engine's rule
+    exhausted: bool = False  # the engine has no more proposals
+    prepared: bool = False  # the data cache is built (or one trial at a time builds it itself)
+
+    def next_trial(self) -> dict | None:
+        """A trial interrupted by a kill, to resume; else the engine's next proposal; None when no more will start."""
+        trial = next((t for t in self.trials if t["state"] == "running" and t["name"] not in self.running), None)
+        if trial is not None:
+            print(f"[lits sweep] {trial['name']}: resuming")
+            return trial
+        if self.exhausted or len(self.trials) >= self.count:
+            return None
+        trial = propose(self.config, self.trials, self.folder)
+        if trial is None:
+            print("[lits sweep] the search space is exhausted")
+            self.exhausted = True
+        return trial
+
+    def start(self, trial: dict) -> None:
+        command = trial_command(self.config, trial["params"], self.overrides, Path(trial["folder"]))
+        if not self.prepared:  # side by side, the trials would each build the data cache at once
+            prepare_data(command, "lits sweep")
+            self.prepared = True
+        log = self.folder / f"{trial['name']}.log"
+        self.running[trial["name"]] = started = self.launcher.start(command, log, own_session=True)
+        shown = " ".join(f"{k}={v}" for k, v in trial["params"].items())
+        print(f"[lits sweep] {trial['name']} ({self.trials.index(trial) + 1}/{self.count}){started.where}: {shown} (console: {log})", flush=True)
+
+    def start_more(self) -> None:
+        """Start trials until ``jobs`` run or no more will start."""
+        while len(self.running) < self.launcher.jobs and (trial := self.next_trial()) is not None:
+            self.start(trial)
+
+    def watch(self) -> None:
+        """One look at the running trials: their histories read, early stops applied, the ended ones recorded."""
+        time.sleep(POLL_SECONDS)
+        for trial in self.trials:
+            if trial["name"] in self.running:
+                trial["history"] = read_history(Path(trial["folder"]))
+        stop_early(self.config, self.trials, self.running, self.stopped)
+        metric, goal = objective(self.config)
+        for trial in self.trials:
+            code = self.launcher.poll(self.running[trial["name"]]) if trial["name"] in self.running else None
+            if code is None:
+                continue
+            started = self.running.pop(trial["name"])
+            finish(trial, code, trial["name"] in self.stopped)
+            value = metric_value(trial, metric, goal)
+            failed = f" (console: {started.log})" if trial["state"] == "failed" else ""
+            print(f"[lits sweep] {trial['name']}: {trial['state']}, {metric} = {value if value is not None else 'n/a'}{failed}", flush=True)
+            write_results(self.folder, self.trials, self.config)
+
+    def terminate(self) -> None:
+        """End the running trials with the sweep: they resume from their last checkpoint on the next run."""
+        for started in self.running.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(started.process.pid, signal.SIGTERM)
+
+
 def run_sweep(path: str | Path, argv: list[str]) -> Path:
     """The sweep of ``path`` with the options (``--count``, ``--jobs``, ``--runs_per_device``) and overrides of ``argv``; its folder."""
     config = load_sweep(path)
-    count, jobs, overrides = _take_options(normalise_overrides(argv))
+    count, jobs, overrides = take_options(normalise_overrides(argv))
     if jobs > 1:
-        _check_side_by_side(config, path)
-    metric, goal = config["metric"]["name"], config["metric"].get("goal", "minimize")
+        check_side_by_side(config, path)
     folder = (Path(override_value(overrides, "trainer.default_root_dir") or "runs") / f"sweep_{Path(path).stem}").resolve()
     folder.mkdir(parents=True, exist_ok=True)
     state_file = folder / "sweep.json"
-    trials: list[dict] = json.loads(state_file.read_text())["trials"] if state_file.is_file() else []
-    forwarded = [a for a in overrides if not a.startswith("--trainer.default_root_dir=")]  # each trial has its own
-    launcher = Launcher(jobs)
-    running: dict[str, Started] = {}
-    stopped: set[str] = set()
-    exhausted, prepared = False, jobs == 1
+    trials = SweepTrials(
+        config, folder, count,
+        overrides=[a for a in overrides if not a.startswith("--trainer.default_root_dir=")],  # each trial has its own
+        launcher=Launcher(jobs),
+        trials=json.loads(state_file.read_text())["trials"] if state_file.is_file() else [],
+        prepared=jobs == 1,
+    )
     try:
-        while True:
-            while len(running) < jobs:
-                trial = next((t for t in trials if t["state"] == "running" and t["name"] not in running), None)  # interrupted by a kill
-                if trial is not None:
-                    print(f"[lits sweep] {trial['name']}: resuming")
-                elif exhausted or len(trials) >= count:
-                    break
-                elif (trial := propose(config, trials, folder)) is None:
-                    print("[lits sweep] the search space is exhausted")
-                    exhausted = True
-                    break
-                command = trial_command(config, trial["params"], forwarded, Path(trial["folder"]))
-                if not prepared:  # side by side, the trials would each build the data cache at once
-                    prepare_data(command, "lits sweep")
-                    prepared = True
-                log = folder / f"{trial['name']}.log"
-                running[trial["name"]] = started = launcher.start(command, log, own_session=True)
-                shown = " ".join(f"{k}={v}" for k, v in trial["params"].items())
-                print(f"[lits sweep] {trial['name']} ({trials.index(trial) + 1}/{count}){started.where}: {shown} (console: {log})", flush=True)
-            if not running:
-                break
-            time.sleep(POLL_SECONDS)
-            for trial in trials:
-                if trial["name"] in running:
-                    trial["history"] = read_history(Path(trial["folder"]))
-            stop_early(config, trials, running, stopped)
-            for trial in trials:
-                code = launcher.poll(running[trial["name"]]) if trial["name"] in running else None
-                if code is None:
-                    continue
-                started = running.pop(trial["name"])
-                finish(trial, code, trial["name"] in stopped)
-                value = _metric_value(trial, metric, goal)
-                failed = f" (console: {started.log})" if trial["state"] == "failed" else ""
-                print(f"[lits sweep] {trial['name']}: {trial['state']}, {metric} = {value if value is not None else 'n/a'}{failed}", flush=True)
-                write_results(folder, trials, config)
+        trials.start_more()
+        while trials.running:
+            trials.watch()
+            trials.start_more()
     except BaseException:
-        for started in running.values():  # killed with the sweep: they resume from their last checkpoint on the next run
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(started.process.pid, signal.SIGTERM)
+        trials.terminate()
         raise
+    print_summary(folder, trials.trials, config)
+    return folder
+
+
+def print_summary(folder: Path, trials: list[dict], config: dict) -> None:
+    """The ranked table and the best trial's settings."""
+    metric, goal = objective(config)
     table = write_results(folder, trials, config)
     best = ranked(trials, metric, goal)
     print(f"\n{table}")
@@ -272,13 +231,9 @@ def run_sweep(path: str | Path, argv: list[str]) -> Path:
         print(f"[lits sweep] best: {trial['name']} with {metric} = {value:.4f}; its settings:")
         print("  " + " ".join(f"--{k}={v}" for k, v in trial["params"].items()))
     print(f"[lits sweep] results in {folder}/results.md and sweep.json")
-    return folder
 
 
-SWEEP_OPTIONS = ("count", "jobs", "runs_per_device")
-
-
-def _take_options(overrides: list[str]) -> tuple[int, int, list[str]]:
+def take_options(overrides: list[str]) -> tuple[int, int, list[str]]:
     """The sweep's own options: (--count, default 10; trials at once from --jobs / --runs_per_device; the overrides for every trial)."""
     options, rest = {}, []
     for arg in overrides:
@@ -291,16 +246,17 @@ def _take_options(overrides: list[str]) -> tuple[int, int, list[str]]:
     return count, runs_at_once(options.get("jobs"), options.get("runs_per_device")), rest
 
 
-def _check_side_by_side(config: dict, path: str | Path) -> None:
+def check_side_by_side(config: dict, path: str | Path) -> None:
     """Trials side by side share the data cache built with the first one's settings: refuse a sweep that varies them."""
     for key in config["parameters"]:
         setting = key if key.startswith("data.") else key.partition(".")[2]  # a stage's own: <stage>.data.image_size
         if setting.startswith(CACHE_SETTINGS):
-            raise DataError(f"{path}: the sweep varies {key}, which the data cache is built with, so its trials cannot share one cache side by side; use --jobs=1")
+            raise ConfigError(f"{path}: the sweep varies {key}, which the data cache is built with, so its trials cannot share one cache side by side; use --jobs=1")
 
 
 def sweep_main(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return
+    configure_wandb_mode()
     run_sweep(argv[0], argv[1:])

@@ -13,6 +13,7 @@ import yaml
 from scipy import stats
 
 from datamodules import DataError, LiTSDataModule
+from datamodules.errors import ConfigError
 from datamodules.datasets.liver_region import LiverCropDataset, VolumeDataset
 from experiments.commands import study as study_module
 from experiments.commands.study import load_study, report
@@ -84,7 +85,7 @@ def test_table_columns_and_inc_statistics_match_scipy(tmp_path, monkeypatch):
 def test_inc_needs_the_before_figures_of_the_columns_it_has():
     runs = fake_runs()
     del runs[1]["train/before/lesion/dice"]
-    with pytest.raises(DataError, match=r"'2D': its runs \(seed 1\) report no <split>/before/\* figures"):
+    with pytest.raises(ConfigError, match=r"'2D': its runs \(seed 1\) report no <split>/before/\* figures"):
         study_module.before_and_after({"2D": runs}, LITS_LIVER_LESION)
 
 
@@ -128,7 +129,7 @@ def datamodule(root, tmp_path, **kwargs):
 
 def test_test_split_train_evaluates_the_training_volumes_whole(tiny_lits, tmp_path):
     default = datamodule(tiny_lits, tmp_path)
-    module = datamodule(tiny_lits, tmp_path, test_split="train", foreground_margin=0, augment=True)
+    module = datamodule(tiny_lits, tmp_path, test_split="train", foreground_margin=0, augmentation={"enabled": True})
     assert module.splits == default.splits  # the assignment of volumes is unchanged...
     tested = module.datasets["test"]
     assert sorted({s["volume"] for s in tested}) == sorted(module.splits["train"])  # ...the test loader gets the training volumes
@@ -138,7 +139,7 @@ def test_test_split_train_evaluates_the_training_volumes_whole(tiny_lits, tmp_pa
     assert batch["image"].shape[0] == 4
     assert {s["volume"] for s in datamodule(tiny_lits, tmp_path, test_split="val").datasets["test"]} == set(module.splits["val"])
     # liver_roi: whole volumes, as val and test are served
-    roi = datamodule(tiny_lits, tmp_path, test_split="train", sampling="liver_roi", crop_size=16, target="lesion")
+    roi = datamodule(tiny_lits, tmp_path, test_split="train", sampling="liver_roi", liver_roi={"crop_size": 16}, target="lesion")
     assert isinstance(roi.datasets["train"], LiverCropDataset) and isinstance(roi.datasets["test"], VolumeDataset)
     assert [s["volume"] for s in roi.test_dataloader()] == roi.splits["train"]
 
@@ -170,7 +171,7 @@ def write_mining_cascade(folder):
     liver["trainer"].update(limit_train_batches=2, num_sanity_val_steps=0)
     lesion = yaml.safe_load(yaml.safe_dump(liver))
     lesion["model"]["init_args"]["seg_loss"] = "pwce_over_dice"
-    lesion["data"].update(sampling="liver_roi", target="lesion", crop_size=32)
+    lesion["data"].update(sampling="liver_roi", target="lesion", liver_roi={"crop_size": 32})
     mine = yaml.safe_load(yaml.safe_dump(lesion))
     mine["model"] = {"class_path": "lightning_modules.MaskMining", "init_args": {"loss": "dice", "lr": 0.001}}
     for name, config in (("liver", liver), ("lesion", lesion), ("mine", mine)):

@@ -1,12 +1,18 @@
 """lits predict's file handling: which inputs it finds, how it names outputs, and the grid it writes on."""
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
+import pytorch_lightning as pl
+import torch
 
 from datamodules import DataError
-from datamodules.io.cache import to_display
-from experiments.commands.predict import find_inputs, from_display, output_name, to_canonical, to_input_grid
+from datamodules.io.preprocess import to_display
+from experiments.commands.predict import CascadePredictor, find_inputs, from_display, output_name, to_canonical, to_input_grid
+from lightning_modules import BaselineUNet, CombinedLiverLesion, SegmentationTask
+from lightning_modules.base import SUITE_KEY
 
 
 def touch(path):
@@ -55,3 +61,66 @@ def test_labels_go_back_onto_the_inputs_own_grid(ornt):
     display = to_display(to_canonical(data, stored.affine))
     assert np.array_equal(display, to_display(np.asarray(canonical.dataobj)))
     assert np.array_equal(to_input_grid(from_display(display), stored.affine), data)
+
+
+# -- which task a checkpoint holds ------------------------------------------------------------------
+class RecordingUNet(BaselineUNet):
+    """A task of its own, to see ``lits predict`` ask the checkpoint's class for its predictor."""
+
+    calls: list[str] = []
+
+    @classmethod
+    def predictor(cls, checkpoint, device):
+        cls.calls.append(checkpoint)
+        return super().predictor(checkpoint, device)
+
+
+def save_task(task, path, class_path: str | None = None, target: str = "liver") -> str:
+    """A checkpoint as a Trainer writes it (``on_save_checkpoint`` included), optionally naming another class."""
+    checkpoint = {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
+                  "datamodule_hyper_parameters": {"image_size": 32, "hu_window": [-100.0, 600.0], "target": target},
+                  "pytorch-lightning_version": pl.__version__}
+    task.on_save_checkpoint(checkpoint)
+    if class_path is not None:
+        checkpoint[SUITE_KEY]["class_path"] = class_path
+    torch.save(checkpoint, path)
+    return str(path)
+
+
+def without_record(path) -> str:
+    """The same checkpoint as one saved before checkpoints recorded their class."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    del checkpoint[SUITE_KEY]
+    old = Path(path).with_name("old-" + Path(path).name)
+    torch.save(checkpoint, old)
+    return str(old)
+
+
+HU = np.random.default_rng(0).uniform(-200, 700, (4, 32, 32)).astype(np.float32)
+
+
+def test_predict_takes_the_task_class_from_the_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    path = save_task(BaselineUNet(base_channels=4), tmp_path / "liver.ckpt", class_path=f"{__name__}.RecordingUNet")
+    RecordingUNet.calls.clear()
+    predictor = CascadePredictor(path, device="cpu")
+    assert predictor.main.task is RecordingUNet and RecordingUNet.calls == [path]
+    assert predictor.cascade is None and predictor.lesion is None
+    labels = predictor(HU)["labels"]
+    # an old checkpoint without the record: the class guessed as before, the same network, the same labels
+    old = CascadePredictor(without_record(path), device="cpu")
+    assert old.main.task is SegmentationTask and RecordingUNet.calls == [path]
+    assert labels.shape == HU.shape and np.array_equal(old(HU)["labels"], labels)
+
+
+def test_a_combined_checkpoint_predicts_with_its_own_cascade_with_or_without_the_record(tmp_path):
+    torch.manual_seed(0)
+    path = save_task(CombinedLiverLesion(base_channels=4), tmp_path / "combined.ckpt", target="both")
+    assert torch.load(path, weights_only=True)[SUITE_KEY]["class_path"] == "lightning_modules.CombinedLiverLesion"
+    results = []
+    for checkpoint in (path, without_record(path)):
+        predictor = CascadePredictor(checkpoint, device="cpu")
+        assert predictor.main.task is CombinedLiverLesion and predictor.cascade is not None
+        assert predictor.liver is predictor.main and predictor.lesion is predictor.main
+        results.append(predictor(HU)["labels"])
+    assert results[0].shape == HU.shape and np.array_equal(results[0], results[1])

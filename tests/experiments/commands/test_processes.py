@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from datamodules import DataError
+from datamodules.errors import ConfigError
 from experiments.commands import processes
 from experiments.commands.study import load_study
 
@@ -35,13 +35,13 @@ def test_a_forked_call_leaves_with_its_exit_code_and_a_one_line_error(tmp_path, 
     processes.call_forked(Path.write_text, tmp_path / "written", "by the child")
     assert (tmp_path / "written").read_text() == "by the child"
     with pytest.raises(SystemExit) as stop:
-        processes.call_forked(load_study, tmp_path / "missing.yaml")  # the suite's DataError: `lits: error: ...`
+        processes.call_forked(load_study, tmp_path / "missing.yaml")  # the suite's ConfigError: `lits: error: ...`
     assert stop.value.code == 2
     with pytest.raises(SystemExit) as stop:
         processes.call_forked(json.loads, "not JSON")  # any other error: its traceback
     assert stop.value.code == 1
     monkeypatch.setenv("LITS_FORK", "0")  # no fork server: called here, errors raised as they are
-    with pytest.raises(DataError, match="missing.yaml not found"):
+    with pytest.raises(ConfigError, match="missing.yaml not found"):
         processes.call_forked(load_study, tmp_path / "missing.yaml")
 
 

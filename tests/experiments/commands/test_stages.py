@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from datamodules import DataError
+from datamodules.errors import ConfigError
 from experiments.commands.stages import load_experiment, normalise_overrides
 from tests.synthetic import tiny_experiment
 from tests.lits_commands import lits as run_lits
@@ -69,7 +69,7 @@ def test_overrides_are_normalised():
 ])
 def test_bad_experiment_files(tmp_path, spec, message):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(spec))
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(ConfigError, match=message):
         load_experiment(tmp_path / "bad.yaml")
 
 
@@ -79,7 +79,7 @@ def test_stage_prefixed_overrides_reach_one_stage_and_given_checkpoints_replace_
     overrides = ["--data.root=d", "--first.model.init_args.lr=0.1", "--second.trainer.max_epochs=3", "--first_ckpt=x.ckpt"]
     assert stage_overrides(overrides, "first", ["first", "second"]) == ["--data.root=d", "--model.init_args.lr=0.1"]
     assert stage_overrides(overrides, "second", ["first", "second"]) == ["--data.root=d", "--trainer.max_epochs=3"]
-    with pytest.raises(DataError, match="--first_ckpt=x.ckpt: no such checkpoint file"):
+    with pytest.raises(ConfigError, match="--first_ckpt=x.ckpt: no such checkpoint file"):
         given_checkpoints(overrides, ["first", "second"])
     (tmp_path / "x.ckpt").write_bytes(b"0")
     assert given_checkpoints([f"--first_ckpt={tmp_path / 'x.ckpt'}"], ["first", "second"]) == {"first": str(tmp_path / "x.ckpt")}

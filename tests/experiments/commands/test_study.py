@@ -10,7 +10,7 @@ import pytest
 import yaml
 from scipy import stats
 
-from datamodules import DataError
+from datamodules.errors import ConfigError, DataError
 from experiments.commands.study import load_study
 from experiments.commands.study_tables import METRICS, markdown_table, summarize
 
@@ -53,9 +53,9 @@ def test_identical_models_have_undefined_p_values_not_errors():
 def test_bad_study_files(tmp_path, spec, message):
     (tmp_path / "exp.yaml").write_text("model: {}\n")
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec))
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(ConfigError, match=message):
         load_study(tmp_path / "study.yaml")
-    with pytest.raises(DataError, match="not found"):
+    with pytest.raises(ConfigError, match="not found"):
         load_study(tmp_path / "missing.yaml")
 
 
@@ -183,7 +183,7 @@ def test_missing_figures_read_n_a_and_a_chosen_table_is_used():
 def test_bad_table_options(tmp_path, spec, message):
     (tmp_path / "exp.yaml").write_text("model: {}\n")
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec))
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(ConfigError, match=message):
         load_study(tmp_path / "study.yaml")
 
 
@@ -201,7 +201,7 @@ def two_stage_study(tmp_path, share=True):
 
 
 def test_stage_scoped_overrides_reach_the_models_that_have_the_stage(tmp_path):
-    from experiments.commands.study import model_overrides
+    from experiments.commands.study_config import model_overrides
 
     study = two_stage_study(tmp_path)
     overrides = ["--data.root=x", "--mine.trainer.max_epochs=2", "--base_ckpt=b.ckpt", "--fit.trainer.max_epochs=3", "--model.lr=1"]
@@ -246,9 +246,9 @@ def test_shared_stages_take_an_earlier_model_s_finished_stage_with_the_same_sett
 def test_bad_jobs_is_a_one_line_error(value):
     from experiments.commands.study_jobs import runs_at_once
 
-    with pytest.raises(DataError, match="--jobs must be a whole number of runs at once"):
+    with pytest.raises(ConfigError, match="--jobs must be a whole number of runs at once"):
         runs_at_once(jobs=value)
-    with pytest.raises(DataError, match="--runs_per_device must be a whole number of runs per device"):
+    with pytest.raises(ConfigError, match="--runs_per_device must be a whole number of runs per device"):
         runs_at_once(runs_per_device=value)
     assert runs_at_once("3") == 3 and runs_at_once(1) == 1 and runs_at_once() == 1
 

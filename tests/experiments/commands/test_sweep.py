@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from datamodules import DataError
+from datamodules.errors import ConfigError
 from experiments.commands.stages import load_experiment, stage_overrides
-from experiments.commands.sweep import _engine, _engine_run, load_sweep, trial_command
+from experiments.commands.sweep_engine import engine, engine_run, load_sweep, trial_command
 from tests.synthetic import tiny_experiment
 from tests.lits_commands import lits as run_lits
 
@@ -31,7 +31,7 @@ def test_sweep_yaml_is_valid_for_the_engine_and_the_cli(path, tmp_path, monkeypa
     from experiments.commands.cli import LitsCLI
 
     config = load_sweep(path)
-    proposal = _engine().next_run(config, [])
+    proposal = engine().next_run(config, [])
     params = {k: v["value"] for k, v in proposal.config.items()}
     command = trial_command(config, params, [], tmp_path / "trial")
     assert command[:3] == [sys.executable, "-m", "experiments.commands.cli"]
@@ -70,7 +70,7 @@ def test_the_engine_rejects_bad_sweep_yamls(tmp_path, capsys, monkeypatch):
     }
     for name, (config, message) in cases.items():
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
-        with pytest.raises(DataError, match=message):
+        with pytest.raises(ConfigError, match=message):
             load_sweep(tmp_path / f"{name}.yaml")
     from experiments.commands.cli import main
 
@@ -88,10 +88,10 @@ def test_hyperband_stops_a_trailing_trial_from_its_history():
              "history": [{"val/dice_volume": 0.8 + 0.01 * i + 0.01 * e} for e in range(4)]} for i in range(4)]
     bad = {"name": "bad", "params": {"lr": 2}, "state": "running", "history": [{"val/dice_volume": 0.1}, {"val/dice_volume": 0.1}]}
     fine = {**bad, "name": "fine", "history": [{"val/dice_volume": 0.9}, {"val/dice_volume": 0.95}]}
-    finished = [_engine_run(t, "val/dice_volume", "maximize") for t in good]
-    stop = _engine().stop_runs(config, finished + [_engine_run(bad, "val/dice_volume", "maximize")])
+    finished = [engine_run(t, "val/dice_volume", "maximize") for t in good]
+    stop = engine().stop_runs(config, finished + [engine_run(bad, "val/dice_volume", "maximize")])
     assert [r.name for r in stop] == ["bad"]
-    assert not _engine().stop_runs(config, finished + [_engine_run(fine, "val/dice_volume", "maximize")])
+    assert not engine().stop_runs(config, finished + [engine_run(fine, "val/dice_volume", "maximize")])
 
 
 LRS = [0.001, 0.005]
@@ -187,4 +187,4 @@ def test_proposals_count_the_running_trials(tmp_path):
     assert proposed["params"] == {"a": 3} and proposed["name"] == "trial_002" and trials[-1] is proposed
     assert [t["name"] for t in json.loads((tmp_path / "sweep.json").read_text())["trials"]] == ["trial_000", "trial_001", "trial_002"]
     assert propose(config, trials, tmp_path) is None  # every grid point is finished or running
-    assert _engine_run(trials[1], "val/loss", "minimize").state == _engine().RunState.running
+    assert engine_run(trials[1], "val/loss", "minimize").state == engine().RunState.running
