@@ -18,16 +18,23 @@ primitive, saved once here by ``save_hyperparameters`` so that ``load_from_check
 model. An argument lives in the one class that introduces it; a subclass takes its own new arguments
 and passes the others to its parent through ``**kwargs`` (jsonargparse follows ``super().__init__(**kwargs)``
 to list them, and ``save_hyperparameters`` collects them from every ``__init__`` on the way).
+
+Every checkpoint says what it is: ``checkpoint["lits_suite"] = {"class_path": ..., "version": ...}`` (the task's
+class, as a YAML names it, and the suite's version), which ``checkpoint_task_class`` reads back (``lits predict``).
 """
 
 from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from typing import ClassVar
 
 import torch
 import pytorch_lightning as pl
 from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts, StepLR
 
 from lightning_modules.networks.unet import BLOCKS, SPATIAL_DIMS
-from datamodules.errors import ConfigError
+from datamodules.errors import CheckpointError, ConfigError
 
 SCHEDULERS = ("cosine_warm_restarts", "step", "none")
 _FUSED_ADAM_DEVICES = ("cpu", "cuda", "mps", "xpu")  # fused CPU kernel: torch >= 2.4
@@ -47,10 +54,9 @@ def losses_in_progress_bar(device: torch.device) -> bool:
 
 def adam(params, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
     """Adam with its fused kernel where every parameter is on a device that has one (CUDA, CPU, ...): the same
-    update in one kernel instead of several per parameter tensor. On one CPU core the U-Net's 1.9 M parameters
-    step in 2.0 ms instead of 9-11.5 ms with the per-tensor loop Adam runs on the CPU by default (5.4 ms
-    multi-tensor), ~8% of a 48x48 training step. The benchmarks' plain loops use it too, so that they compare
-    like with like."""
+    update in one kernel instead of several per parameter tensor, several times faster than the per-tensor loop
+    Adam runs on the CPU by default (docs/benchmarks.md). The benchmarks' plain loops use it too, so that they
+    compare like with like."""
     params = list(params)  # frozen ones too: an encoder frozen for the first epochs is unfrozen later
     fused = all(p.is_floating_point() and p.device.type in _FUSED_ADAM_DEVICES for p in params)
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
@@ -77,6 +83,8 @@ class BaseTask(pl.LightningModule):
 
     #: metric and mode that select the best checkpoint
     monitor: tuple[str, str] = ("val/loss", "min")
+    #: whether the task takes volumes (``spatial_dims: 3``); a 2D-only task says False and is refused in 3D in one line
+    supports_3d: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -156,6 +164,9 @@ class BaseTask(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_epoch_metrics("test")
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[SUITE_KEY] = {"class_path": task_class_path(type(self)), "version": suite_version()}
+
     # -- optimisation ------------------------------------------------------------------------------
     def configure_optimizers(self):
         h = self.hparams
@@ -171,3 +182,56 @@ class BaseTask(pl.LightningModule):
             period = max(1, h.restart_period * steps_per_epoch)
             scheduler = {"scheduler": CosineAnnealingWarmRestarts(optimizer, T_0=period, eta_min=h.min_lr), "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+# -- what a checkpoint holds -----------------------------------------------------------------------
+SUITE_KEY = "lits_suite"  # a checkpoint's record of the task class that saved it and the suite's version
+
+
+def suite_version() -> str:
+    """The installed lits-suite's version, ``unknown`` when it runs from a source tree that is not installed."""
+    try:
+        return importlib.metadata.version("lits-suite")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def task_class_path(cls: type) -> str:
+    """``lightning_modules.<Name>`` for a task the package exports (as the YAMLs and LightningCLI name it), else its module path."""
+    if getattr(importlib.import_module("lightning_modules"), cls.__name__, None) is cls:
+        return f"lightning_modules.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def checkpoint_class_path(checkpoint: dict) -> str:
+    """The class path of the task that saved ``checkpoint`` (a loaded Lightning checkpoint).
+
+    Its ``lits_suite`` record; else LightningCLI's ``hyper_parameters["_class_path"]``; else, for a checkpoint saved
+    before either existed, guessed from the weights: a combined model holds its liver network (``liver_model.*``,
+    with error heads once mask-mined), any other is a segmentation network that ``SegmentationTask`` rebuilds.
+    """
+    record = checkpoint.get(SUITE_KEY)
+    if isinstance(record, dict) and record.get("class_path"):
+        return str(record["class_path"])
+    hparams = checkpoint.get("hyper_parameters")
+    if isinstance(hparams, dict) and hparams.get("_class_path"):
+        return str(hparams["_class_path"])
+    state = checkpoint.get("state_dict") or {}
+    if "liver_model.error_head.weight" in state:
+        return "lightning_modules.CombinedMaskMining"
+    if any(key.startswith("liver_model.") for key in state):
+        return "lightning_modules.CombinedLiverLesion"
+    return "lightning_modules.SegmentationTask"
+
+
+def checkpoint_task_class(checkpoint: dict, path: str) -> type[BaseTask]:
+    """The task class that saved ``checkpoint`` (read from ``path``); one-line CheckpointError when it is not one of the suite's."""
+    class_path = checkpoint_class_path(checkpoint)
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name, None)
+    except (ImportError, ValueError):  # ValueError: no module part at all
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, BaseTask)):
+        raise CheckpointError(f"{path} was saved by {class_path!r}, which is not a task of this suite; pass a checkpoint of the suite's modules")
+    return cls

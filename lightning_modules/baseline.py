@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from datamodules.errors import CheckpointError
-from lightning_modules.classification import check_backbone_variant
+from lightning_modules.networks.checkpoints import check_backbone_variant, read_base_checkpoint
 from lightning_modules.segmentation import SegmentationTask
-from lightning_modules.networks.checkpoints import read_base_checkpoint
 
 
 class BaselineUNet(SegmentationTask):

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from lightning_modules.networks.unet import UNet
-from lightning_modules.classification import classification_metrics, compute_classification, focal_loss, load_encoder_weights
-from lightning_modules.classification import slice_labels, update_classification
+from lightning_modules.losses.focal import focal_loss, slice_labels
+from lightning_modules.metrics.classification import classification_metrics, compute_classification, update_classification
+from lightning_modules.networks.checkpoints import load_encoder_weights
 from lightning_modules.segmentation import STAGES, SegmentationTask
 
 
@@ -35,7 +36,7 @@ class CMUNet(SegmentationTask):
             classification head when it has one, initialise the model before joint training.
     """
 
-    supports_3d = False  # 2D only: refused in one line before any work (experiments/lightning_cli.py)
+    supports_3d = False  # 2D only: refused in one line before any work (experiments/commands/lightning_cli.py)
 
     def __init__(
         self,

@@ -11,7 +11,7 @@ around the liver (``--data.sampling=liver_roi --data.target=both``):
 
 Loss = ``liver_weight * liver_loss(liver) + lesion_weight * seg_loss(lesion)``; the lesion term's gradient
 reaches the liver network through its probability map, so both learn together. Evaluation is exactly the
-cascade's (``cascade.predict_volume``): this model's liver network on the resized slices of every volume,
+cascade's (``cascade_2d.predict_volume``): this model's liver network on the resized slices of every volume,
 then the two networks together on the predicted liver's region at full resolution.
 """
 
@@ -44,7 +44,7 @@ class CombinedLiverLesion(SegmentationTask):
         lesion_weight: weight of the lesion term of the loss.
     """
 
-    supports_3d = False  # 2D only: refused in one line before any work (experiments/lightning_cli.py)
+    supports_3d = False  # 2D only: refused in one line before any work (experiments/commands/lightning_cli.py)
 
     def __init__(self, liver_loss: str = "dice", liver_weight: float = 1.0, lesion_weight: float = 1.0, **kwargs) -> None:
         if liver_loss not in SEG_LOSSES:
@@ -116,6 +116,11 @@ class CombinedLiverLesion(SegmentationTask):
         if isinstance(batch, dict) and "volume_index" in batch and "roi_image" not in batch:
             self.liver_scale = self._scale_of(torch.as_tensor(batch["volume_index"]).reshape(-1).tolist())
         return batch
+
+    @classmethod
+    def cascade_predictor(cls, checkpoint: str, device: torch.device):
+        """Both networks are in the checkpoint: the model restored from it (at the liver resolution), its ``cascade_networks``."""
+        return cls.load_from_checkpoint(checkpoint, map_location=device).eval().cascade_networks
 
     def cascade_networks(self, sample: dict) -> tuple[Predictor, int, Predictor, int]:
         full_width = int(sample["full_shape"][2])

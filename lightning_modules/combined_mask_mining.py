@@ -5,7 +5,7 @@ The base is a trained ``CombinedLiverLesion`` checkpoint. Both of its networks g
 error channels (TN, FP, FN, TP) beside their segmentation heads, initialised as ``MaskMining`` does
 (``mask_mining.load_with_error_head``: TP = the segmentation head, TN its negation, FP and FN zero). The forward
 pass is the combined model's (``CombinedLiverLesion.forward``) with every probability read from the error
-channels (``error_masks.foreground_probability`` for ``loss``): the liver network sees the crop at the liver
+channels (``error_masks.error_head_probability`` for ``loss``): the liver network sees the crop at the liver
 resolution, its error logits are upsampled back to the crop and decoded, and that probability is the lesion
 network's extra input channel. Upsampled logits decoded are exactly the base's sigmoid of its upsampled logits,
 so before retraining both decoded masks are the base's.
@@ -30,12 +30,10 @@ import torch
 from lightning_modules.networks.unet import backbone_variant
 from lightning_modules.inference.cascade_2d import CASCADE_DEFAULTS
 from datamodules.errors import CheckpointError
-from lightning_modules.classification import check_backbone_variant
 from lightning_modules.combined import CombinedLiverLesion
-from lightning_modules.losses.error_masks import error_mask
-from lightning_modules.losses.error_masks import foreground_probability as error_foreground_probability
+from lightning_modules.losses.error_masks import error_head_probability, error_mask
 from lightning_modules.mask_mining import MaskMining, load_with_error_head
-from lightning_modules.networks.checkpoints import BaseArchitecture, read_base_checkpoint
+from lightning_modules.networks.checkpoints import BaseArchitecture, check_backbone_variant, read_base_checkpoint
 
 
 def read_combined_base(path: str, **settings) -> tuple[BaseArchitecture, CombinedLiverLesion]:
@@ -117,7 +115,7 @@ class CombinedMaskMining(MaskMining, CombinedLiverLesion):
     def foreground_probability(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """One channel per network present (liver, then lesion): the decoding of its four error channels."""
         loss = self.hparams.loss
-        return torch.cat([error_foreground_probability(errors, loss) for errors in outputs["errors"].split(4, dim=1)], dim=1)
+        return torch.cat([error_head_probability(errors, loss) for errors in outputs["errors"].split(4, dim=1)], dim=1)
 
     def compute_losses(self, outputs: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
         logits, errors, mask, h = outputs["errors"], batch["errors"], batch["mask"], self.hparams

@@ -12,7 +12,8 @@ from torch import nn
 
 from lightning_modules.networks.unet import UNet
 from lightning_modules.base import BaseTask
-from lightning_modules.classification import classification_metrics, compute_classification, focal_loss, slice_labels, update_classification
+from lightning_modules.losses.focal import focal_loss, slice_labels
+from lightning_modules.metrics.classification import classification_metrics, compute_classification, update_classification
 
 STAGES = ("val", "test")
 

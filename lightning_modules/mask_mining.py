@@ -25,20 +25,17 @@ import torch
 from torch import nn
 
 from datamodules import DataError
-
-from lightning_modules.networks.unet import UNet, backbone_variant
 from datamodules.errors import CheckpointError
-from lightning_modules.classification import check_backbone_variant, focal_loss, slice_labels
-from lightning_modules.losses.error_masks import LOSSES, TN, TP, build_error_loss, error_mask
-from lightning_modules.losses.error_masks import foreground_probability as error_foreground_probability
-from lightning_modules.inference.cascade_evaluation import FIGURE_KEYS, PARTS, case_figures, error_counts
-from lightning_modules.inference.cascade_evaluation import summarize_volumes as summarize_cascade
-from lightning_modules.reports.error_report import write_error_report
+from lightning_modules.inference.cascade_evaluation import FIGURE_KEYS, PARTS, case_figures, part_error_counts, summarize_cascade_volumes
+from lightning_modules.inference.evaluation_3d import record_volume_3d, window_volume
+from lightning_modules.losses.error_masks import LOSSES, TN, TP, build_error_loss, error_head_probability, error_mask
+from lightning_modules.losses.focal import focal_loss, slice_labels
 from lightning_modules.metrics.slice_records import SliceRecords
 from lightning_modules.metrics.volume_records import VolumeRecords
+from lightning_modules.networks.checkpoints import check_backbone_variant, frozen_model, read_base_checkpoint, rebuilt_model_probability
+from lightning_modules.networks.unet import UNet, backbone_variant
+from lightning_modules.reports.error_report import write_error_report
 from lightning_modules.segmentation import STAGES, SegmentationTask
-from lightning_modules.networks.checkpoints import foreground_probability as model_probability
-from lightning_modules.networks.checkpoints import frozen_model, read_base_checkpoint
 
 
 def load_with_error_head(model: UNet, weights: dict[str, torch.Tensor]) -> None:
@@ -178,9 +175,9 @@ class MaskMining(SegmentationTask):
             folds = torch.tensor([self.miner_for(v) for v in batch["volume_index"].tolist()], device=image.device)
             for fold in folds.unique().tolist():
                 chosen = folds == fold
-                probs[chosen] = model_probability(self._miners[fold].to(image.device), self.base_architecture, image[chosen]).float()
+                probs[chosen] = rebuilt_model_probability(self._miners[fold].to(image.device), self.base_architecture, image[chosen]).float()
         else:
-            probs = model_probability(base, self.base_architecture, image).float()
+            probs = rebuilt_model_probability(base, self.base_architecture, image).float()
         batch["errors"] = error_mask(probs >= self.hparams.threshold, batch["mask"] > 0.5)
         if not training:
             batch["base_probs"] = probs
@@ -196,7 +193,7 @@ class MaskMining(SegmentationTask):
 
     # -- losses and metrics ----------------------------------------------------------------------
     def foreground_probability(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return error_foreground_probability(outputs["errors"], self.hparams.loss)
+        return error_head_probability(outputs["errors"], self.hparams.loss)
 
     def compute_losses(self, outputs: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
         error = self.error_loss(outputs["errors"], batch["errors"], batch["mask"])
@@ -222,20 +219,20 @@ class MaskMining(SegmentationTask):
             self.before_volume_records[stage].update(index, case_figures(result["labels"], volume.label_full(), volume.spacing))
         elif batch["image"].ndim == 5:  # a whole 3D volume: the base's sliding window
             base, arch = self._base[0].to(batch["image"].device), self.base_architecture
-            probs = self.window_volume(lambda window: model_probability(base, arch, window), batch["image"])
-            self.record_volume_3d(self.before_records[stage], probs, batch)
+            probs = window_volume(self, lambda window: rebuilt_model_probability(base, arch, window), batch["image"])
+            record_volume_3d(self, self.before_records[stage], probs, batch)
 
     def predict_base_cascade(self, sample: dict) -> dict:
         """The cascade on one volume sample with the frozen base in this network's place (the figures before mining)."""
         base, arch = self._base[0].to(sample["image"].device), self.base_architecture
-        return self.predict_cascade(sample, lesion=lambda image: model_probability(base, arch, image))
+        return self.predict_cascade(sample, lesion=lambda image: rebuilt_model_probability(base, arch, image))
 
     def _summarize_before(self, stage: str) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
         per_volume = self.before_volume_records[stage].compute() if self.before_volume_records[stage].update_count else {}
         self.before_volume_records[stage].reset()
         if per_volume:  # a cascade: whole volumes, no slice records
             self.before_records[stage].reset()
-            return summarize_cascade(per_volume), per_volume
+            return summarize_cascade_volumes(per_volume), per_volume
         records = self.before_records[stage].compute()
         self.before_records[stage].reset()
         return self.summarize_records(records)
@@ -258,7 +255,7 @@ class MaskMining(SegmentationTask):
         figures |= {f"{stage}/before/{k}": v for k, v in before.items()}
         if self.evaluates_cascade and "liver/dice" in before:  # one report for the liver, one for lesions
             for part in PARTS:
-                self._write_error_report(f"{stage}_{part}", error_counts(per_volume_before, part), error_counts(after, part))
+                self._write_error_report(f"{stage}_{part}", part_error_counts(per_volume_before, part), part_error_counts(after, part))
         else:
             self._write_error_report(stage, per_volume_before, after)
         return figures

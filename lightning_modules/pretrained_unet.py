@@ -10,7 +10,7 @@ from __future__ import annotations
 from pytorch_lightning.strategies import DDPStrategy
 
 from lightning_modules.baseline import BaselineUNet
-from lightning_modules.classification import load_encoder_weights
+from lightning_modules.networks.checkpoints import load_encoder_weights
 
 
 class PretrainedUNet(BaselineUNet):

@@ -3,9 +3,8 @@
 On NVIDIA GPUs, cuDNN's convolutions in bf16/fp16 run on tensor cores in NHWC; with NCHW tensors every
 convolution pays a layout transpose. ``ChannelsLast`` converts the module's 4D weights once at fit,
 validation, test and predict start, and every 4D tensor of a batch (a dict's values) before its step.
-A 5D (3D) network is left as it is. Measure before use: on an H200 the paper's U-Net (instance norm,
-whose kernels prefer NCHW) trained 5-9% *slower* in channels-last at batch 64 in bf16 (README,
-"Benchmarks on a GPU"), so ``experiments/gpu.yaml`` leaves it out. Stack it with
+A 5D (3D) network is left as it is. Measure before use: the paper's U-Net (instance norm, whose kernels prefer
+NCHW) trains slower in channels-last on a GPU (docs/benchmarks.md), so ``experiments/gpu.yaml`` leaves it out. Stack it with
 ``--trainer.callbacks+=lightning_modules.callbacks.channels_last.ChannelsLast``.
 """
 

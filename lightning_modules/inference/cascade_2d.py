@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from lightning_modules.metrics.slice_volume import _reassemble, largest_connected_component
+from lightning_modules.metrics.slice_volume import largest_connected_component
+from lightning_modules.metrics.volume_scoring import reassemble_volume
 
 Box = list[list[int]]  # [[z0, z1], [y0, y1], [x0, x1]], half-open, display coordinates
 Predictor = Callable[[torch.Tensor], torch.Tensor]  # (B, K, H, W) image -> (B, C, H, W) probabilities
@@ -78,7 +79,7 @@ def liver_mask(probs: torch.Tensor, full_size: tuple[int, int], threshold: float
     (a 512x512x900 volume never exists as float32).
     """
     quantised = torch.round(probs.float().clamp(0, 1) * 255).to(torch.uint8).cpu()
-    parts = [_reassemble(quantised[z : z + chunk], full_size, threshold)[0].numpy() for z in range(0, len(quantised), chunk)]
+    parts = [reassemble_volume(quantised[z : z + chunk], full_size, threshold)[0].numpy() for z in range(0, len(quantised), chunk)]
     mask = np.concatenate(parts) if parts else np.zeros((0, *full_size), dtype=bool)
     return largest_connected_component(mask[None], (0,))[0]
 
@@ -136,7 +137,7 @@ def predict_volume(
     labels = liver.astype(np.uint8)
     result: dict[str, np.ndarray] = {}
     if probabilities:
-        result["liver_probability"] = _upsample(liver_probs, full_shape[1:])
+        result["liver_probability"] = upsample_probabilities(liver_probs, full_shape[1:])
         result["lesion_probability"] = np.zeros(full_shape, dtype=np.float32)
     box = mask_box(liver, region_margin, region_margin_slices) if lesion is not None else None
     if box is not None:
@@ -153,7 +154,7 @@ def predict_volume(
     return result
 
 
-def _upsample(probs: torch.Tensor, size: tuple[int, int], chunk: int = 32) -> np.ndarray:
+def upsample_probabilities(probs: torch.Tensor, size: tuple[int, int], chunk: int = 32) -> np.ndarray:
     parts = []
     for z in range(0, len(probs), chunk):
         part = probs[z : z + chunk].float().cpu()

@@ -7,7 +7,7 @@ goes through the cascade like this:
 1. **Liver.** MONAI's ``SlidingWindowInferer`` (windows of the training crop size, ``overlap``, Gaussian or
    constant blending) over the whole resampled volume gives liver probabilities on the resampled grid. They are
    mapped back onto the original slices (linear in z, ``volume3d.interpolate_z``), quantised, upsampled to the
-   original in-plane size, thresholded and reduced to their largest 3D component: ``cascade.liver_mask``, the 2D
+   original in-plane size, thresholded and reduced to their largest 3D component: ``cascade_2d.liver_mask``, the 2D
    cascade's own liver step, so a 3D and a 2D liver network are scored alike.
 2. **Region of interest.** The liver mask's bounding box, mapped onto the resampled grid and grown by
    ``region_margin`` voxels in-plane and ``region_margin_slices`` resampled slices, then widened (inside the
@@ -31,7 +31,7 @@ import torch
 
 from datamodules.io.volume3d import interpolate_z
 
-from lightning_modules.inference.cascade_2d import Box, _upsample, dilate_in_plane, liver_mask, mask_box
+from lightning_modules.inference.cascade_2d import Box, upsample_probabilities, dilate_in_plane, liver_mask, mask_box
 
 VolumePredictor = Callable[[torch.Tensor], torch.Tensor]  # (B, K, D, H, W) windows -> (B, 1, D, H, W) probabilities
 
@@ -100,7 +100,7 @@ def predict_volume_3d(
         full_shape: (Z, H, W) of the original volume.
         roi_size: the sliding window (D, H, W): the networks' training crop size.
     Returns:
-        As ``cascade.predict_volume``: ``labels`` uint8 (Z, H, W) in {0, 1, 2}; ``roi_box`` int64 (3, 2), the lesion
+        As ``cascade_2d.predict_volume``: ``labels`` uint8 (Z, H, W) in {0, 1, 2}; ``roi_box`` int64 (3, 2), the lesion
         network's region in original coordinates (its slices and pixels), zeros when no liver was found; with
         ``probabilities``, float32 ``liver_probability`` and ``lesion_probability`` (Z, H, W).
     """
@@ -112,7 +112,7 @@ def predict_volume_3d(
     labels = liver_found.astype(np.uint8)
     result: dict[str, np.ndarray] = {}
     if probabilities:
-        result["liver_probability"] = _upsample(liver_probs, full_shape[1:])
+        result["liver_probability"] = upsample_probabilities(liver_probs, full_shape[1:])
         result["lesion_probability"] = np.zeros(full_shape, dtype=np.float32)
     box = mask_box(liver_found, 0, 0) if lesion is not None else None
     original_box = None
@@ -123,7 +123,7 @@ def predict_volume_3d(
         lesion_resampled[window] = window_probabilities(lesion, image[window].contiguous(), roi_size, overlap, mode)
         original_box = _original_box(region, positions, full_shape, shape)
         slab = slice(*original_box[0])  # the original slices the region reaches: lesion probabilities are 0 elsewhere
-        lesion_probs = _upsample(to_original(lesion_resampled, positions[slab]), full_shape[1:])
+        lesion_probs = upsample_probabilities(to_original(lesion_resampled, positions[slab]), full_shape[1:])
         found = (lesion_probs >= threshold) & dilate_in_plane(liver_found[slab], lesion_dilation)
         labels[slab][found] = 2
         if probabilities:

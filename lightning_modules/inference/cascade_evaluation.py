@@ -2,28 +2,32 @@
 
 With ``liver_checkpoint`` set and the data in ``sampling: liver_roi`` mode, validation and test
 samples are whole volumes (``datamodules.datasets.liver_region.VolumeDataset``). Each volume goes through the
-cascade (``cascade.predict_volume``: the frozen liver network, then this network at full resolution in
-the predicted liver's region) and is scored with the LiTS metrics (``lits_metrics.evaluate_case``) on
+cascade (``cascade_2d.predict_volume``: the frozen liver network, then this network at full resolution in
+the predicted liver's region) and is scored with the LiTS metrics (``metrics.lits.evaluate_case``) on
 the rank that evaluated it. One row of figures per volume is gathered over ranks (``VolumeRecords``),
 so the epoch's figures are those of one process whatever the number of devices.
 
 Logged as ``{stage}/liver/<name>`` and ``{stage}/lesion/<name>``: the per-case means (``dice``, ``voe``,
 ``rvd``, ``assd_mm``, ``mssd_mm``, ``hd95_mm``), ``dice_global``, and for lesions the pooled detection
 figures (``lesion_recall``, ``lesion_precision``, lesion counts).
+
+A 3D lesion network's samples are whole resampled volumes (batches of one): ``predict_sample_3d`` runs the 3D cascade
+(``cascade_3d.predict_volume_3d``) on them, scored the same way.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from datamodules.errors import CheckpointError, DataError
 from datamodules.io.cache import read_box
-from datamodules.errors import DataError
-
-from lightning_modules.inference.cascade_2d import Predictor, predict_volume
-from datamodules.errors import CheckpointError
+from datamodules.io.volume3d import original_positions
+from lightning_modules.inference.cascade_2d import Predictor, liver_mask, mask_box, predict_volume, slice_probabilities
+from lightning_modules.inference.cascade_3d import predict_volume_3d
 from lightning_modules.metrics.lits import CASE_KEYS, DETECTION_KEYS, evaluate_case, summarize_cases
-from lightning_modules.networks.checkpoints import foreground_probability, frozen_model, read_base_checkpoint
+from lightning_modules.networks.checkpoints import frozen_model, read_base_checkpoint, rebuilt_model_probability
 
 PARTS = ("liver", "lesion")
 FIGURE_KEYS = [f"liver/{k}" for k in CASE_KEYS] + [f"lesion/{k}" for k in CASE_KEYS + DETECTION_KEYS]
@@ -56,7 +60,20 @@ class LiverNetwork:
 
     def predictor(self, device: torch.device) -> Predictor:
         model = self.model.to(device)
-        return lambda image: foreground_probability(model, self.arch, image)
+        return lambda image: rebuilt_model_probability(model, self.arch, image)
+
+    @torch.no_grad()
+    def training_liver_boxes(self, datamodule, device: torch.device, threshold: float, show_progress: bool) -> dict[int, list | None]:
+        """This network's liver (largest component) box in each training volume of ``datamodule``, predicted on ``device``."""
+        predict = self.predictor(device)
+        boxes = {}
+        for index in tqdm(datamodule.datasets["train"].volume_indices, desc="Predicting the liver of the training volumes",
+                          unit="vol", disable=not show_progress):
+            volume = datamodule.volumes[index]
+            image = torch.from_numpy(np.asarray(volume.image, dtype=np.float32)).to(device)
+            probs = slice_probabilities(predict, image, self.arch.in_channels)
+            boxes[index] = mask_box(liver_mask(probs, tuple(volume.full_shape[1:]), threshold), 0, 0)
+        return boxes
 
 
 def _plain(value):
@@ -68,12 +85,21 @@ def _plain(value):
 
 def predict_sample(liver: Predictor, liver_in_channels: int, lesion: Predictor, lesion_in_channels: int, sample: dict,
                    **settings) -> dict[str, np.ndarray]:
-    """``cascade.predict_volume`` on one ``VolumeDataset`` sample (already on the device); ``settings`` are its region
+    """``cascade_2d.predict_volume`` on one ``VolumeDataset`` sample (already on the device); ``settings`` are its region
     and threshold arguments."""
     roi, roi_box = sample["roi_image"].cpu().numpy(), sample["roi_box"].tolist()
     return predict_volume(liver, lesion, sample["image"], lambda box: read_box(roi, roi_box, box, np.float32),
                           sample["full_shape"].tolist(), liver_in_channels=liver_in_channels,
                           lesion_in_channels=lesion_in_channels, **settings)
+
+
+def predict_sample_3d(liver: Predictor, lesion: Predictor, sample: dict, volume, data, overlap: float, mode: str,
+                      **settings) -> dict[str, np.ndarray]:
+    """``cascade_3d.predict_volume_3d`` on one whole resampled volume (a batch of one, on the device) of the cached
+    ``volume``; ``data``: the data module's hyperparameters; ``overlap`` and ``mode``: the sliding window's."""
+    positions = original_positions(volume.num_slices, volume.spacing[0], data.slice_spacing_mm)
+    return predict_volume_3d(liver, lesion, sample["image"][0, 0], positions, volume.full_shape, data.volume_3d["crop_size"],
+                             overlap, mode, **settings)
 
 
 def case_figures(labels: np.ndarray, truth: np.ndarray, spacing) -> dict[str, float]:
@@ -82,7 +108,7 @@ def case_figures(labels: np.ndarray, truth: np.ndarray, spacing) -> dict[str, fl
     return {f"{part}/{key}": float(value) for part in PARTS for key, value in figures[part].items()}
 
 
-def summarize_volumes(per_volume: dict[int, dict[str, float]]) -> dict[str, float]:
+def summarize_cascade_volumes(per_volume: dict[int, dict[str, float]]) -> dict[str, float]:
     """Epoch figures of the rows of ``case_figures``: ``summarize_cases`` for the liver and for lesions."""
     figures = {}
     for part in PARTS:
@@ -91,7 +117,7 @@ def summarize_volumes(per_volume: dict[int, dict[str, float]]) -> dict[str, floa
     return figures
 
 
-def error_counts(per_volume: dict[int, dict[str, float]], part: str) -> dict[int, dict[str, float]]:
+def part_error_counts(per_volume: dict[int, dict[str, float]], part: str) -> dict[int, dict[str, float]]:
     """Per volume, one part's (``liver`` or ``lesion``) TP / FP / FN voxels and Dice, as mask mining's error report reads them."""
     counts = {}
     for volume, row in per_volume.items():

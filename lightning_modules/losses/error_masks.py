@@ -19,7 +19,7 @@ logits of shape (B, 4, H, W), trained with one of two losses (``LOSSES``):
   independent sigmoid: MONAI ``DiceLoss(sigmoid=True, batch=True)``. The binary mask is the TP channel's
   ``sigmoid >= threshold`` (:func:`decode_tp_channel`).
 
-:func:`foreground_probability` gives a per-pixel score in [0, 1] whose ``>= 0.5`` is exactly the decoded
+:func:`error_head_probability` gives a per-pixel score in [0, 1] whose ``>= 0.5`` is exactly the decoded
 mask of either loss, so the suite's probability-based metrics apply unchanged.
 """
 
@@ -65,11 +65,11 @@ def decode_argmax(logits: torch.Tensor) -> torch.Tensor:
 def decode_tp_channel(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """(B, 4, *spatial) logits -> (B, 1, *spatial) bool foreground = ``sigmoid(logits[:, TP]) >= threshold``."""
     # sigmoid rather than `logit >= 0`: float32 sigmoid of a tiny negative logit rounds to 0.5, and the
-    # decoding must agree bit for bit with foreground_probability.
+    # decoding must agree bit for bit with error_head_probability.
     return torch.sigmoid(logits[:, TP : TP + 1]) >= threshold
 
 
-def foreground_probability(logits: torch.Tensor, loss: str) -> torch.Tensor:
+def error_head_probability(logits: torch.Tensor, loss: str) -> torch.Tensor:
     """(B, 4, *spatial) logits -> (B, 1, *spatial) score in [0, 1] with ``score >= 0.5`` == the decoded mask.
 
     "dice": ``sigmoid(logits[:, TP])``, the TP channel's probability of ground-truth foreground.
@@ -156,7 +156,7 @@ class MulticlassErrorDice(torch.nn.Module):
         return self.dice(logits, dice_targets(errors, target))
 
 
-def error_counts(prediction: torch.Tensor, target: torch.Tensor) -> dict[str, int]:
+def error_class_counts(prediction: torch.Tensor, target: torch.Tensor) -> dict[str, int]:
     """Pixel count of each error class, ``{"TN": ..., "FP": ..., "FN": ..., "TP": ...}``, of (B, 1, ...) masks."""
     counts = torch.bincount(error_mask(prediction, target).flatten(), minlength=4)
     return {name: int(count) for name, count in zip(ERROR_CLASSES, counts.tolist())}

@@ -18,10 +18,9 @@ the batch, the pixels and (for the pixel-weighted terms) the channels:
 1e-5``), then ``S = mean_c S_c``. An empty channel predicted empty scores 1.
 
 Distance weight maps are computed from the ground truth with scipy on the CPU, the slices spread over the torch
-threads, inside the loss (the data pipeline hands over masks after augmentation, so they cannot be cached): about 0.5 ms for an
-empty 256x256 slice, 5 ms with one object and 3 to 4 ms more per further object (measured on one core), i.e.
-some 50 ms per training step for a batch of ten liver slices per channel. Without ``distance_weights`` nothing
-leaves the device.
+threads, inside the loss (the data pipeline hands over masks after augmentation, so they cannot be cached): a cost
+per training step that grows with the objects in each slice (docs/benchmarks.md). Without ``distance_weights``
+nothing leaves the device.
 """
 
 from __future__ import annotations
@@ -79,8 +78,7 @@ def distance_weight_maps(target: torch.Tensor, w0: float = 10.0, sigma: float = 
     """:func:`unet_weight_map` (``w_c = 1``) of every slice of a (B, C, H, W) ground truth: float32 (B, C, H, W) on its device.
 
     scipy on the CPU, the (sample, channel) slices spread over ``torch.get_num_threads()`` threads (scipy's
-    transforms release the GIL: a batch of ten 256x256 liver slices took 56 instead of 92 ms on 2 threads, medians
-    of 6 alternated runs; the same maps); see the module docstring for the cost.
+    transforms release the GIL; the maps are the same); see the module docstring for the cost.
     """
     if target.ndim != 4:
         raise ValueError(f"distance weights need 2D slices (B, C, H, W), got a target of shape {tuple(target.shape)}")

@@ -16,7 +16,7 @@ RECORD_KEYS = ("volume_index", "slice_index", "probs_u8", "pred_bits", "target_b
 MASK_KEYS = ("pred_bits", "target_bits")  # the slice masks, bit-packed along the width (``_pack_bits``)
 
 
-def _check_pair(pred: torch.Tensor, target: torch.Tensor, ndim: int) -> None:
+def check_mask_pair(pred: torch.Tensor, target: torch.Tensor, ndim: int) -> None:
     if pred.shape != target.shape or pred.ndim != ndim:
         raise ValueError(f"expected pred and target of the same {ndim}-D shape, got {pred.shape}, {target.shape}")
 
@@ -31,7 +31,7 @@ def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def _unpack_bits(bits: torch.Tensor, width: int) -> np.ndarray:
+def unpack_bits(bits: torch.Tensor, width: int) -> np.ndarray:
     """``_pack_bits``' inverse: uint8 (..., ceil(W / 8)) -> bool (..., W) numpy array (on the CPU)."""
     return np.unpackbits(bits.cpu().numpy(), axis=-1, count=width).view(bool)
 
@@ -42,8 +42,8 @@ class SliceRecords(Metric):
     and the slice's thresholded prediction and target at that resolution, bit-packed along the width
     (``pred_bits``, ``target_bits``), which the per-slice Dice and Hausdorff are computed on after the epoch
     (``volume_figures(..., with_slices=True)``, ``slice_figures``). States are lists gathered with
-    ``dist_reduce_fx='cat'``. ``update`` stays on the probabilities' device and computes nothing else: a fraction of
-    a millisecond per slice (the per-slice figures in it cost ~5-7 ms per slice on a CPU core).
+    ``dist_reduce_fx='cat'``. ``update`` stays on the probabilities' device and computes nothing else, so the
+    evaluation loop does not wait for the per-slice figures' CPU work.
 
     Under DDP every rank must call ``update`` at least once before ``compute`` (Lightning's
     DistributedSampler guarantees it by padding): torchmetrics replaces an empty rank's state by a 1-D
@@ -75,7 +75,7 @@ class SliceRecords(Metric):
         if isinstance(target, np.ndarray):
             target = np.ascontiguousarray(target)  # torch refuses negative strides (e.g. flipped NIfTI arrays)
         target = torch.as_tensor(target).detach().to(device)
-        _check_pair(probs, target, 4)
+        check_mask_pair(probs, target, 4)
         checks = [torch.ones((), dtype=torch.bool, device=device)]  # an empty batch (aminmax refuses it)
         if probs.numel():
             low, high = torch.aminmax(probs)  # one pass; NaN propagates to both

@@ -12,19 +12,17 @@ the same order:
   nearest edge voxel of ``T``, float32; ``d(T->P)`` the other way. Coordinates are ``index * spacing`` in
   float64, as in MONAI.
 
-Why not call MONAI (measured on the 2-core CPU, 2026-11-28; ``tests/lightning_modules/test_surface_distance.py``
-keeps MONAI as the reference):
+Why not call MONAI (``tests/lightning_modules/metrics/test_surface_distance.py`` keeps MONAI as the reference; the
+timings are in docs/benchmarks.md):
 
-* A trained model's prediction, a 512x512x450 liver of 7.1 M voxels shifted by 2 px: MONAI took 1.02 s, of
-  which 0.31 s were scipy's binary erosion and 0.15 s cropping and ``argwhere``; this module 0.38 s. The edges
-  come from numpy slicing on the masks' joint bounding box (grown by one voxel, as MONAI crops; every voxel
-  outside it is background in both masks, so the edges are the whole volume's), edge voxels lying on the other
-  mask's edge (distance 0) are not queried, and the KD-tree is built 3x faster (``_TREE``).
+* On a trained model's prediction most of MONAI's time goes to scipy's binary erosion, cropping and ``argwhere``.
+  Here the edges come from numpy slicing on the masks' joint bounding box (grown by one voxel, as MONAI crops;
+  every voxel outside it is background in both masks, so the edges are the whole volume's), edge voxels lying on
+  the other mask's edge (distance 0) are not queried, and the KD-tree is built faster (``_TREE``).
 * MONAI's KD-tree query slows down as the queried surface lies far from the other one: scipy's tree cells
   are the split planes' boxes, not the points' (a flat surface's cells reach into the empty space around it),
-  so a far query visits many cells (5 us to over 1 ms each, measured). A liver predicted in the whole of a
-  512x512x100 volume took MONAI 54-69 s (41 s of them the truth's 95 k edge voxels queried against the far
-  box faces); this module 5.4 s. Each direction is first queried within a small radius (``_near_radius``);
+  so a far query visits many cells, and a liver predicted in the whole volume is slow to score with MONAI.
+  Each direction is first queried within a small radius (``_near_radius``);
   the voxels left beyond it are timed on a sample and then answered by the KD-tree, or by scipy's exact
   euclidean feature transform of the box (``_nearest_edge_voxels``, whose cost is the box's voxel count, not
   the distance) when that is cheaper. Both give the same float64 distance, rounded to the same float32
@@ -45,11 +43,10 @@ import torch
 from scipy import ndimage
 from scipy.spatial import KDTree
 
-_TRANSFORM_S_PER_VOXEL = 0.2e-6  # scipy's exact feature transform, one thread of the 2-core CPU (0.12-0.2 us measured)
+_TRANSFORM_S_PER_VOXEL = 0.2e-6  # the cost model's estimate of scipy's exact feature transform, per voxel on one thread
 _PROBE_QUERIES = 256  # far queries timed to choose between the KD-tree and the transform
 # MONAI's leaf size (a larger leaf than scipy's default suits one batched query). Sliding-midpoint splits without
-# shrinking the cells build 3x faster (1.5 s instead of 4.3 s for 8.3 M edge voxels of a noise prediction) and
-# query as fast; the nearest distances do not depend on the tree's shape.
+# shrinking the cells build several times faster and query as fast; the nearest distances do not depend on the tree's shape.
 _TREE = {"leafsize": 32, "balanced_tree": False, "compact_nodes": False}
 
 
@@ -102,7 +99,7 @@ def mask_edges(mask: np.ndarray) -> np.ndarray:
 
 def _near_radius(spacing: np.ndarray) -> float:
     """The first query's bound (mm): two of the coarsest voxel steps. Small, because a far query's cost grows
-    with the bound even when nothing lies within it (measured: 0.2 s for 95 k queries at 5 mm, 7 s at 40 mm)."""
+    with the bound even when nothing lies within it."""
     return 2.0 * float(spacing.max())
 
 
@@ -120,7 +117,7 @@ def _query(query: np.ndarray, target: np.ndarray, target_edges: np.ndarray, scal
     found = tree.query(points, k=1, distance_upper_bound=_near_radius(scale), workers=threads)[0]
     far = np.flatnonzero(np.isinf(found))
     if far.size:
-        # A far query costs 5 us to over 1 ms depending on the surfaces' shapes (measured), so it is timed on an
+        # A far query's cost varies a hundredfold with the surfaces' shapes, so it is timed on an
         # evenly spread sample; the rest goes to the KD-tree or the transform, whichever is cheaper. Both give the
         # same values, so the choice (which may vary with the machine's load) changes only the time.
         probe = far[:: max(1, far.size // _PROBE_QUERIES)]
@@ -137,8 +134,8 @@ def _query(query: np.ndarray, target: np.ndarray, target_edges: np.ndarray, scal
 
 def _nearest_edge_voxels(edges: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """scipy's exact euclidean feature transform of the box: for every voxel the index of its nearest edge voxel,
-    int32 (ndim, *box). 13 bytes a voxel at its peak, against 49 for the distance transform, and 1.5x faster:
-    the distances are then formed at the queried voxels only (``_distances_to``)."""
+    int32 (ndim, *box): less memory and time than the distance transform, since the distances are then formed at
+    the queried voxels only (``_distances_to``)."""
     return ndimage.distance_transform_edt(~edges, sampling=scale, return_distances=False, return_indices=True)
 
 

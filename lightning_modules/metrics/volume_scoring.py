@@ -4,7 +4,8 @@ its largest component and scored (``metrics``' kernels), in worker processes whe
 ``volume_figures`` scores the volumes a rank is given (``SegmentationTask.summarize_records`` shares them out
 over DDP ranks and gathers the rows); ``metric_workers`` chooses how many forked workers score them. Every volume
 goes through the same ``_score_rows`` on the same inputs, in this process or in a worker, so the figures are the
-same to the last bit whatever the number of workers or ranks. ``summarize_volumes`` is the one-process summary.
+same to the last bit whatever the number of workers or ranks. ``summarize_volumes`` is the one-process summary;
+``reassemble_volume`` the upsampling of a volume's slice probabilities that both (and the cascade) use.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from lightning_modules.metrics.slice_volume import SLICE_KEYS, VOLUME_KEYS, _as_bool_array, _reassemble, _slice_figures, _volume_figures, largest_connected_component
-from lightning_modules.metrics.slice_records import MASK_KEYS, _unpack_bits
+from lightning_modules.metrics.slice_records import MASK_KEYS, unpack_bits
+from lightning_modules.metrics.slice_volume import SLICE_KEYS, VOLUME_KEYS, as_bool_array, largest_connected_component, slice_mask_figures, volume_mask_figures
+
 
 def summarize_volumes(
     records: dict[str, torch.Tensor],
@@ -55,8 +58,25 @@ def record_volumes(records: dict[str, torch.Tensor]) -> list[int]:
     return torch.unique(records["volume_index"].cpu()).tolist()
 
 
-# ~256 record slices at 256x256: about a second of work at 512x512 on a 16-core GPU machine's CPU (160 slices took
-# 0.59 s on an H200's); a smaller share is done before forking workers would pay back
+def reassemble_volume(probs_u8: torch.Tensor, size: tuple[int, int], threshold: float, chunk: int = 32) -> torch.Tensor:
+    """(Z, C, h, w) uint8 probabilities -> bool (C, Z, H0, W0) at the original in-plane size.
+
+    Interpolated ``chunk`` slices at a time: each slice is interpolated on its own, so the result is that of the whole
+    stack, without a float32 copy of the whole volume at full resolution (1 GB for 987 slices at 512x512) in memory.
+    """
+    probs_u8 = probs_u8.cpu()  # CPU: bit-reproducible interpolation whatever the accelerator
+    depth, channels = probs_u8.shape[:2]
+    if tuple(probs_u8.shape[-2:]) == tuple(size):
+        return (probs_u8.float() / 255 >= threshold).permute(1, 0, 2, 3).contiguous()
+    out = torch.empty((channels, depth, *size), dtype=torch.bool)
+    for start in range(0, depth, chunk):
+        probs = probs_u8[start : start + chunk].float() / 255
+        probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
+        out[:, start : start + chunk] = (probs >= threshold).permute(1, 0, 2, 3)
+    return out
+
+
+# ~256 record slices at 256x256: a smaller share is scored before forking workers would pay back (docs/benchmarks.md)
 PARALLEL_MIN_VOXELS = 1 << 24
 
 
@@ -129,14 +149,14 @@ def _score_volume(
 ) -> dict[str, float]:
     """One volume's figures from its (Z, C, h, w) uint8 records in slice order: the one computation of both paths."""
     target_full, spacing = load_target(v)
-    target_full = _as_bool_array(target_full)
+    target_full = as_bool_array(target_full)
     contiguous = len(slices) and int(slices[-1]) - int(slices[0]) == len(slices) - 1
     target = target_full[:, int(slices[0]) : int(slices[-1]) + 1] if contiguous else target_full[:, slices.numpy()]
     if target.shape[0] != volume_probs.shape[1]:
         raise ValueError(f"volume {v}: {volume_probs.shape[1]} predicted channels, {target.shape[0]} in target")
-    pred = _reassemble(volume_probs, tuple(target.shape[-2:]), threshold).numpy()
+    pred = reassemble_volume(volume_probs, tuple(target.shape[-2:]), threshold).numpy()
     pred = largest_connected_component(pred, largest_component_channels)
-    return _volume_figures(pred, target, spacing)
+    return volume_mask_figures(pred, target, spacing)
 
 
 def _score_rows(
@@ -153,7 +173,7 @@ def _score_rows(
     figures = _score_volume(v, inputs["probs_u8"], slices, load_target, largest_component_channels, threshold)
     if MASK_KEYS[0] in inputs:
         width = inputs["probs_u8"].shape[-1]
-        dice, hd = _slice_figures(*(_unpack_bits(inputs[key], width) for key in MASK_KEYS))
+        dice, hd = slice_mask_figures(*(unpack_bits(inputs[key], width) for key in MASK_KEYS))
         figures |= {SLICE_KEYS[0]: tuple(dice.tolist()), SLICE_KEYS[1]: tuple(hd.tolist())}
     return figures
 

@@ -22,9 +22,9 @@ BLOCKS = ("plain", "residual", "dense")
 
 class _InstanceNormOnGroupNormKernel:
     """Instance norm whose forward on the CPU is ``F.group_norm`` with one group per channel: the same normalisation
-    (each sample's channel over its spatial axes, biased variance, then the per-channel affine), by a kernel 1.4-2.5x
-    faster on the CPU than ``instance_norm``'s batch norm over a reshaped input; the paper's U-Net trains ~15% faster
-    per step (48x48, batch 6, one core: 64 vs 77 ms), its outputs equal within 1e-6. Elsewhere (CUDA: cuDNN's
+    (each sample's channel over its spatial axes, biased variance, then the per-channel affine), by a kernel faster
+    on the CPU than ``instance_norm``'s batch norm over a reshaped input (docs/benchmarks.md), its outputs equal
+    within 1e-6. Elsewhere (CUDA: cuDNN's
     kernel), unbatched or with running statistics, ``nn.InstanceNorm``'s own forward. Same parameters and state_dict."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

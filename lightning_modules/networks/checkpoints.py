@@ -1,8 +1,11 @@
-"""Reading a segmentation checkpoint of the suite: its architecture and weights, checked in one line.
+"""Reading the weights of a checkpoint of the suite, checked in one line (``CheckpointError``).
 
-Mask mining rebuilds its base from one; a baseline U-Net can start from one (``init_checkpoint``).
-The backbone variant (spatial_dims, block, se) comes from the hyperparameters; a checkpoint saved before
-the variants existed is the paper's 2D plain U-Net without squeeze-and-excitation.
+* ``read_base_checkpoint``: a segmentation checkpoint's architecture and weights. Mask mining rebuilds its base
+  from one; a baseline U-Net can start from one (``init_checkpoint``); ``lits predict`` and a cascade rebuild their
+  networks from them. The backbone variant (spatial_dims, block, se) comes from the hyperparameters; a checkpoint
+  saved before the variants existed is the paper's 2D plain U-Net without squeeze-and-excitation.
+* ``load_encoder_weights``: the two-stage recipe's weight transfer from a pretraining checkpoint into a U-Net.
+* ``check_backbone_variant``: the one-line error for a checkpoint of another spatial_dims, block or se.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch
 
 from lightning_modules.networks.unet import UNet, backbone_variant
 from datamodules.errors import CheckpointError
-from lightning_modules.losses.error_masks import foreground_probability as error_foreground_probability
+from lightning_modules.losses.error_masks import error_head_probability
 
 
 @dataclass(frozen=True)
@@ -88,10 +91,94 @@ def frozen_model(arch: BaseArchitecture, weights: dict[str, torch.Tensor]) -> UN
     return model.eval().requires_grad_(False)
 
 
-def foreground_probability(model: UNet, arch: BaseArchitecture, image: torch.Tensor) -> torch.Tensor:
+def rebuilt_model_probability(model: UNet, arch: BaseArchitecture, image: torch.Tensor) -> torch.Tensor:
     """The per-pixel foreground probability of a rebuilt model: its segmentation head's sigmoid, or,
-    for a mask-mining round, the decoding of its error head (``error_masks.foreground_probability``)."""
+    for a mask-mining round, the decoding of its error head (``error_masks.error_head_probability``)."""
     outputs = model(image)
     if arch.has_error_head:
-        return error_foreground_probability(outputs["errors"], arch.loss)
+        return error_head_probability(outputs["errors"], arch.loss)
     return torch.sigmoid(outputs["seg"])
+
+
+def check_backbone_variant(path: str, found: dict, wanted: dict, alternative: str = "") -> None:
+    """CheckpointError naming ``path`` and the settings that fix it when the checkpoint's backbone variant
+    ``found`` (``unet.backbone_variant``: spatial_dims, block, se, or some of them) is not ``wanted``."""
+    differing = [key for key in wanted if found[key] != wanted[key]]
+    if not differing:
+        return
+
+    def shown(variant: dict) -> str:
+        return ", ".join(f"{key}={variant[key]!r}" for key in differing)
+
+    def cli(value) -> str:  # the spelling of a command-line value (true / false for booleans)
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    settings = " ".join(f"--model.init_args.{key}={cli(found[key])}" for key in differing)
+    or_else = f" or {alternative}" if alternative else ""
+    raise CheckpointError(f"{path} holds a U-Net with {shown(found)} but this model has {shown(wanted)}; set {settings}{or_else}")
+
+
+# -- pretrained encoders ---------------------------------------------------------------------------
+def read_pretrained_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state_dict, hyperparameters; empty when the file has none) of a Lightning checkpoint."""
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"pretrained checkpoint {path} does not exist (a trained model restores without it: set encoder_checkpoint to null)"
+        )
+    try:
+        # Lightning checkpoints hold only tensors and primitives: no need to unpickle arbitrary code.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt, truncated or foreign files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"cannot read pretrained checkpoint {path}: {reason}") from None
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a Lightning checkpoint of this suite (no state_dict)")
+    hparams = checkpoint.get("hyper_parameters")
+    return state, hparams if isinstance(hparams, dict) else {}
+
+
+def copy_module_weights(module: torch.nn.Module, name: str, state: dict, path: str) -> None:
+    """Copy ``model.{name}.*`` of ``state`` into ``module``; every key and shape must match."""
+    prefix = f"model.{name}."
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    own = module.state_dict()
+    if not weights:
+        raise CheckpointError(f"{path} holds no {name} weights (no '{prefix}*' keys): pretrain with EncoderPretraining")
+    hint = "pretrain with the same in_channels, base_channels and norm"
+    # the first conv (the first weight of 2 or 3 spatial dimensions) takes in_channels and gives base_channels
+    first = next((key for key, tensor in own.items() if tensor.ndim >= 4), None)
+    if name == "encoder" and first in weights and weights[first].shape != own[first].shape:
+        (c_out, c_in), (m_out, m_in) = weights[first].shape[:2], own[first].shape[:2]
+        raise CheckpointError(
+            f"{path} holds an encoder with in_channels={c_in}, base_channels={c_out} but this model has "
+            f"in_channels={m_in}, base_channels={m_out}: {hint}"
+        )
+    for key, tensor in own.items():
+        if key not in weights:
+            raise CheckpointError(f"{name}.{key} is missing in {path} (another norm?): {hint}")
+        if weights[key].shape != tensor.shape:
+            raise CheckpointError(
+                f"{name}.{key} has shape {tuple(weights[key].shape)} in {path} but {tuple(tensor.shape)} here: {hint}"
+            )
+    extra = sorted(set(weights) - set(own))
+    if extra:
+        raise CheckpointError(f"{name}.{extra[0]} in {path} has no counterpart here (another norm?): {hint}")
+    module.load_state_dict(weights)
+
+
+def load_encoder_weights(model: UNet, checkpoint_path: str, classification_head: bool = False) -> None:
+    """Initialise ``model.encoder`` (and, if asked and present, its classification head) from a checkpoint.
+
+    The checkpoint is any Lightning checkpoint of this suite's tasks (keys ``model.encoder.*``),
+    typically ``EncoderPretraining``'s best. Only weights are copied; a checkpoint of another
+    backbone configuration (spatial_dims, block and se from its hyperparameters, then every weight's
+    key and shape) raises ``CheckpointError`` naming the file and the mismatch.
+    """
+    path = str(checkpoint_path)
+    state, hparams = read_pretrained_checkpoint(path)
+    check_backbone_variant(path, backbone_variant(hparams), model.variant, "pretrain the encoder with this model's")
+    copy_module_weights(model.encoder, "encoder", state, path)
+    if classification_head and model.classification_head is not None:
+        if any(k.startswith("model.classification_head.") for k in state):
+            copy_module_weights(model.classification_head, "classification_head", state, path)

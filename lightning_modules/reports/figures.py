@@ -1,7 +1,9 @@
-"""Figures: prediction overlays saved as PNG beside the metrics and logged to W&B when it is a logger."""
+"""An evaluation's reports: prediction overlays saved as PNG beside the metrics (and logged to W&B when it is a
+logger), and the per-volume figures as CSV."""
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import matplotlib
@@ -40,3 +42,13 @@ def save_figure(figure: plt.Figure, path: str | Path, loggers=(), key: str | Non
         if isinstance(logger, WandbLogger) and key:
             logger.log_image(key=key, images=[str(path)], step=step)
     return path
+
+
+def write_per_volume_csv(path: str | Path, per_volume: dict[int, dict[str, float]], volumes) -> None:
+    """One row per volume (``volumes[index].volume_id``, then its figures by name, 6 significant digits), by index."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        names = sorted(next(iter(per_volume.values()), {}))
+        writer.writerow(["volume", *names])
+        for index, figures in sorted(per_volume.items()):
+            writer.writerow([volumes[index].volume_id, *(f"{figures[n]:.6g}" for n in names)])

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from datamodules import LiTSDataModule
 from lightning_modules import BaselineUNet, CheckpointError, CMUNet, EncoderPretraining, PretrainedUNet
-from lightning_modules.classification import focal_loss
+from lightning_modules.losses.focal import focal_loss
 
 TINY = dict(base_channels=4)
 

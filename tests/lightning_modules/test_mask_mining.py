@@ -8,7 +8,7 @@ import torch
 from datamodules import DataError, LiTSDataModule
 from lightning_modules import BaselineUNet, CheckpointError, CMUNet, EncoderPretraining, MaskMining
 from lightning_modules.losses.error_masks import FN, FP, LOSSES, TN, TP, decode_argmax
-from lightning_modules.losses.error_masks import foreground_probability as error_foreground_probability
+from lightning_modules.losses.error_masks import error_head_probability
 
 TINY = dict(base_channels=4)
 
@@ -54,8 +54,8 @@ def test_appended_channels_keep_the_base_output_exactly(tmp_path, request, varia
     # the appended channels start as the base's decision (whatever the loss that will retrain them), so the mask
     # decoded as either loss decodes it (MaskMining.foreground_probability) is the base's mask
     for loss in LOSSES:
-        assert torch.equal(error_foreground_probability(outputs["errors"], loss) >= 0.5, torch.sigmoid(reference["seg"]) >= 0.5)
-    assert torch.equal(mined.foreground_probability(outputs), error_foreground_probability(outputs["errors"], mined.hparams.loss))
+        assert torch.equal(error_head_probability(outputs["errors"], loss) >= 0.5, torch.sigmoid(reference["seg"]) >= 0.5)
+    assert torch.equal(mined.foreground_probability(outputs), error_head_probability(outputs["errors"], mined.hparams.loss))
     new = sum(p.numel() for p in mined.model.error_head.parameters())
     total = sum(p.numel() for p in mined.model.parameters())
     assert new == 4 * width + 4 and new / total < 0.001

@@ -21,9 +21,9 @@ from lightning_modules.losses.error_masks import (
     decode_argmax,
     decode_tp_channel,
     dice_targets,
-    error_counts,
+    error_class_counts,
     error_mask,
-    foreground_probability,
+    error_head_probability,
     unet_weight_map,
 )
 
@@ -90,22 +90,22 @@ def random_logits_with_ties() -> torch.Tensor:
     return torch.cat([integers, continuous, near_ties])[:, :, None, None]
 
 
-def test_foreground_probability_thresholds_like_decoding():
+def test_error_head_probability_thresholds_like_decoding():
     logits = random_logits_with_ties()
     for loss, decoded in (("pwce", decode_argmax(logits)), ("dice", decode_tp_channel(logits))):
-        probability = foreground_probability(logits, loss)
+        probability = error_head_probability(logits, loss)
         assert probability.shape == (1000, 1, 1, 1)
         assert ((probability >= 0) & (probability <= 1)).all()
         assert torch.equal(probability >= 0.5, decoded), loss
     assert 0 < decode_argmax(logits).float().mean() < 1  # both outcomes occur
 
 
-def test_foreground_probability_pwce_follows_argmax_not_summed_probability():
+def test_error_head_probability_pwce_follows_argmax_not_summed_probability():
     logits = torch.log(torch.tensor([0.3, 0.3, 0.4, 1e-6]))[None, :, None, None]
     assert decode_argmax(logits).item()
-    assert foreground_probability(logits, "pwce").item() == pytest.approx(0.4 / 0.7, rel=1e-5)
+    assert error_head_probability(logits, "pwce").item() == pytest.approx(0.4 / 0.7, rel=1e-5)
     with pytest.raises(ValueError, match="unknown mask-mining loss"):
-        foreground_probability(logits, "bce")
+        error_head_probability(logits, "bce")
 
 
 def test_pwce_without_weights_is_cross_entropy():
@@ -212,8 +212,8 @@ def test_multiclass_error_dice():
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
 
 
-def test_error_counts_hand_made():
-    assert error_counts(PREDICTION, TARGET) == {"TN": 6, "FP": 4, "FN": 3, "TP": 3}
+def test_error_class_counts_hand_made():
+    assert error_class_counts(PREDICTION, TARGET) == {"TN": 6, "FP": 4, "FN": 3, "TP": 3}
 
 
 def test_build_error_loss():

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_modules.metrics import slice_volume as metrics
 from lightning_modules.metrics.slice_volume import (
     SLICE_KEYS,
     largest_connected_component,
@@ -330,10 +329,3 @@ def test_deferred_slice_figures_equal_the_loops_monai_figures():
     assert volume_figures(records, load, (0,), threshold, workers=2, with_slices=True) == gathered
     with pytest.raises(ValueError, match="per-slice figures"):
         summarize_slices(records, {key: value[:-1] for key, value in figures.items()})
-
-
-def test_reassembly_in_chunks_equals_the_whole_stack():
-    probs = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (11, 2, 24, 24), dtype=np.uint8))
-    whole = metrics._reassemble(probs, (61, 50), 0.5, chunk=len(probs))
-    assert whole.shape == (2, 11, 61, 50) and whole.any() and not whole.all()
-    assert torch.equal(metrics._reassemble(probs, (61, 50), 0.5, chunk=4), whole)

@@ -21,6 +21,7 @@ from lightning_modules.metrics.volume_records import gather_volume_rows, volume_
 from lightning_modules.metrics.volume_scoring import (
     mean_volume_figures,
     metric_workers,
+    reassemble_volume,
     record_volumes,
     share_voxels,
     summarize_volumes,
@@ -234,3 +235,10 @@ def test_summarize_records_scores_in_the_requested_workers(tmp_path):
     assert rows[2] == rows[1] and sorted(rows[1]) == [0, 1, 2]
     with pytest.raises(CheckpointError, match="metric_workers"):
         BaselineUNet(metric_workers=0)
+
+
+def test_reassembly_in_chunks_equals_the_whole_stack():
+    probs = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (11, 2, 24, 24), dtype=np.uint8))
+    whole = reassemble_volume(probs, (61, 50), 0.5, chunk=len(probs))
+    assert whole.shape == (2, 11, 61, 50) and whole.any() and not whole.all()
+    assert torch.equal(reassemble_volume(probs, (61, 50), 0.5, chunk=4), whole)
