@@ -1,7 +1,7 @@
 """Training augmentation throughput: MONAI per sample (a DataLoader worker) against the batch path on a device.
 
 ``augmentation_throughput`` times the two ways ``LiTSDataModule`` can augment training slices
-(``augment_on``): ``"sample"``, MONAI's ``training_augmentation`` applied to one sample after another
+(``augmentation.applied_to``): ``"sample"``, MONAI's ``training_augmentation`` applied to one sample after another
 as a DataLoader worker does (``finish_sample``, one process with one intra-op thread, which is what
 PyTorch gives each worker), and ``"batch"``, ``BatchAugmentation`` on a whole collated batch already on
 ``device``. Both use the default strengths (flip 0.5 per axis, rotation +-15 degrees and zoom 0.9-1.1,
@@ -18,7 +18,8 @@ from contextlib import contextmanager
 import torch
 
 from datamodules.augment.batch import BatchAugmentation
-from datamodules.datasets.slices import finish_sample, training_augmentation
+from datamodules.augment.sample import training_augmentation
+from datamodules.datasets.slices import finish_sample
 
 
 def _synchronize(device: torch.device) -> None:

@@ -51,7 +51,7 @@ PREDICT_PARTS = [
     (predict_module, "window", ("window + resize input",)),  # once for the liver's input, once for the lesion network's fp16 copy
     (predict_module, "resize_image", ("window + resize input",)),
     (cascade_module, "slice_probabilities", ("liver network", "lesion network")),
-    (cascade_module, "_reassemble", ("upsample liver probabilities",)),
+    (cascade_module, "reassemble_volume", ("upsample liver probabilities",)),
     (cascade_module, "largest_connected_component", ("largest 3D component",)),
     (cascade_module, "dilate_in_plane", ("dilate liver (lesion gate)",)),
     (predict_module, "to_input_grid", ("reorient labels",)),

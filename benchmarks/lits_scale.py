@@ -70,7 +70,7 @@ from monai.metrics.utils import get_edge_surface_distance
 from datamodules import LiTSDataModule
 from datamodules.io.cache import CachedVolume
 from datamodules.io.phantom import write_phantom_dataset
-from datamodules.splits import _counts
+from datamodules.splits import split_counts
 from lightning_modules import BaselineUNet
 from lightning_modules.metrics.slice_volume import SLICE_KEYS, split_slice_figures, volume_dice_hausdorff
 from lightning_modules.metrics.volume_scoring import metric_workers, record_volumes, volume_figures
@@ -211,7 +211,7 @@ def metric_round(module: NearTruth, datamodule: LiTSDataModule, workers: int) ->
 
 def lits_metric_workers(ranks: int) -> int:
     """The suite's automatic worker count for one rank's share of LiTS' validation volumes (``ranks`` on this machine)."""
-    _, val_volumes, _ = _counts(LITS_SPLIT, LITS_VOLUMES)
+    _, val_volumes, _ = split_counts(LITS_SPLIT, LITS_VOLUMES)
     share = len(volume_share(range(val_volumes), 0, ranks))
     return metric_workers(share, round(share * LITS_SLICES_PER_VOLUME) * 256 * 256, local_processes=ranks)
 
@@ -222,7 +222,7 @@ def lits_epoch(parts: dict, ranks: int) -> dict:
     With ``metric_round_s`` (``metric_workers`` volumes scored at once), each rank scores its share of the validation
     volumes in rounds of ``metric_workers``; without it, in-process, as ``validation_s_1_worker`` always does.
     """
-    train_volumes, val_volumes, _ = _counts(LITS_SPLIT, LITS_VOLUMES)
+    train_volumes, val_volumes, _ = split_counts(LITS_SPLIT, LITS_VOLUMES)
     train_slices, val_slices = train_volumes * LITS_SLICES_PER_VOLUME, val_volumes * LITS_SLICES_PER_VOLUME
     scale = LITS_SLICES_PER_VOLUME / parts["val_slices"]  # the measured volume's per-volume time -> LiTS' mean volume
     metric_s = parts["val_metrics_s_per_volume"] * scale

@@ -22,7 +22,7 @@
     2D cascade's benchmark (f), so the two paths compare): an untrained ``BaselineUNet(spatial_dims=3)``
     whose segmentation head predicts liver everywhere (zero weights, bias +4, as in (f): the largest-component
     step then sees the largest possible component), through the suite's 3D evaluation chain. The chain is
-    ``SegmentationTask._evaluate_volume_3d`` and ``record_volume_3d`` (methods that need a Trainer and a data
+    ``inference.evaluation_3d.evaluate_volume_3d`` and ``record_volume_3d`` (functions that need a Trainer and a data
     module) rebuilt from the public functions they call, in their order:
 
     1. ``cache.build_cache``: NIfTI decode, HU window, in-plane resize to ``image_size`` 256, cache written;
@@ -63,7 +63,8 @@ import numpy as np
 import torch
 
 from datamodules.io.cache import CachedVolume, PreprocessSettings, build_cache
-from datamodules.datasets.crops3d import Crop3DDataset, InPlaneAugmentation, WholeVolume3DDataset
+from datamodules.augment.sample import InPlaneAugmentation
+from datamodules.datasets.crops3d import Crop3DDataset, WholeVolume3DDataset
 from datamodules.io.nifti import discover
 from datamodules.io.phantom import write_phantom_dataset
 from datamodules.io.volume3d import DEFAULT_SLICE_SPACING_MM, to_original_slices
@@ -73,7 +74,7 @@ from lightning_modules.inference.cascade_2d import liver_mask
 from benchmarks.cascade_inference import _set_head
 from benchmarks.device_training import bench_training, find, ratio
 
-FULL_CROP = (64, 128, 128)  # (D, H, W): the paper's 128x128x64, data.crop_size_3d's default
+FULL_CROP = (64, 128, 128)  # (D, H, W): the paper's 128x128x64, data.volume_3d.crop_size's default
 CPU_CROP, QUICK_CROP = (32, 64, 64), (16, 32, 32)
 BATCH = 2
 PREDICT_SHAPE, QUICK_PREDICT_SHAPE = (512, 512, 100), (512, 512, 32)  # (x, y, z) as the phantom writer takes it
@@ -171,7 +172,7 @@ def bench_predict(work: Path, quick: bool, device: str = "cpu", roi: Sequence[in
     shape = tuple(shape or (QUICK_PREDICT_SHAPE if quick else PREDICT_SHAPE))
     write_phantom_dataset(work / "predict_data", volumes=1, seed=1, shape=shape, spacing=PREDICT_SPACING)
     task = untrained_liver_network(device)
-    predict = lambda window: task(window)["seg"]  # noqa: E731 - the logits, as _evaluate_volume_3d blends them
+    predict = lambda window: task(window)["seg"]  # noqa: E731 - the logits, as evaluate_volume_3d blends them
     mask, parts, volume = predict_volume(predict, work / "predict_data", work / "predict", roi, device, image_size)
     z, y, x = volume.full_shape
     resampled = np.load(next(volume.entry.glob("image3d_*mm.npy")), mmap_mode="r").shape

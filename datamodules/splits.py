@@ -11,7 +11,7 @@ from datamodules.io.nifti import DataError
 SPLIT_NAMES = ("train", "val", "test")
 
 
-def _counts(split: Sequence[float], available: int) -> list[int]:
+def split_counts(split: Sequence[float], available: int) -> list[int]:
     """Counts from ``split``: integers summing to more than 1 are volume counts, otherwise fractions of ``available``."""
     if len(split) != 3 or any(v < 0 for v in split):
         raise DataError(f"split {list(split)} must be three non-negative numbers (train, val, test): counts like [10, 2, 5] or fractions like [0.7, 0.15, 0.15]")
@@ -55,7 +55,7 @@ def split_volumes(
         raise DataError("a volume id appears in more than one of --data.train_ids/val_ids/test_ids; each volume belongs to one split")
     pool = sorted(known - set(taken))
     drawn = [name for name in ("test", "val", "train") if name not in explicit]
-    counts = dict(zip(SPLIT_NAMES, _counts(split, len(pool)))) if drawn else {}
+    counts = dict(zip(SPLIT_NAMES, split_counts(split, len(pool)))) if drawn else {}
     needed = sum(counts[name] for name in drawn)
     if needed > len(pool):
         raise DataError(f"split asks for {needed} volumes beyond the explicit id lists but only {len(pool)} remain; lower --data.split or add volumes")

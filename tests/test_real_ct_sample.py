@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.io.cache import CachedVolume, PreprocessSettings, build_cache, to_display
+from datamodules.io.cache import CachedVolume, build_cache
+from datamodules.io.preprocess import PreprocessSettings, to_display
 from datamodules.io.nifti import discover, load_pair
 from lightning_modules.metrics.slice_volume import volume_dice_hausdorff
 from lightning_modules.metrics.volume_scoring import summarize_volumes

@@ -1,6 +1,6 @@
 """The training augmentation applied to a whole batch on its device: one resampling per sample.
 
-``training_augmentation`` (``dataset.py``) augments each sample on the CPU in the DataLoader workers,
+``training_augmentation`` (``datamodules.augment.sample``) augments each sample on the CPU in the DataLoader workers,
 with MONAI's ``RandFlipd`` (each in-plane axis), ``RandRotated`` and ``RandZoomd`` one after another.
 ``BatchAugmentation`` draws the same random parameters from the same distributions, composes the
 four into one affine map per sample and resamples the batch once with ``grid_sample`` (on a grid in
@@ -106,8 +106,8 @@ class BatchAugmentation:
         self.mask_keys = tuple(mask_keys)
         self.generator = torch.Generator()
         self.seed(0)
-        # The sampling grid is reused from batch to batch: on a CPU a fresh one (16 MB at 32 x 256 x 256)
-        # is mapped anew by the allocator each time, and its page faults cost ~25% of the augmentation.
+        # The sampling grid is reused from batch to batch: on a CPU a fresh one is mapped anew by the
+        # allocator each time, and its page faults are a sizeable part of the augmentation.
         self._grid: torch.Tensor | None = None
 
     # -- the random stream ----------------------------------------------------------------------
@@ -211,8 +211,8 @@ def _affine_grid(theta: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """``F.affine_grid(theta, (n, 1, height, width), align_corners=False)`` written into ``grid`` (n, height, width, 2),
     for matrices without translation.
 
-    Each coordinate of the grid is a sum of a row term and a column term; written as two broadcast
-    additions it is about 3x faster on a CPU than ``affine_grid``'s batched matrix product.
+    Each coordinate of the grid is a sum of a row term and a column term; two broadcast additions are
+    cheaper on a CPU than ``affine_grid``'s batched matrix product.
     """
     height, width = grid.shape[1:3]
     xs = (torch.arange(width, device=grid.device, dtype=grid.dtype) * 2 + 1) / width - 1  # pixel centres in [-1, 1]

@@ -1,5 +1,5 @@
-"""3D datasets of the z-resampled volumes (``datamodules.io.volume3d``): random training crops and their augmentation in
-the axial plane, and whole volumes for evaluation."""
+"""3D datasets of the z-resampled volumes (``datamodules.io.volume3d``): random training crops (augmented by
+``datamodules.augment.sample.InPlaneAugmentation``), and whole volumes for evaluation."""
 
 from __future__ import annotations
 
@@ -7,44 +7,15 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from monai import transforms as mt
 from torch.utils.data import Dataset
 
-from datamodules.io.cache import CachedVolume, grow_box
-from datamodules.datasets.slices import TARGETS, augment, target_channels, training_augmentation
-from datamodules.io.nifti import DataError
+from datamodules.augment.sample import augment
 from datamodules.datasets.liver_region import crop_start
+from datamodules.datasets.slices import TARGETS, target_channels
+from datamodules.io.cache import CachedVolume
+from datamodules.io.nifti import DataError
+from datamodules.io.preprocess import grow_box
 from datamodules.io.volume3d import DEFAULT_SLICE_SPACING_MM, NETWORK_DIVISOR, resample_volume
-
-
-# -- augmentation -------------------------------------------------------------------------------
-class InPlaneAugmentation(mt.Randomizable):
-    """Random flips, rotation and zoom in the axial plane of 3D samples: the 2D ``training_augmentation`` per crop.
-
-    Applied to a dict with ``image`` (K, D, H, W) and ``mask`` (C, D, H, W) (K = 1 for
-    ``Crop3DDataset``), it folds D into the channels, (K * D, H, W) and (C * D, H, W), runs
-    ``training_augmentation(flip_prob, rotate_degrees, zoom_range, prob)`` (MONAI's ``RandFlipd``
-    on H and on W, ``RandRotated(range_x)``, ``RandZoomd(keep_size=True)``; image bilinear, mask
-    nearest), and unfolds. Every slice of a crop gets the same flips, angle and zoom factor, and no
-    transform reads across slices, so D is never mixed, and the parameter distributions are those
-    of the 2D pipeline. (MONAI's 3D ``RandZoomd`` would draw H and W factors independently, or,
-    given two factors, pair H with W assuming (H, W, D) axes; folding avoids both.)
-
-    ``set_random_state`` reseeds the 2D transforms: MONAI's DataLoader does so in each worker.
-    """
-
-    def __init__(self, flip_prob: float = 0.5, rotate_degrees: float = 15.0, zoom_range: Sequence[float] = (0.9, 1.1), prob: float = 0.5):
-        self.transform = training_augmentation(flip_prob, rotate_degrees, zoom_range, prob)
-
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> InPlaneAugmentation:
-        self.transform.set_random_state(seed, state)
-        return self
-
-    def __call__(self, sample: dict) -> dict:
-        shapes = {key: sample[key].shape for key in ("image", "mask")}
-        folded = {key: value.reshape(-1, *value.shape[-2:]) if key in shapes else value for key, value in sample.items()}
-        result = self.transform(folded)
-        return {key: value.reshape(shapes[key]) if key in shapes else value for key, value in result.items()}
 
 
 # -- crops --------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ class LiverCropDataset(Dataset):
     liver) are 0.
 
     ``liver_boxes`` (one ``[[z0, z1], [y0, y1], [x0, x1]]`` or None per volume) replaces the ground-truth
-    liver by another liver's box, e.g. the liver network's prediction (``roi_from: prediction``): the
+    liver by another liver's box, e.g. the liver network's prediction (``liver_roi.roi_from: prediction``): the
     samples are then that box's slices and the centres are drawn in its in-plane extent.
     """
 
@@ -94,7 +94,7 @@ class LiverCropDataset(Dataset):
         for position, volume in enumerate(self.volumes):
             (z0, _), (ly0, ly1), (lx0, lx1) = volume.liver_box
             _, (ry0, ry1), (rx0, rx1) = volume.roi_box
-            if liver_boxes is not None:  # roi_from: prediction, the liver network's box (None: no liver found)
+            if liver_boxes is not None:  # liver_roi.roi_from: prediction, the liver network's box (None: no liver found)
                 box = liver_boxes[position]
                 (z0, z1), (ly0, ly1), (lx0, lx1) = box if box is not None else ((0, 0), (ly0, ly1), (lx0, lx1))
             self._regions.append((ry0, ry1, rx0, rx1))

@@ -1,16 +1,14 @@
-"""Axial-slice dataset over cached volumes, and the training augmentation."""
+"""Axial-slice dataset over cached volumes, and what every 2D dataset shares: target channels, context slices, sample provenance."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from monai import transforms as mt
-from monai.data import get_track_meta, set_track_meta
 from torch.utils.data import Dataset
 
+from datamodules.augment.sample import augment
 from datamodules.io.cache import CachedVolume
 
 # Target name -> label map (..., H, W) in {0, 1, 2} -> bool channels (C, ..., H, W).
@@ -26,34 +24,6 @@ _CLASS_LABELS = (torch.tensor(0.0), torch.tensor(1.0))  # shared, collate copies
 def target_channels(labels: np.ndarray, target: str) -> np.ndarray:
     """Label map (..., H, W) in {0, 1, 2} -> bool target mask (C, ..., H, W) for ``target``."""
     return TARGETS[target](labels)
-
-
-def training_augmentation(flip_prob: float = 0.5, rotate_degrees: float = 15.0, zoom_range: Sequence[float] = (0.9, 1.1), prob: float = 0.5) -> mt.Compose:
-    """Random flips, rotation and zoom in the axial plane (the mask-mining paper), applied to image and mask together."""
-    keys = ("image", "mask")
-    return mt.Compose(
-        [
-            mt.RandFlipd(keys, prob=flip_prob, spatial_axis=0),
-            mt.RandFlipd(keys, prob=flip_prob, spatial_axis=1),
-            mt.RandRotated(keys, range_x=math.radians(rotate_degrees), prob=prob, mode=("bilinear", "nearest"), padding_mode="border"),
-            mt.RandZoomd(keys, min_zoom=zoom_range[0], max_zoom=zoom_range[1], prob=prob, mode=("bilinear", "nearest"), padding_mode="edge"),
-        ]
-    ).set_random_state(seed=0)
-
-
-def augment(transform: Callable, sample: dict) -> dict:
-    """Apply a MONAI dictionary ``transform`` to ``sample`` ({"image", "mask"} tensors); plain tensors back.
-
-    MONAI's metadata tracking (MetaTensor, applied-operations lists) is 2/3 of the augmentation
-    time on small slices, and nothing reads it here: off for this call only, same results.
-    """
-    tracking = get_track_meta()
-    set_track_meta(False)
-    try:
-        result = transform(sample)
-    finally:
-        set_track_meta(tracking)
-    return {k: torch.as_tensor(v).as_subclass(torch.Tensor) for k, v in result.items()}
 
 
 def context_indices(z: int, context: int, num_slices: int) -> np.ndarray:

@@ -39,27 +39,20 @@ import os
 import shutil
 import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from datamodules.io.nifti import VolumeFiles, load_pair
+from datamodules.io.preprocess import (
+    PreprocessSettings, box_slices, foreground_box, grow_box, resize_image, resize_labels, to_display, window,
+)
 
 CACHE_FORMAT = 3
-
-
-@dataclass(frozen=True)
-class PreprocessSettings:
-    hu_min: float = -100.0
-    hu_max: float = 600.0
-    image_size: int = 256
-    roi_margin_px: int = 64  # in-plane margin of the full-resolution region around the liver
-    roi_margin_slices: int = 4  # its margin along z
 
 
 def _file_stamp(path: Path) -> dict:
@@ -76,68 +69,6 @@ def fingerprint(files: VolumeFiles, settings: PreprocessSettings) -> dict:
     }
 
 
-def to_display(array: np.ndarray) -> np.ndarray:
-    """Canonical (X, Y, Z) -> display (Z, rows, cols), rows anterior->posterior, columns patient right->left (a view)."""
-    return array[::-1, ::-1, :].transpose(2, 1, 0)
-
-
-def window(hu: np.ndarray, settings: PreprocessSettings) -> np.ndarray:
-    """Clip HU to the window and scale to [0, 1], in one float32 pass plus two in-place ones."""
-    image = np.empty(hu.shape, dtype=np.float32)  # C-contiguous even when ``hu`` is a strided view
-    np.clip(hu, settings.hu_min, settings.hu_max, out=image, casting="unsafe")
-    image -= settings.hu_min
-    image *= 1.0 / (settings.hu_max - settings.hu_min)
-    return image
-
-
-def resize_image(slices: np.ndarray, size: int) -> np.ndarray:
-    """(Z, H, W) float32 -> float16 (Z, size, size).
-
-    Downsampling averages the source pixels under each output pixel ('area', an exact 2x2 mean for
-    LiTS' 512 -> 256), which is antialiased and cheap; upsampling is bilinear.
-    """
-    tensor = torch.from_numpy(slices)[:, None]
-    height, width = slices.shape[1:]
-    if height % size == 0 and width % size == 0:
-        resized = F.avg_pool2d(tensor, kernel_size=(height // size, width // size))
-    elif size <= min(height, width):
-        resized = F.interpolate(tensor, size=(size, size), mode="area")
-    else:
-        resized = F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)
-    return resized[:, 0].half().numpy()
-
-
-def resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
-    """(Z, H, W) label map -> (Z, size, size) by nearest neighbour, the same pixels torch's 'nearest-exact' picks."""
-    height, width = labels.shape[1:]
-    if height % size == 0 and width % size == 0:  # an integer factor k picks every k-th pixel from k // 2
-        step_y, step_x = height // size, width // size
-        return np.ascontiguousarray(labels[:, step_y // 2 :: step_y, step_x // 2 :: step_x])
-    rows = np.minimum(((np.arange(size) + 0.5) * labels.shape[1] / size).astype(np.int64), labels.shape[1] - 1)
-    cols = np.minimum(((np.arange(size) + 0.5) * labels.shape[2] / size).astype(np.int64), labels.shape[2] - 1)
-    return np.ascontiguousarray(labels[:, rows][:, :, cols])
-
-
-def foreground_box(labels: np.ndarray) -> list[list[int]]:
-    """[start, stop) per axis of the non-zero labels (empty boxes for an empty map)."""
-    box = []
-    for axis in range(labels.ndim):
-        present = np.flatnonzero(labels.any(axis=tuple(a for a in range(labels.ndim) if a != axis)))
-        box.append([int(present[0]), int(present[-1]) + 1] if present.size else [0, 0])
-    return box
-
-
-def grow_box(box: list[list[int]], margins: tuple[int, int, int], shape: tuple[int, ...]) -> list[list[int]]:
-    """``box`` grown by ``margins`` per axis and clipped to ``shape``; an empty box stays empty ([0, 0] per axis)."""
-    if any(stop <= start for start, stop in box):
-        return [[0, 0] for _ in box]
-    return [[max(0, start - m), min(n, stop + m)] for (start, stop), m, n in zip(box, margins, shape)]
-
-
-def _slices(box) -> tuple[slice, ...]:
-    return tuple(slice(int(start), int(stop)) for start, stop in box)
-
-
 def preprocess_volume(files: VolumeFiles, settings: PreprocessSettings, entry: Path) -> None:
     """Read one pair, window, resize and write its cache entry atomically at ``entry``."""
     hu, labels, (sx, sy, sz) = load_pair(files)
@@ -145,11 +76,11 @@ def preprocess_volume(files: VolumeFiles, settings: PreprocessSettings, entry: P
     # The full-resolution labels are kept only inside their bounding box: a liver fills a few percent of a CT.
     box = foreground_box(labels)
     roi = grow_box(box, (settings.roi_margin_slices, settings.roi_margin_px, settings.roi_margin_px), labels.shape)
-    boxed_labels = labels[_slices(box)]
+    boxed_labels = labels[box_slices(box)]
     nonzero, lesion = np.count_nonzero(boxed_labels), np.count_nonzero(boxed_labels == 2)  # labels are 0 outside the box
     windowed = window(hu, settings)
     # The ROI is a view of the windowed float32 stack (no second windowing pass); torch's half() is the fast conversion.
-    roi_image = torch.from_numpy(windowed[_slices(roi)]).half().numpy()
+    roi_image = torch.from_numpy(windowed[box_slices(roi)]).half().numpy()
     tmp = entry.parent / f".tmp-{entry.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
@@ -228,7 +159,7 @@ def read_box(source: np.ndarray, source_box, box, dtype=None) -> np.ndarray:
     Boxes are per-axis ``(start, stop)``, half-open, in one coordinate frame; ``box`` may reach
     beyond ``source_box`` and beyond the volume. The intersection is read from ``source`` (a
     memory map) in one slice and copied with one assignment; a dtype change goes through torch,
-    several times faster than numpy for float16 -> float32.
+    faster than numpy for float16 -> float32.
     """
     dtype = np.dtype(dtype or source.dtype)
     starts = [int(start) for start, _ in box]
@@ -316,7 +247,7 @@ class CachedVolume:
     def label_full(self) -> np.ndarray:
         """The label map at the original resolution, (Z, H, W) uint8."""
         labels = np.zeros(self.meta["full_shape"], dtype=np.uint8)
-        labels[_slices(self.meta["label_box"])] = np.load(self.entry / "label_box.npy")
+        labels[box_slices(self.meta["label_box"])] = np.load(self.entry / "label_box.npy")
         return labels
 
     def __getstate__(self):

@@ -38,7 +38,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-PHANTOM_VERSION = 3  # 3: lesions 40-70 HU below the liver (were 20-40), 6-25 mm, 1-5 per volume with 1 in 8 lesion-free
+PHANTOM_VERSION = 3  # in the phantom's cache folder name: raise it whenever a generated voxel changes
 
 _REF_FOV_MM = (384.0, 384.0, 240.0)
 AIR, FAT, GAS = -1000.0, -100.0, -900.0
@@ -92,7 +92,12 @@ def make_phantom_volume(seed: int, shape: tuple[int, int, int] = (192, 192, 48),
     """Return ``(hu, label)`` in the canonical RAS+ voxel frame (axis 0 -> patient's Right, axis 1 ->
     Anterior, axis 2 -> Superior). ``hu`` is int16 Hounsfield units, ``label`` uint8 (0 background,
     1 liver, 2 lesion inside the liver). Deterministic per ``seed``. ``spacing`` does not change the
-    anatomy (it is scaled to the field of view); it is accepted for API symmetry with the writer."""
+    anatomy (it is scaled to the field of view); it is accepted for API symmetry with the writer.
+
+    One function on purpose, read top to bottom as the painting order (later structures overwrite
+    earlier ones): every structure draws its random numbers in turn from one stream, and most of them
+    place themselves against earlier ones (body outline, spine, liver height), so helpers would pass a
+    dozen shared values around and make the order of the draws, which fixes every voxel, harder to see."""
     del spacing
     rng = np.random.default_rng(seed)
     u = rng.uniform
@@ -257,7 +262,7 @@ def write_phantom_dataset(out_dir: str | os.PathLike, volumes: int = 12, seed: i
                 _write_pair(*job, shape, spacing)
                 bar.update()
         else:
-            # numpy and scipy only (no torch thread pool is forked); ~0.35 s per 192x192x48 pair
+            # numpy and scipy only: no torch thread pool is forked
             with ProcessPoolExecutor(workers) as pool:
                 for future in as_completed([pool.submit(_write_pair, *job, shape, spacing) for job in todo]):
                     future.result()

@@ -57,7 +57,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datamodules.io.cache import CachedVolume, foreground_box
+from datamodules.io.cache import CachedVolume
+from datamodules.io.preprocess import foreground_box
 
 FORMAT_3D = 1
 DEFAULT_SLICE_SPACING_MM = 2.5

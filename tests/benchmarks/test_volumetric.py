@@ -11,7 +11,8 @@ import torch
 
 from benchmarks import volumetric
 from benchmarks.device_training import _suite_task, lightning_seconds, plain_seconds, random_batches
-from datamodules.io.cache import PreprocessSettings, build_cache
+from datamodules.io.cache import build_cache
+from datamodules.io.preprocess import PreprocessSettings
 from datamodules.io.nifti import discover
 from datamodules.io.phantom import write_phantom_dataset
 from lightning_modules.inference.cascade_2d import liver_mask

@@ -6,6 +6,7 @@ import torch
 
 from datamodules import DataError, LiTSDataModule
 from datamodules.datasets.liver_region import LiverCropDataset, VolumeDataset
+from datamodules.settings import Augmentation, LiverRoi, Phantom
 from tests.synthetic import tiny_volume, write_pair
 
 
@@ -18,7 +19,7 @@ def make(root, tmp_path, **kwargs):
 
 
 def test_samples_and_class_labels(tiny_lits, tmp_path):
-    datamodule = make(tiny_lits, tmp_path, augment=True)
+    datamodule = make(tiny_lits, tmp_path, augmentation=Augmentation(enabled=True))
     for name, dataset in datamodule.datasets.items():
         for i in range(len(dataset)):
             sample = dataset[i]
@@ -40,7 +41,7 @@ def test_splits_are_by_volume(tiny_lits, tmp_path):
 
 
 def test_targets_context_and_foreground_margin(tiny_lits, tmp_path):
-    datamodule = make(tiny_lits, tmp_path, target="both", context_slices=2, foreground_margin=0, augment=False)
+    datamodule = make(tiny_lits, tmp_path, target="both", context_slices=2, foreground_margin=0, augmentation=Augmentation(enabled=False))
     sample = datamodule.datasets["train"][0]
     assert sample["image"].shape == (5, 16, 16) and sample["mask"].shape == (2, 16, 16)
     # lesion channel is inside the liver channel
@@ -62,7 +63,7 @@ def test_eval_target_is_at_original_resolution(tiny_lits, tmp_path):
 
 
 def test_positive_fraction_sampler(tiny_lits, tmp_path):
-    datamodule = make(tiny_lits, tmp_path, positive_fraction=0.9, augment=False, batch_size=64)
+    datamodule = make(tiny_lits, tmp_path, positive_fraction=0.9, augmentation=Augmentation(enabled=False), batch_size=64)
     torch.manual_seed(0)
     labels = torch.cat([batch["label"] for _ in range(10) for batch in datamodule.train_dataloader()])
     assert 0.82 < labels.mean().item() < 0.97
@@ -84,7 +85,7 @@ def test_split_larger_than_dataset_fails_before_preprocessing(tiny_lits, tmp_pat
 
 def test_phantom_is_the_default(tmp_path):
     datamodule = LiTSDataModule(
-        cache_dir=str(tmp_path), split=[2, 1, 1], phantom_volumes=4, phantom_shape=(48, 48, 12), image_size=32, num_workers=0
+        cache_dir=str(tmp_path), split=[2, 1, 1], phantom=Phantom(volumes=4, shape=(48, 48, 12)), image_size=32, num_workers=0
     )
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -99,7 +100,7 @@ def test_augmentation_without_metadata_tracking_gives_the_same_samples(tiny_lits
 
     from monai.data import get_track_meta
 
-    dataset = make(tiny_lits, tmp_path, augment=True).datasets["train"]
+    dataset = make(tiny_lits, tmp_path, augmentation=Augmentation(enabled=True)).datasets["train"]
     tracked = copy.deepcopy(dataset.transform)  # the same random state, run with tracking on
     assert get_track_meta()
     for i in range(len(dataset)):
@@ -115,11 +116,11 @@ def test_augmentation_without_metadata_tracking_gives_the_same_samples(tiny_lits
 
 
 # -- liver_roi: the lesion network's full-resolution crops and whole evaluation volumes ---------------------
-ROI = dict(sampling="liver_roi", crop_size=16, crop_margin=2, roi_margin_px=4, roi_margin_slices=1)
+ROI = dict(sampling="liver_roi", liver_roi=LiverRoi(crop_size=16, crop_margin=2, roi_margin_px=4, roi_margin_slices=1))
 
 
 def test_liver_roi_loaders_give_crops_for_training_and_unbatched_volumes_for_evaluation(tiny_lits, tmp_path):
-    datamodule = make(tiny_lits, tmp_path, target="both", context_slices=1, augment=False, **ROI)
+    datamodule = make(tiny_lits, tmp_path, target="both", context_slices=1, augmentation=Augmentation(enabled=False), **ROI)
     assert isinstance(datamodule.datasets["train"], LiverCropDataset)
     assert all(isinstance(datamodule.datasets[name], VolumeDataset) for name in ("val", "test"))
     assert datamodule.settings.roi_margin_px == 4 and datamodule.settings.roi_margin_slices == 1
@@ -155,9 +156,9 @@ def test_lesion_target_needs_lesion_labels(tmp_path):
     options = dict(split=[2, 1, 0], image_size=16, num_workers=0)
     for sampling in ("slices", "liver_roi"):
         with pytest.raises(DataError, match=r"no lesion voxel \(label 2\); lesion training needs LiTS labels") as error:
-            make(tmp_path / "data", tmp_path, target="lesion", sampling=sampling, crop_size=16, **options)
+            make(tmp_path / "data", tmp_path, target="lesion", sampling=sampling, liver_roi=LiverRoi(crop_size=16), **options)
         assert "\n" not in str(error.value) and str(tmp_path / "data") in str(error.value)
-    make(tmp_path / "data", tmp_path, target="liver", sampling="liver_roi", crop_size=16, **options)  # liver alone is fine
+    make(tmp_path / "data", tmp_path, target="liver", sampling="liver_roi", liver_roi=LiverRoi(crop_size=16), **options)  # liver alone is fine
 
 
 def test_liver_roi_needs_liver_slices_in_training(tmp_path):
@@ -165,7 +166,7 @@ def test_liver_roi_needs_liver_slices_in_training(tmp_path):
         hu, label = tiny_volume(i)
         write_pair(tmp_path / "data", str(i), hu, np.zeros_like(label))
     with pytest.raises(DataError, match="no liver slice") as error:
-        make(tmp_path / "data", tmp_path, split=[2, 1, 0], sampling="liver_roi", crop_size=16)
+        make(tmp_path / "data", tmp_path, split=[2, 1, 0], sampling="liver_roi", liver_roi=LiverRoi(crop_size=16))
     assert "\n" not in str(error.value)
     make(tmp_path / "data", tmp_path, split=[2, 1, 0], sampling="slices")  # the slice path does not need one
 
@@ -173,7 +174,7 @@ def test_liver_roi_needs_liver_slices_in_training(tmp_path):
 @pytest.mark.parametrize(
     "options, message",
     [
-        (dict(crop_size=100), "crop_size=100 must be a positive multiple of 16"),
+        (dict(liver_roi=LiverRoi(crop_size=100)), "--data.liver_roi.crop_size=100 must be a positive multiple of 16"),
         (dict(sampling="crops"), "sampling='crops' is not one of slices, liver_roi"),
     ],
 )
@@ -192,7 +193,7 @@ def test_the_augmentation_stream_follows_seed_everything(tiny_lits, tmp_path):
 
     def transform_states(seed):
         pl.seed_everything(seed, verbose=False)
-        loader = make(tiny_lits, tmp_path, augment=True).train_dataloader()
+        loader = make(tiny_lits, tmp_path, augmentation=Augmentation(enabled=True)).train_dataloader()
         transforms = _randomizables(loader.dataset, [], set())
         assert transforms  # flips, rotation, zoom and their Compose
         return [tuple(t.R.get_state()[1][:4]) for t in transforms]

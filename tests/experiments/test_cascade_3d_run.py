@@ -29,7 +29,7 @@ def stage_config(model: str, target: str, **init_args) -> dict:
         "model": {"class_path": f"lightning_modules.{model}",
                   "init_args": {"spatial_dims": 3, "lr": 0.003, "num_overlays": 1, **init_args}},
         "data": {"root": "data", "cache_dir": "cache", "split": [2, 1, 1], "image_size": 32, "spatial_dims": 3, "target": target,
-                 "crop_size_3d": [16, 32, 32], "positive_fraction": 0.7, "batch_size": 2, "num_workers": 0, "preprocess_workers": 1},
+                 "volume_3d": {"crop_size": [16, 32, 32]}, "positive_fraction": 0.7, "batch_size": 2, "num_workers": 0, "preprocess_workers": 1},
         "trainer": {"max_epochs": 1, "limit_train_batches": 2, "accelerator": "cpu", "enable_progress_bar": False,
                     "enable_model_summary": False, "num_sanity_val_steps": 0},
     }

@@ -24,7 +24,7 @@ def write_cascade(folder, liver_epochs=1, lesion_epochs=1):
     liver = tiny_experiment(folder, volumes=4, split=(2, 1, 1), max_epochs=liver_epochs, lr=0.003)
     lesion = yaml.safe_load(yaml.safe_dump(liver))
     lesion["model"]["init_args"].update(seg_loss="pwce_over_dice")
-    lesion["data"].update(sampling="liver_roi", target="lesion", crop_size=32)
+    lesion["data"].update(sampling="liver_roi", target="lesion", liver_roi={"crop_size": 32})
     lesion["trainer"]["max_epochs"] = lesion_epochs
     (folder / "liver.yaml").write_text(yaml.safe_dump(liver))
     (folder / "lesion.yaml").write_text(yaml.safe_dump(lesion))
@@ -178,7 +178,8 @@ def test_roi_from_prediction_draws_the_crops_around_the_liver_networks_liver(cas
 
     liver_ckpt = str(cascade_run / "out" / "cascade" / "liver" / "checkpoints" / "best.ckpt")
     config = yaml.safe_load((cascade_run / "lesion.yaml").read_text())["data"]
-    data = LiTSDataModule(**{**config, "root": str(cascade_run / "data"), "cache_dir": str(cascade_run / "cache"), "roi_from": "prediction"})
+    data = LiTSDataModule(**{**config, "root": str(cascade_run / "data"), "cache_dir": str(cascade_run / "cache"),
+                             "liver_roi": {**config["liver_roi"], "roi_from": "prediction"}})
     data.prepare_data()
     data.setup("fit")
     truth_slices = len(data.datasets["train"])

@@ -13,8 +13,7 @@ from tests.synthetic import tiny_experiment
 def test_fit_2_epochs_equals_fit_1_then_resume_to_2(tmp_path):
     config = tiny_experiment(tmp_path, volumes=3, max_epochs=2, lr=0.003, restart_period=2)
     config["seed_everything"] = 3
-    config["data"]["augment"] = True  # the transforms' own random streams must come back too
-    config["data"]["augment_prob"] = 1.0
+    config["data"]["augmentation"] = {"enabled": True, "prob": 1.0}  # the transforms' own random streams must come back too
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
     lits("fit", "--config", "tiny.yaml", "--run_dir=whole", cwd=tmp_path)
     lits("fit", "--config", "tiny.yaml", "--run_dir=killed", "--trainer.max_epochs=1", cwd=tmp_path)  # "killed" after epoch 1

@@ -1,4 +1,4 @@
-"""The training augmentation on the batch (``augment_on: batch``): MONAI's parameter distributions, MONAI's
+"""The training augmentation on the batch (``augmentation.applied_to: batch``): MONAI's parameter distributions, MONAI's
 geometry, seeded and resumable random stream, independent ranks, and the data module's hooks."""
 
 import math
@@ -12,6 +12,7 @@ from monai import transforms as mt
 
 from datamodules import LiTSDataModule
 from datamodules.augment.batch import BatchAugmentation
+from datamodules.settings import Augmentation, LiverRoi
 from lightning_modules import BaselineUNet
 from lightning_modules.callbacks.random_state import RandomStateCheckpoint
 from tests.synthetic import tiny_volume, write_pair
@@ -29,7 +30,7 @@ def tiny_data(tmp_path_factory):
 
 def make(folder, **kwargs):
     options = dict(root=str(folder / "lits"), cache_dir=str(folder / "cache"), split=[3, 1, 2], image_size=32, batch_size=4,
-                   num_workers=0, augment_on="batch")
+                   num_workers=0, augmentation=Augmentation(applied_to="batch"))
     datamodule = LiTSDataModule(**(options | kwargs))
     datamodule.setup("fit")
     return datamodule
@@ -159,7 +160,7 @@ def test_ranks_draw_independently(tiny_data):
     def draws(rank):
         pl.seed_everything(5, verbose=False)
         datamodule = LiTSDataModule(root=str(tiny_data / "lits"), cache_dir=str(tiny_data / "cache"), split=[3, 1, 2],
-                                    image_size=32, augment_on="batch")
+                                    image_size=32, augmentation=Augmentation(applied_to="batch"))
         datamodule.trainer = SimpleNamespace(global_rank=rank)
         datamodule.setup("fit")
         return datamodule.batch_augmentation.draw(64)
@@ -219,7 +220,7 @@ class _Recording(BaselineUNet):
 def test_batch_mode_trains_through_on_after_batch_transfer_and_leaves_evaluation_alone(tiny_data, tmp_path):
     pl.seed_everything(0, verbose=False)
     datamodule = LiTSDataModule(root=str(tiny_data / "lits"), cache_dir=str(tiny_data / "cache"), split=[3, 1, 2], image_size=32,
-                                batch_size=4, num_workers=0, augment_on="batch", augment_prob=1.0)
+                                batch_size=4, num_workers=0, augmentation=Augmentation(applied_to="batch", prob=1.0))
     model = _Recording(base_channels=4, num_overlays=0)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=tmp_path, max_epochs=1, limit_train_batches=2,
@@ -233,8 +234,9 @@ def test_batch_mode_trains_through_on_after_batch_transfer_and_leaves_evaluation
 
 
 def test_lesion_crops_are_augmented_on_the_batch_too(tiny_data):
-    datamodule = make(tiny_data, target="lesion", sampling="liver_roi", crop_size=16, crop_margin=2, roi_margin_px=4, roi_margin_slices=1,
-                      augment_prob=1.0)
+    datamodule = make(tiny_data, target="lesion", sampling="liver_roi",
+                      liver_roi=LiverRoi(crop_size=16, crop_margin=2, roi_margin_px=4, roi_margin_slices=1),
+                      augmentation=Augmentation(applied_to="batch", prob=1.0))
     assert datamodule.datasets["train"].transform is None
     batch = next(iter(datamodule.train_dataloader()))
     datamodule.trainer = SimpleNamespace(training=True, global_rank=0, lightning_module=pl.LightningModule())
@@ -246,11 +248,11 @@ def test_lesion_crops_are_augmented_on_the_batch_too(tiny_data):
 
 
 def test_sample_mode_is_unchanged_and_bad_values_fail():
-    datamodule = LiTSDataModule(augment_on="sample")
+    datamodule = LiTSDataModule(augmentation=Augmentation(applied_to="sample"))
     assert datamodule.batch_augmentation is None and datamodule.state_dict() == {}
-    assert LiTSDataModule(augment_on="batch", augment=False).batch_augmentation is None
-    with pytest.raises(ValueError, match="augment_on must be one of sample, batch, got 'gpu'"):
-        LiTSDataModule(augment_on="gpu")
+    assert LiTSDataModule(augmentation=Augmentation(applied_to="batch", enabled=False)).batch_augmentation is None
+    with pytest.raises(ValueError, match="augmentation.applied_to must be one of sample, batch, got 'gpu'"):
+        LiTSDataModule(augmentation=Augmentation(applied_to="gpu"))
 
 
 # -- the stream in checkpoints ------------------------------------------------------------------------------
@@ -275,7 +277,7 @@ def test_a_resumed_fit_draws_the_uninterrupted_fits_augmentations(tiny_data, tmp
     def fit(folder, epochs, ckpt_path=None):
         pl.seed_everything(3, verbose=False)
         datamodule = LiTSDataModule(root=str(tiny_data / "lits"), cache_dir=str(tiny_data / "cache"), split=[3, 1, 2], image_size=32,
-                                    batch_size=4, num_workers=0, augment_on="batch", augment_prob=1.0)
+                                    batch_size=4, num_workers=0, augmentation=Augmentation(applied_to="batch", prob=1.0))
         model = BaselineUNet(base_channels=4, num_overlays=0)
         checkpoint = pl.callbacks.ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0)
         trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.io.cache import CachedVolume, PreprocessSettings, build_cache, read_box
-from datamodules.datasets.slices import training_augmentation
+from datamodules.io.cache import CachedVolume, build_cache, read_box
+from datamodules.io.preprocess import PreprocessSettings
+from datamodules.augment.sample import training_augmentation
 from datamodules.io.nifti import discover
 from datamodules.datasets.liver_region import LiverCropDataset, VolumeDataset, crop_start
 from tests.synthetic import tiny_volume, write_pair

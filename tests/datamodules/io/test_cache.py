@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 import datamodules.io.cache as cache
-from datamodules.io.cache import CachedVolume, PreprocessSettings, build_cache, to_display
+from datamodules.io.cache import CachedVolume, build_cache
 from datamodules.io.nifti import DataError, discover, load_pair
+from datamodules.io.preprocess import PreprocessSettings, resize_image, resize_labels, to_display
 from tests.synthetic import tiny_volume, write_pair
 
 SETTINGS = PreprocessSettings(-100.0, 600.0, 16)
@@ -93,9 +94,9 @@ def test_resizing_matches_torch_reference(size):
 
     labels = np.random.default_rng(0).integers(0, 3, (2, 16, 16)).astype(np.uint8)
     expected = F.interpolate(torch.from_numpy(labels)[:, None].float(), size=(size, size), mode="nearest-exact")[:, 0]
-    np.testing.assert_array_equal(cache.resize_labels(labels, size), expected.to(torch.uint8).numpy())
+    np.testing.assert_array_equal(resize_labels(labels, size), expected.to(torch.uint8).numpy())
     image = np.random.default_rng(1).random((2, 16, 16)).astype(np.float32)
-    resized = cache.resize_image(image, size).astype(np.float32)
+    resized = resize_image(image, size).astype(np.float32)
     assert resized.shape == (2, size, size)
     if size == 8:  # an integer factor averages each 2x2 block exactly
         np.testing.assert_allclose(resized, image.reshape(2, 8, 2, 8, 2).mean((2, 4)), atol=1e-3)

@@ -9,8 +9,10 @@ import pytest
 import torch
 from monai.transforms import Rotate
 
-from datamodules.io.cache import CachedVolume, PreprocessSettings, build_cache, foreground_box
-from datamodules.datasets.crops3d import Crop3DDataset, InPlaneAugmentation
+from datamodules.io.cache import CachedVolume, build_cache
+from datamodules.io.preprocess import PreprocessSettings, foreground_box
+from datamodules.augment.sample import InPlaneAugmentation
+from datamodules.datasets.crops3d import Crop3DDataset
 from datamodules.io.nifti import DataError, discover
 from datamodules.io.volume3d import (
     interpolate_z,
