@@ -46,7 +46,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from datamodules.io.cache import CachedVolume, PreprocessSettings, build_cache
+from datamodules.io.cache import CachedVolume, build_cache
+from datamodules.io.preprocess import PreprocessSettings
 from datamodules.datasets.slices import SliceDataset
 from datamodules.io.nifti import discover
 from datamodules.io.phantom import write_phantom_dataset
@@ -172,7 +173,7 @@ def bench_mining_step(work: Path, steps: int, warmup: int, batch_size: int, size
     return {"steps": steps, "batch": f"{batch_size}x1x{size}x{size}", "baseline_s": plain, "mining_s": mining, "ratio": mining / plain}
 
 
-def main() -> None:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller data and fewer repeats (a smoke run, noisier)")
     parser.add_argument("--device", default="cpu", help="cpu (default: the suite's CPU hot paths) or an accelerator, e.g. cuda")
@@ -184,6 +185,11 @@ def main() -> None:
                         help="--scale lits: the validation's batch (default 6 on the CPU, 32 on a device, 16 with --quick)")
     parser.add_argument("--volumetric", action="store_true",
                         help="the 3D path instead: train step, sliding-window prediction, crop loading (benchmarks/volumetric.py)")
+    return parser
+
+
+def main() -> None:
+    parser = argument_parser()
     args = parser.parse_args()
     if args.volumetric:
         if args.scale != "suite":
@@ -193,6 +199,11 @@ def main() -> None:
         return lits_scale_main(args)
     if args.device != "cpu":
         return device_main(args)
+    return suite_main(args)
+
+
+def suite_main(args) -> None:
+    """(a)-(f), the suite's CPU hot paths, as one table and one JSON line."""
     torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)

@@ -36,7 +36,8 @@ import torch
 import experiments.commands.predict as predict_module
 import lightning_modules.inference.cascade_2d as cascade_module
 import lightning_modules.segmentation as segmentation_module
-from datamodules.io.cache import CachedVolume, PreprocessSettings, build_cache
+from datamodules.io.cache import CachedVolume, build_cache
+from datamodules.io.preprocess import PreprocessSettings
 from datamodules.io.nifti import discover
 from datamodules.datasets.liver_region import VolumeDataset
 from experiments.commands.predict import CascadePredictor, predict_files
@@ -97,7 +98,7 @@ class Stopwatch:
                 setattr(module, name, original)
 
 
-def _set_head(task: BaselineUNet, bias: float) -> None:
+def set_head(task: BaselineUNet, bias: float) -> None:
     """Zero the 1x1 segmentation head's weights and set its bias: the sigmoid is then sigmoid(bias) at every pixel."""
     with torch.no_grad():
         task.model.segmentation_head.weight.zero_()
@@ -122,11 +123,11 @@ def write_checkpoints(folder: Path) -> tuple[Path, BaselineUNet]:
     """
     torch.manual_seed(0)
     liver = BaselineUNet()
-    _set_head(liver, 4.0)
+    set_head(liver, 4.0)
     liver_path = folder / "liver.ckpt"
     _save(liver, "liver", liver_path)
     lesion = BaselineUNet(liver_checkpoint=str(liver_path))  # reads the liver checkpoint for its cascade evaluation
-    _set_head(lesion, -4.0)
+    set_head(lesion, -4.0)
     lesion_path = folder / "lesion.ckpt"
     _save(lesion, "lesion", lesion_path)
     return lesion_path, lesion

@@ -88,7 +88,7 @@ class _Timer(pl.Callback):
             self.seconds = time.perf_counter() - self.start
 
 
-def _suite_task(spatial_dims: int = 2) -> BaselineUNet:
+def suite_task(spatial_dims: int = 2) -> BaselineUNet:
     torch.manual_seed(0)
     return BaselineUNet(lr=1e-3, scheduler="none", spatial_dims=spatial_dims)
 
@@ -100,8 +100,8 @@ def _basic_unet(spatial_dims: int = 2) -> torch.nn.Module:
 
 
 def lightning_seconds(batches, warmup, device, precision, compiled, channels_last, task: BaselineUNet | None = None) -> float:
-    """``task``: the module to train (default: a fresh ``_suite_task`` of the batches' dimensionality); the caller may read its weights after."""
-    task = task if task is not None else _suite_task(batches[0]["image"].ndim - 2)
+    """``task``: the module to train (default: a fresh ``suite_task`` of the batches' dimensionality); the caller may read its weights after."""
+    task = task if task is not None else suite_task(batches[0]["image"].ndim - 2)
     if compiled:
         task.model = torch.compile(task.model)
     timer = _Timer(warmup, len(batches) - 1, device)
@@ -147,7 +147,7 @@ def bench_training(device: str = "cuda", batch_sizes=(10, 64), size: int | tuple
     """
     device = torch.device(device)
     spatial_dims = len(spatial_shape(size))
-    loss = _suite_task().segmentation_loss
+    loss = suite_task().segmentation_loss
     groups = []
     if False in compile_modes:
         groups += [(b, False, channels_last, precisions) for b in batch_sizes]
@@ -173,7 +173,7 @@ def bench_training(device: str = "cuda", batch_sizes=(10, 64), size: int | tuple
                     if implementation == "lightning":
                         seconds = lightning_seconds(batches, warmup, device, precision, compiled, layout)
                     else:
-                        network = _suite_task(spatial_dims).model if implementation == "plain" else _basic_unet(spatial_dims)
+                        network = suite_task(spatial_dims).model if implementation == "plain" else _basic_unet(spatial_dims)
                         seconds = plain_seconds(network, loss, batches, warmup, device, precision, compiled, layout)
                 except Exception as error:  # one failing configuration (e.g. a compiler missing) must not lose the rest
                     row["skipped"] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"

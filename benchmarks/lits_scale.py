@@ -1,85 +1,47 @@
 """``python -m benchmarks --scale lits``: the epoch at LiTS scale, measured in parts on phantom volumes of LiTS' geometry.
 
-LiTS' training set is 131 volumes of 512 x 512 x 74-987 slices (58,638 slices, 447.6 per volume on
-average), 0.56-1.0 mm in plane and 0.7-5 mm between slices. Training on all of it takes hours on a
-CPU, so the benchmark measures each part of an epoch on a few phantom volumes of that geometry and
-scales the parts to LiTS' composition:
+LiTS' training set is 131 volumes of 512 x 512 x 74-987 slices (447.6 per volume on average). Training on all of it
+takes hours on a CPU, so each part of an epoch is measured on a few phantom volumes of that geometry and scaled to
+LiTS' composition (``split=[0.7, 0.15, 0.15]``: 91 training and 20 validation volumes):
 
-1. **Preprocessing** (decode, reorient, window, resize to 256, write the cache) per volume, against a
-   plain nibabel decode of the same files.
-2. **A training epoch's parts**, measured in one Lightning fit of the paper's U-Net (``BaselineUNet``,
-   256 x 256, batch 6, the suite's per-sample augmentation, ``num_workers`` DataLoader workers) on the
-   phantom's training volume: *data wait* (from one step's end to the next step's start: the loader
-   plus Lightning's loop), *step* (forward, loss, backward, Adam), both after 2 warm-up batches, and
-   *validation* of one whole volume, split into its *forward* part (network + per-slice records: storing them,
-   the per-slice figures are deferred) and its *per-volume metrics* (reassembly at 512 x 512, largest 3D component,
-   Dice and surface distances in mm, and the per-slice Dice and Hausdorff in px at 256 x 256).
-   The forward part is timed from the end of its first warm-up batches (2, or 1 where that leaves fewer
-   than 2 batches to time) and counts only the slices after them: a LiTS validation of 8,952 slices pays
-   its DataLoader workers' start-up (persistent, so once per run) and a device's first-batch set-up once, not
-   per volume. Its batch is ``eval_batch_size``: 6 on the CPU (the training batch, the figures of earlier
-   runs), 32 on an accelerator (``--data.eval_batch_size`` a GPU user would set; 160 = 5 x 32 slices, 16
-   with ``--quick``). The validation scores a
-   near-truth prediction (the truth shifted by 2 px at 256 x 256, ``NearTruth``) rather than the
-   untrained network's output, so that the metric time is that of a trained model (the surface
-   distances of a prediction far from the truth cost far more; ``python -m benchmarks`` (f) shows that
-   worst case). The network still runs on every validation slice.
-3. **The LiTS epoch**, from the measured parts: ``split=[0.7, 0.15, 0.15]`` of 131 volumes (91 training, 20
-   validation volumes) of 447.6 slices each; every training slice once per epoch (the data module's
-   default, no ``foreground_margin``); validation of every slice of the validation volumes and one
-   per-volume metric computation each (scaled to 447.6 slices from the measured volume), on
-   ``--ranks`` processes on one machine sharing the validation volumes (sharded validation) and one device each.
-   Each rank scores its share of the volumes in ``metric_workers`` worker processes, the suite's automatic
-   count for a LiTS share on this machine (``volume_scoring.metric_workers``: the cores divided among the ranks, 16
-   for one rank on a 16-core GPU machine, 2 on a 2-core CPU): measured by scoring that many copies of the
-   validation volume at once (one round, checked equal to the in-process figures), a share of ``V`` volumes
-   taking ``ceil(V / metric_workers)`` rounds. ``validation_share`` = validation / (training + validation) of
-   that epoch's wall time; ``validation_share_1_worker`` the same with the volumes scored in-process, one
-   after the other, as before the workers (comparable with earlier runs).
-4. **Per-volume metric time against MONAI** on the full volume: ``metrics.volume_dice_hausdorff`` (the
-   suite's; cropped to the masks' joint bounding box) against MONAI's ``compute_dice`` and
-   ``compute_hausdorff_distance`` (95 and 100) on the uncropped volume; identical values asserted.
-5. **Surface distances in the worst case**: the liver's, with the whole of the smallest volume (512 x 512 x 100
-   at 5 mm; 32 slices with ``--quick``) predicted liver, an untrained network's answer: the truth's surface then
-   lies far inside the prediction's, MONAI's KD-tree search is at its slowest, and ``surface_distance`` answers
-   the far voxels from the distance transform. The suite's ``surface_distances`` against MONAI's
-   ``get_edge_surface_distance(..., symmetric=True)`` (on the CPU, not with ``--quick``: the surface distances run
-   on the CPU in any case, and the GPU check's time limit has no room for MONAI's ~30 s), identical values asserted:
-   ``surface_worst_s``, ``surface_worst_monai_s``.
-6. **Augmentation**: the batch path (``datamodules.augment.batch``, on the device) against the
-   per-sample MONAI path, in slices/s at 256 x 256: ``augment_batch_vs_sample``.
+1. **Preprocessing** per volume, against a plain nibabel decode of the same files.
+2. **A training epoch's parts**, in one Lightning fit of the paper's U-Net (256 x 256, batch 6, per-sample
+   augmentation): *data wait*, *step*, and *validation* of one whole volume, split into its *forward* part and its
+   *per-volume metrics*. The validation scores a near-truth prediction (``NearTruth``: the truth shifted by 2 px), so
+   that the metric time is a trained model's; the network still runs on every slice. Warm-up batches are not timed.
+3. **The LiTS epoch** from those parts, on ``--ranks`` processes sharing the validation volumes, each scoring its share
+   in ``metric_workers`` processes (the suite's automatic count, measured by scoring that many copies at once).
+4. **Per-volume metrics and worst-case surface distances against MONAI** (``benchmarks.surface_metrics``), identical
+   values asserted.
+5. **Augmentation**: the batch path on the device against the per-sample MONAI path (``augment_batch_vs_sample``).
 
-The last line printed is a JSON object with at least ``validation_share``, ``augment_batch_vs_sample`` and
-``metric_s_per_volume`` (per volume of 447.6 slices at 512 x 512, in-process), ``metric_workers`` and
-``metric_s_per_volume_workers`` (a round's wall time divided by its volumes: the cost of a volume with the workers).
+The last line printed is a JSON object with at least ``validation_share``, ``augment_batch_vs_sample``,
+``metric_s_per_volume``, ``metric_workers`` and ``metric_s_per_volume_workers``; docs/benchmarks.md explains each.
 """
 
 from __future__ import annotations
 
 import math
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from monai.metrics import compute_dice, compute_hausdorff_distance
-from monai.metrics.utils import get_edge_surface_distance
 
 from datamodules import LiTSDataModule
 from datamodules.io.cache import CachedVolume
 from datamodules.io.phantom import write_phantom_dataset
 from datamodules.splits import split_counts
 from lightning_modules import BaselineUNet
-from lightning_modules.metrics.slice_volume import SLICE_KEYS, split_slice_figures, volume_dice_hausdorff
+from lightning_modules.metrics.slice_volume import SLICE_KEYS, split_slice_figures
 from lightning_modules.metrics.volume_scoring import metric_workers, record_volumes, volume_figures
 from lightning_modules.metrics.slice_records import RECORD_KEYS
-from lightning_modules.metrics.surface_distance import surface_distances
 from lightning_modules.metrics.volume_records import volume_share
 
 from benchmarks.augmentation import augmentation_throughput
 from benchmarks.preprocessing import bench_preprocess
+from benchmarks.surface_metrics import metrics_against_monai, worst_case_surfaces
 
 LITS_VOLUMES, LITS_SLICES_PER_VOLUME, LITS_SPLIT = 131, 58_638 / 131, (0.7, 0.15, 0.15)
 # (shape x, y, z; spacing mm): LiTS' range of geometry, small enough for a few minutes on 2 cores
@@ -240,67 +202,6 @@ def lits_epoch(parts: dict, ranks: int) -> dict:
             "metric_s_per_volume": metric_s, "metric_workers": workers, "metric_s_per_volume_workers": metric_workers_s,
             "validation_share": validation / (training + validation),
             "validation_s_1_worker": sequential, "validation_share_1_worker": sequential / (training + sequential)}
-
-
-def near_truth_volume(volume: CachedVolume) -> tuple[np.ndarray, np.ndarray, list[float]]:
-    """A volume's full-resolution liver truth (1, Z, H, W) and a near-truth prediction: shifted by 2 voxels in
-    x, with one false-positive island (a trained network's typical error)."""
-    truth = (np.asarray(volume.label_full()) >= 1)[None]
-    pred = np.roll(truth, 2, axis=-1)
-    z, h, w = truth.shape[1:]
-    pred[0, z // 2, h // 8 : h // 8 + 10, w // 8 : w // 8 + 10] = True
-    return pred, truth, [float(s) for s in volume.spacing]
-
-
-def metrics_against_monai(volume: CachedVolume, repeats: int) -> dict:
-    """The suite's per-volume Dice / hd95 / Hausdorff against MONAI's on the uncropped volume: time and values."""
-    pred, truth, spacing = near_truth_volume(volume)
-
-    def suite():
-        return volume_dice_hausdorff(pred, truth, spacing)
-
-    def monai():
-        p, t = torch.from_numpy(pred)[None], torch.from_numpy(truth)[None]
-        return {
-            "dice_volume": float(compute_dice(p, t, include_background=True)),
-            "hd95_volume_mm": float(compute_hausdorff_distance(p, t, include_background=True, percentile=95, spacing=spacing)),
-            "hd_volume_mm": float(compute_hausdorff_distance(p, t, include_background=True, spacing=spacing)),
-        }
-
-    warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)  # MONAI's own call
-    times = {"suite": float("inf"), "monai": float("inf")}
-    for _ in range(repeats):
-        for name, function in (("suite", suite), ("monai", monai)):
-            start = time.perf_counter()
-            values = function()
-            times[name] = min(times[name], time.perf_counter() - start)
-            if name == "suite":
-                ours = values
-            else:
-                theirs = values
-    for key, value in theirs.items():
-        if abs(ours[key] - value) > 1e-4 * max(1.0, abs(value)):
-            raise AssertionError(f"{key}: suite {ours[key]} != MONAI {value}")
-    return {"shape": list(volume.full_shape), "suite_s": times["suite"], "monai_s": times["monai"], "values": ours}
-
-
-def worst_case_surfaces(volume: CachedVolume, with_monai: bool) -> dict:
-    """The liver's surface distances with the whole volume predicted liver: the suite's time, and MONAI's on the same
-    masks (``with_monai``; identical values asserted, or AssertionError)."""
-    truth = np.asarray(volume.label_full()) >= 1
-    pred = np.ones_like(truth)
-    spacing = [float(s) for s in volume.spacing]
-    start = time.perf_counter()
-    ours = surface_distances(pred, truth, spacing)
-    result = {"shape": list(truth.shape), "suite_s": time.perf_counter() - start, "monai_s": None}
-    if with_monai:
-        start = time.perf_counter()
-        _, theirs, _ = get_edge_surface_distance(torch.from_numpy(pred), torch.from_numpy(truth), spacing=spacing,
-                                                 symmetric=True, warn_empty=False)
-        result["monai_s"] = time.perf_counter() - start
-        if not all(torch.equal(a, b) for a, b in zip(ours, theirs)):
-            raise AssertionError("worst-case surface distances: the suite's differ from MONAI's")
-    return result
 
 
 def bench_lits_scale(work: Path, quick: bool, ranks: int, device: str, eval_batch_size: int | None = None) -> dict:

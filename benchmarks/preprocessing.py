@@ -10,7 +10,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from datamodules.io.cache import PreprocessSettings, build_cache
+from datamodules.io.cache import build_cache
+from datamodules.io.preprocess import PreprocessSettings
 from datamodules.io.nifti import discover
 
 

@@ -41,14 +41,11 @@
     with ``InPlaneAugmentation``: crops/s per worker. The volumes are 256x256x100 phantoms at 1.6 mm pixels and
     2.5 mm slices: the cache's 256x256 grid of a 512x512 volume at 0.8 mm, without writing the larger file.
 
-On the CPU (fp32 only: bf16 autocast on a CPU without bf16 instructions is ~35x slower, see
-``experiments/gpu.yaml``) everything runs on one torch thread: on the shared 2-core machines a second thread
-waits for a busy core at every operation, which made a 2x1x16x32x32 3D step 4 s instead of 0.25 s. A full-size
-step there would take some 10 s (eight times the voxels of a 1.2 s 32x64x64 step), so the train step uses (32, 64, 64) crops (``--quick``: (16, 32, 32), and a
-512x512x32 volume with (32, 64, 64) windows for (h)); the table names the sizes used. ``--device cuda`` runs
-(g) at full size in fp32 and bf16-mixed (cuDNN autotuning on, as ``experiments/gpu.yaml``) with each
-configuration's peak device memory, and (h) on the device; ``--budget`` seconds bound (g) there, configurations
-beyond it are reported as skipped.
+On the CPU (fp32 only: bf16 autocast on a CPU without bf16 instructions is far slower, see ``experiments/gpu.yaml``)
+everything runs on one torch thread (on the shared 2-core machines a second thread waits for a busy core at every
+operation) and the train step uses (32, 64, 64) crops (``--quick``: (16, 32, 32), and a 512x512x32 volume with
+(32, 64, 64) windows for (h)); the table names the sizes used. ``--device cuda`` runs (g) at full size in fp32 and
+bf16-mixed with each configuration's peak device memory, and (h) on the device; ``--budget`` seconds bound (g) there.
 """
 
 from __future__ import annotations
@@ -62,7 +59,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datamodules.io.cache import CachedVolume, PreprocessSettings, build_cache
+from datamodules.io.cache import CachedVolume, build_cache
+from datamodules.io.preprocess import PreprocessSettings
 from datamodules.augment.sample import InPlaneAugmentation
 from datamodules.datasets.crops3d import Crop3DDataset, WholeVolume3DDataset
 from datamodules.io.nifti import discover
@@ -71,7 +69,7 @@ from datamodules.io.volume3d import DEFAULT_SLICE_SPACING_MM, to_original_slices
 from lightning_modules import BaselineUNet
 from lightning_modules.inference.cascade_2d import liver_mask
 
-from benchmarks.cascade_inference import _set_head
+from benchmarks.cascade_inference import set_head
 from benchmarks.device_training import bench_training, find, ratio
 
 FULL_CROP = (64, 128, 128)  # (D, H, W): the paper's 128x128x64, data.volume_3d.crop_size's default
@@ -123,7 +121,7 @@ def untrained_liver_network(device: str = "cpu") -> BaselineUNet:
     """The paper's 3D U-Net, untrained, its head set to predict liver everywhere (see the module docstring)."""
     torch.manual_seed(0)
     task = BaselineUNet(spatial_dims=3)
-    _set_head(task, 4.0)
+    set_head(task, 4.0)
     return task.eval().to(device)
 
 

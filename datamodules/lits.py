@@ -17,7 +17,8 @@ from datamodules.augment.batch import BatchAugmentation
 from datamodules.datasets.liver_region import LiverCropDataset, VolumeDataset
 from datamodules.datasets.slices import target_channels
 from datamodules.io.cache import CachedVolume, build_cache
-from datamodules.io.nifti import DataError, discover
+from datamodules.errors import DataError
+from datamodules.io.nifti import discover
 from datamodules.io.phantom import PHANTOM_VERSION, write_phantom_dataset
 from datamodules.io.preprocess import PreprocessSettings
 from datamodules.sampling import split_datasets

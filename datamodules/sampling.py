@@ -24,7 +24,7 @@ from datamodules.datasets.crops3d import Crop3DDataset, WholeVolume3DDataset
 from datamodules.datasets.liver_region import LiverCropDataset, VolumeDataset
 from datamodules.datasets.slices import SliceDataset, target_channels
 from datamodules.io.cache import CachedVolume
-from datamodules.io.nifti import DataError
+from datamodules.errors import DataError
 from datamodules.splits import SPLIT_NAMES
 
 

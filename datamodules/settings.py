@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from datamodules.datasets.crops3d import check_crop_size
-from datamodules.io.nifti import DataError
+from datamodules.errors import ConfigError
 from datamodules.splits import SPLIT_NAMES
 
 SAMPLING_MODES = ("slices", "liver_roi")
@@ -168,46 +168,46 @@ def check_data_settings(h, augmentation: Augmentation, liver_roi: LiverRoi, volu
     groups): ``ValueError`` for a value no run could take, ``DataError`` (one line, with the fix) for a
     combination the suite refuses."""
     if augmentation.applied_to not in AUGMENT_ON:
-        raise ValueError(f"augmentation.applied_to must be one of {', '.join(AUGMENT_ON)}, got {augmentation.applied_to!r}")
+        raise ConfigError(f"--data.augmentation.applied_to must be one of {', '.join(AUGMENT_ON)}, got {augmentation.applied_to!r}")
     if h.image_size % 16:
-        raise ValueError(f"image_size must be divisible by 16 (four U-Net poolings), got {h.image_size}")
+        raise ConfigError(f"--data.image_size must be divisible by 16 (four U-Net poolings), got {h.image_size}")
     if h.holdout_fold is not None and not 0 <= h.holdout_fold < h.num_folds:
-        raise DataError(f"--data.holdout_fold={h.holdout_fold} needs --data.num_folds above it (folds are 0..num_folds-1)")
+        raise ConfigError(f"--data.holdout_fold={h.holdout_fold} needs --data.num_folds above it (folds are 0..num_folds-1)")
     if liver_roi.roi_from not in ("truth", "prediction"):
-        raise DataError(f"--data.liver_roi.roi_from must be truth or prediction, got {liver_roi.roi_from!r}")
+        raise ConfigError(f"--data.liver_roi.roi_from must be truth or prediction, got {liver_roi.roi_from!r}")
     if h.sampling not in SAMPLING_MODES:
-        raise DataError(
+        raise ConfigError(
             f"--data.sampling={h.sampling!r} is not one of {', '.join(SAMPLING_MODES)}; use slices (whole resized slices) "
             "or liver_roi (full-resolution crops around the liver)"
         )
     if liver_roi.crop_size <= 0 or liver_roi.crop_size % 16:
-        raise DataError(f"--data.liver_roi.crop_size={liver_roi.crop_size} must be a positive multiple of 16 (four U-Net poolings), e.g. 256")
+        raise ConfigError(f"--data.liver_roi.crop_size={liver_roi.crop_size} must be a positive multiple of 16 (four U-Net poolings), e.g. 256")
     if h.test_split not in SPLIT_NAMES:
-        raise DataError(f"--data.test_split={h.test_split!r} is not one of {', '.join(SPLIT_NAMES)}; it names the split that `lits test` evaluates")
+        raise ConfigError(f"--data.test_split={h.test_split!r} is not one of {', '.join(SPLIT_NAMES)}; it names the split that `lits test` evaluates")
     if min(liver_roi.crop_margin, liver_roi.roi_margin_px, liver_roi.roi_margin_slices, volume_3d.crop_margin) < 0:
-        raise DataError("--data.liver_roi.crop_margin, --data.liver_roi.roi_margin_px, --data.liver_roi.roi_margin_slices and "
+        raise ConfigError("--data.liver_roi.crop_margin, --data.liver_roi.roi_margin_px, --data.liver_roi.roi_margin_slices and "
                         "--data.volume_3d.crop_margin must be non-negative")
     if h.spatial_dims not in (2, 3):
-        raise DataError(f"--data.spatial_dims={h.spatial_dims} must be 2 (slices) or 3 (volumes)")
+        raise ConfigError(f"--data.spatial_dims={h.spatial_dims} must be 2 (slices) or 3 (volumes)")
     if h.spatial_dims == 3:
         _check_3d_settings(h, augmentation, volume_3d)
 
 
 def _check_3d_settings(h, augmentation: Augmentation, volume_3d: Volume3D) -> None:
     if h.sampling != "slices":
-        raise DataError(f"--data.spatial_dims=3 takes --data.sampling=slices, got {h.sampling}: in 3D the training crops are drawn "
+        raise ConfigError(f"--data.spatial_dims=3 takes --data.sampling=slices, got {h.sampling}: in 3D the training crops are drawn "
                         "from the resampled volumes, and --data.target=lesion already draws them in and around the liver")
     if h.context_slices:
-        raise DataError(f"--data.spatial_dims=3 with --data.context_slices={h.context_slices} is not supported yet; "
+        raise ConfigError(f"--data.spatial_dims=3 with --data.context_slices={h.context_slices} is not supported yet; "
                         "set --data.context_slices=0 (the 3D network sees the neighbouring slices itself)")
     if augmentation.enabled and augmentation.applied_to == "batch":
-        raise DataError("--data.spatial_dims=3 with --data.augmentation.applied_to=batch is not supported yet; "
+        raise ConfigError("--data.spatial_dims=3 with --data.augmentation.applied_to=batch is not supported yet; "
                         "use --data.augmentation.applied_to=sample")
     try:
         check_crop_size(volume_3d.crop_size)
-    except DataError as error:
-        raise DataError(f"--data.volume_3d.crop_size: {error}") from None
+    except ConfigError as error:
+        raise ConfigError(f"--data.volume_3d.crop_size: {error}") from None
     if volume_3d.crops_per_volume < 1:
-        raise DataError(f"--data.volume_3d.crops_per_volume={volume_3d.crops_per_volume} must be at least 1")
+        raise ConfigError(f"--data.volume_3d.crops_per_volume={volume_3d.crops_per_volume} must be at least 1")
     if not h.slice_spacing_mm > 0:
-        raise DataError(f"--data.slice_spacing_mm={h.slice_spacing_mm} must be positive, e.g. 2.5")
+        raise ConfigError(f"--data.slice_spacing_mm={h.slice_spacing_mm} must be positive, e.g. 2.5")

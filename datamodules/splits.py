@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from datamodules.io.nifti import DataError
+from datamodules.errors import ConfigError
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -14,7 +14,7 @@ SPLIT_NAMES = ("train", "val", "test")
 def split_counts(split: Sequence[float], available: int) -> list[int]:
     """Counts from ``split``: integers summing to more than 1 are volume counts, otherwise fractions of ``available``."""
     if len(split) != 3 or any(v < 0 for v in split):
-        raise DataError(f"split {list(split)} must be three non-negative numbers (train, val, test): counts like [10, 2, 5] or fractions like [0.7, 0.15, 0.15]")
+        raise ConfigError(f"split {list(split)} must be three non-negative numbers (train, val, test): counts like [10, 2, 5] or fractions like [0.7, 0.15, 0.15]")
     if all(float(v).is_integer() for v in split) and sum(split) > 1:
         counts = [int(v) for v in split]
     elif sum(split) <= 1 + 1e-9:
@@ -22,9 +22,9 @@ def split_counts(split: Sequence[float], available: int) -> list[int]:
         train = available - val - test if abs(sum(split) - 1) < 1e-9 else round(split[0] * available)
         counts = [train, val, test]
     else:
-        raise DataError(f"split {list(split)} mixes counts and fractions, or its fractions sum above 1; use counts like [10, 2, 5] or fractions like [0.7, 0.15, 0.15]")
+        raise ConfigError(f"split {list(split)} mixes counts and fractions, or its fractions sum above 1; use counts like [10, 2, 5] or fractions like [0.7, 0.15, 0.15]")
     if sum(counts) > available:
-        raise DataError(
+        raise ConfigError(
             f"split {list(split)} asks for {sum(counts)} volumes ({counts[0]} train + {counts[1]} val + {counts[2]} test) "
             f"but the data folder has {available}; lower --data.split or add volumes"
         )
@@ -49,16 +49,16 @@ def split_volumes(
     for name, ids in explicit.items():
         missing = [i for i in ids if i not in known]
         if missing:
-            raise DataError(f"--data.{name}_ids names volumes {missing[:5]} that are not in the data folder; use ids from its file names")
+            raise ConfigError(f"--data.{name}_ids names volumes {missing[:5]} that are not in the data folder; use ids from its file names")
     taken = [i for ids in explicit.values() for i in ids]
     if len(taken) != len(set(taken)):
-        raise DataError("a volume id appears in more than one of --data.train_ids/val_ids/test_ids; each volume belongs to one split")
+        raise ConfigError("a volume id appears in more than one of --data.train_ids/val_ids/test_ids; each volume belongs to one split")
     pool = sorted(known - set(taken))
     drawn = [name for name in ("test", "val", "train") if name not in explicit]
     counts = dict(zip(SPLIT_NAMES, split_counts(split, len(pool)))) if drawn else {}
     needed = sum(counts[name] for name in drawn)
     if needed > len(pool):
-        raise DataError(f"split asks for {needed} volumes beyond the explicit id lists but only {len(pool)} remain; lower --data.split or add volumes")
+        raise ConfigError(f"split asks for {needed} volumes beyond the explicit id lists but only {len(pool)} remain; lower --data.split or add volumes")
     order = [pool[i] for i in np.random.default_rng(seed).permutation(len(pool))]
     result = dict(explicit)
     start = 0

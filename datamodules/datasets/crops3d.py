@@ -13,17 +13,17 @@ from datamodules.augment.sample import augment
 from datamodules.datasets.liver_region import crop_start
 from datamodules.datasets.slices import TARGETS, target_channels
 from datamodules.io.cache import CachedVolume
-from datamodules.io.nifti import DataError
+from datamodules.errors import ConfigError
 from datamodules.io.preprocess import grow_box
 from datamodules.io.volume3d import DEFAULT_SLICE_SPACING_MM, NETWORK_DIVISOR, resample_volume
 
 
 # -- crops --------------------------------------------------------------------------------------
 def check_crop_size(crop_size: Sequence[int]) -> tuple[int, int, int]:
-    """``crop_size`` as (D, H, W) ints; a one-line DataError unless three positive multiples of 16."""
+    """``crop_size`` as (D, H, W) ints; a one-line ConfigError unless three positive multiples of 16."""
     size = tuple(int(v) for v in crop_size)
     if len(size) != 3 or any(v <= 0 or v % NETWORK_DIVISOR for v in size):
-        raise DataError(
+        raise ConfigError(
             f"crop_size {tuple(crop_size)} (D, H, W) must be positive and divisible by {NETWORK_DIVISOR} on every axis "
             f"(the 3D U-Net halves each axis four times); use e.g. (64, 128, 128)"
         )

@@ -20,7 +20,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 
-from datamodules import DataError, LiTSDataModule
+from datamodules import LiTSDataModule
 from datamodules.errors import ConfigError
 from experiments.commands.console import HistoryCSVLogger, quiet_library_noise, wandb_offline_hint
 from experiments.commands.wandb_mode import configure_wandb_mode

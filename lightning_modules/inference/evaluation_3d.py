@@ -28,7 +28,6 @@ def evaluate_volume_3d(task, batch: dict, stage: str, blend_logits: bool) -> Non
     """
     from monai.inferers import SlidingWindowInferer  # MONAI's inferers import a lot; only evaluation needs them
 
-    data = task.trainer.datamodule.hparams
     h, image = task.hparams, batch["image"]
     if image.shape[0] != 1:
         raise ValueError(f"3D evaluation takes one whole volume per batch, got {image.shape[0]}")

@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 
 from lightning_modules.losses.segmentation import distance_weight_maps, weighted_mean
-from lightning_modules.losses.segmentation import unet_weight_map  # noqa: F401  (its home is losses; importable here as before)
 
 TN, FP, FN, TP = 0, 1, 2, 3
 ERROR_CLASSES = ("TN", "FP", "FN", "TP")

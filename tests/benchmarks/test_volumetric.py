@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks import volumetric
-from benchmarks.device_training import _suite_task, lightning_seconds, plain_seconds, random_batches
+from benchmarks.device_training import suite_task, lightning_seconds, plain_seconds, random_batches
 from datamodules.io.cache import build_cache
 from datamodules.io.preprocess import PreprocessSettings
 from datamodules.io.nifti import discover
@@ -88,11 +88,11 @@ def test_each_configuration_keeps_its_best_repeat(monkeypatch):
 
 def test_lightning_and_the_plain_loop_train_the_same_weights():
     batches = random_batches(3, 2, CROP, torch.device("cpu"), channels_last=False)
-    task = _suite_task(3)
+    task = suite_task(3)
     lightning_seconds(batches, 1, torch.device("cpu"), "32-true", False, False, task=task)
-    network = _suite_task(3).model
+    network = suite_task(3).model
     plain_seconds(network, task.segmentation_loss, batches, 1, torch.device("cpu"), "32-true", False, False)
-    initial, trained, plain = _suite_task(3).model.state_dict(), task.model.state_dict(), network.state_dict()
+    initial, trained, plain = suite_task(3).model.state_dict(), task.model.state_dict(), network.state_dict()
     assert trained.keys() == plain.keys()
     for name in plain:
         torch.testing.assert_close(trained[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)

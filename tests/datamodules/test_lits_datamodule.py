@@ -8,6 +8,7 @@ from datamodules import DataError, LiTSDataModule
 from datamodules.datasets.liver_region import LiverCropDataset, VolumeDataset
 from datamodules.settings import Augmentation, LiverRoi, Phantom
 from tests.synthetic import tiny_volume, write_pair
+from datamodules.errors import ConfigError
 
 
 def make(root, tmp_path, **kwargs):
@@ -78,7 +79,7 @@ def test_batches_collate(tiny_lits, tmp_path):
 
 def test_split_larger_than_dataset_fails_before_preprocessing(tiny_lits, tmp_path):
     datamodule = LiTSDataModule(root=str(tiny_lits), cache_dir=str(tmp_path / "cache"), split=[10, 2, 5], image_size=16)
-    with pytest.raises(DataError, match="asks for 17 volumes .* has 6"):
+    with pytest.raises(ConfigError, match="asks for 17 volumes .* has 6"):
         datamodule.prepare_data()
     assert not (tmp_path / "cache" / "preprocessed").exists()
 
@@ -179,7 +180,7 @@ def test_liver_roi_needs_liver_slices_in_training(tmp_path):
     ],
 )
 def test_bad_liver_roi_options(options, message):
-    with pytest.raises(DataError, match=message) as error:
+    with pytest.raises(ConfigError, match=message) as error:
         LiTSDataModule(**options)
     assert "\n" not in str(error.value)
 

@@ -1,6 +1,6 @@
 import pytest
 
-from datamodules.io.nifti import DataError
+from datamodules.errors import ConfigError
 from datamodules.splits import split_volumes
 
 IDS = [str(i) for i in range(20)]
@@ -45,6 +45,6 @@ def test_explicit_ids_win_and_the_rest_is_drawn():
     ],
 )
 def test_bad_splits_raise_one_line_errors(split, explicit, message):
-    with pytest.raises(DataError, match=message) as error:
+    with pytest.raises(ConfigError, match=message) as error:
         split_volumes(IDS, split, 0, explicit)
     assert "\n" not in str(error.value)

@@ -16,6 +16,7 @@ from datamodules.settings import Augmentation, LiverRoi
 from lightning_modules import BaselineUNet
 from lightning_modules.callbacks.random_state import RandomStateCheckpoint
 from tests.synthetic import tiny_volume, write_pair
+from datamodules.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +252,7 @@ def test_sample_mode_is_unchanged_and_bad_values_fail():
     datamodule = LiTSDataModule(augmentation=Augmentation(applied_to="sample"))
     assert datamodule.batch_augmentation is None and datamodule.state_dict() == {}
     assert LiTSDataModule(augmentation=Augmentation(applied_to="batch", enabled=False)).batch_augmentation is None
-    with pytest.raises(ValueError, match="augmentation.applied_to must be one of sample, batch, got 'gpu'"):
+    with pytest.raises(ConfigError, match="augmentation.applied_to must be one of sample, batch, got 'gpu'"):
         LiTSDataModule(augmentation=Augmentation(applied_to="gpu"))
 
 

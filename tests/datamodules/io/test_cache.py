@@ -7,7 +7,8 @@ import pytest
 
 import datamodules.io.cache as cache
 from datamodules.io.cache import CachedVolume, build_cache
-from datamodules.io.nifti import DataError, discover, load_pair
+from datamodules.errors import DataError
+from datamodules.io.nifti import discover, load_pair
 from datamodules.io.preprocess import PreprocessSettings, resize_image, resize_labels, to_display
 from tests.synthetic import tiny_volume, write_pair
 

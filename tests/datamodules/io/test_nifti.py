@@ -6,7 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from datamodules.io.nifti import DataError, VolumeFiles, discover, load_pair
+from datamodules.errors import DataError
+from datamodules.io.nifti import VolumeFiles, discover, load_pair
 from tests.synthetic import tiny_volume, write_pair
 
 

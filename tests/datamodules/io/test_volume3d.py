@@ -13,7 +13,8 @@ from datamodules.io.cache import CachedVolume, build_cache
 from datamodules.io.preprocess import PreprocessSettings, foreground_box
 from datamodules.augment.sample import InPlaneAugmentation
 from datamodules.datasets.crops3d import Crop3DDataset
-from datamodules.io.nifti import DataError, discover
+from datamodules.errors import ConfigError
+from datamodules.io.nifti import discover
 from datamodules.io.volume3d import (
     interpolate_z,
     original_positions,
@@ -269,7 +270,7 @@ def test_same_seed_same_samples(volumes):
 
 @pytest.mark.parametrize("crop_size", [(64, 128, 120), (8, 16, 16), (0, 16, 16), (16, 16)])
 def test_crop_size_not_divisible_by_16_is_a_one_line_error(volumes, crop_size):
-    with pytest.raises(DataError) as error:
+    with pytest.raises(ConfigError) as error:
         Crop3DDataset(volumes, [0, 1], crop_size=crop_size)
     message = str(error.value)
     assert "\n" not in message and "divisible by 16" in message and str(tuple(crop_size)) in message

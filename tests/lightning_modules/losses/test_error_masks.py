@@ -24,8 +24,8 @@ from lightning_modules.losses.error_masks import (
     error_class_counts,
     error_mask,
     error_head_probability,
-    unet_weight_map,
 )
+from lightning_modules.losses.segmentation import unet_weight_map
 
 # Every error class present: TN 6, FP 4, FN 3, TP 3.
 TARGET = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 0, 0], [1, 1, 0, 0]]).bool()[None, None]
