@@ -38,7 +38,7 @@ import yaml
 
 from datamodules.errors import ConfigError
 from experiments.commands.processes import run_cli
-from experiments.commands.wandb_mode import configure_wandb_mode
+from experiments.commands.wandb_mode import yaml_command
 
 # Set by `wandb agent` for the one run it started; stage processes must not all claim that run.
 AGENT_ENV = ("WANDB_RUN_ID", "WANDB_SWEEP_ID", "WANDB_SWEEP_PARAM_PATH")
@@ -198,8 +198,4 @@ def report_to_agent(figures: dict) -> None:
 
 
 def run_main(argv: list[str]) -> None:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return
-    configure_wandb_mode()
-    run_experiment(argv[0], argv[1:])
+    yaml_command(argv, __doc__, run_experiment)

@@ -74,7 +74,7 @@ from experiments.commands.study_config import as_seed, load_study, model_overrid
 from experiments.commands.study_jobs import run_parallel, runs_at_once
 from experiments.commands.study_sweep import results_from_wandb, run_as_sweep
 from experiments.commands.study_tables import TABLES, before_and_after, lesion_error_counts, summarize, with_lesion_counts, write_tables
-from experiments.commands.wandb_mode import configure_wandb_mode
+from experiments.commands.wandb_mode import yaml_command
 
 
 def run_one(study: dict, folder: Path, label: str, seed: int, overrides: list[str]) -> dict:
@@ -256,8 +256,4 @@ def log_to_wandb(name: str, folder: Path, rows: list[dict], project: str, figure
 
 
 def study_main(argv: list[str]) -> None:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return
-    configure_wandb_mode()
-    run_study(argv[0], argv[1:])
+    yaml_command(argv, __doc__, run_study)

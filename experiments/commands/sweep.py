@@ -41,7 +41,7 @@ from datamodules.errors import ConfigError
 from experiments.commands.stages import normalise_overrides, override_value
 from experiments.commands.study_jobs import Launcher, Started, prepare_data, runs_at_once, whole_number
 from experiments.commands.sweep_engine import engine, engine_run, load_sweep, metric_value, objective, trial_command
-from experiments.commands.wandb_mode import configure_wandb_mode
+from experiments.commands.wandb_mode import yaml_command
 
 POLL_SECONDS = 2.0
 # Data settings the preprocessing cache is built with: trials side by side share one cache, so they must agree on them
@@ -255,8 +255,4 @@ def check_side_by_side(config: dict, path: str | Path) -> None:
 
 
 def sweep_main(argv: list[str]) -> None:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return
-    configure_wandb_mode()
-    run_sweep(argv[0], argv[1:])
+    yaml_command(argv, __doc__, run_sweep)

@@ -1,7 +1,8 @@
 """Where a ``lits`` process logs to W&B: online only when it can, decided once per process before any logger starts.
 
 A leaf module (standard library only): the entry points of ``lits fit``, ``run``, ``study`` and ``sweep`` call it,
-and the orchestrating ones must not import W&B or Lightning to do so.
+and the orchestrating ones must not import W&B or Lightning to do so. ``yaml_command`` is the entry of the three
+commands that take a YAML file.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -33,3 +35,13 @@ def _read(path: Path) -> str:
         return path.read_text()
     except OSError:
         return ""
+
+
+def yaml_command(argv: list[str], usage: str, run: Callable[[str, list[str]], None]) -> None:
+    """The entry of the commands that take a YAML file (``lits run``, ``study``, ``sweep``): ``usage`` for no argument
+    or ``--help``, otherwise the W&B mode settled once, before any run it starts, then ``run(path, overrides)``."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return
+    configure_wandb_mode()
+    run(argv[0], argv[1:])
