@@ -87,20 +87,12 @@ def liver_roi_dataset(data, name: str, chosen: list[CachedVolume], indices: list
 
 
 def volume_3d_dataset(data, name: str, chosen: list[CachedVolume], indices: list[int]) -> Dataset:
-    """``spatial_dims: 3``: random crops for training, whole resampled volumes otherwise."""
+    """``spatial_dims: 3``: random crops for training (padded where a volume is shorter than the crop), whole resampled
+    volumes otherwise."""
     h, crops, a = data.hparams, data.volume_3d, data.augmentation
     if name != "train":
         return WholeVolume3DDataset(chosen, indices, h.target, h.slice_spacing_mm)
     transform = InPlaneAugmentation(a.flip_prob, a.rotate_degrees, a.zoom_range, a.prob) if a.enabled else None
     positive = 0.5 if h.positive_fraction is None else h.positive_fraction
-    dataset = Crop3DDataset(chosen, indices, crops.crop_size, h.target, positive, samples_per_volume=crops.crops_per_volume,
-                            transform=transform, slice_spacing_mm=h.slice_spacing_mm, crop_margin=crops.crop_margin)
-    crop = tuple(int(v) for v in crops.crop_size)
-    for volume in dataset.volumes:
-        if any(k > n for k, n in zip(crop, volume.shape)):
-            raise DataError(
-                f"--data.volume_3d.crop_size={list(crop)} (D, H, W) is larger than training volume {volume.volume.volume_id} "
-                f"resampled to {h.slice_spacing_mm:g} mm slices, {list(volume.shape)}; use a crop of at most that size on every "
-                "axis (multiples of 16), or a smaller --data.slice_spacing_mm"
-            )
-    return dataset
+    return Crop3DDataset(chosen, indices, crops.crop_size, h.target, positive, samples_per_volume=crops.crops_per_volume,
+                         transform=transform, slice_spacing_mm=h.slice_spacing_mm, crop_margin=crops.crop_margin)

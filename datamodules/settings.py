@@ -96,7 +96,8 @@ class Volume3D:
 
     Args:
         crop_size: (D, H, W) of the training crops and of the evaluation's sliding window (the paper's
-            128x128x64: ``[64, 128, 128]``); each divisible by 16 and at most the resampled training volumes'.
+            128x128x64: ``[64, 128, 128]``); each divisible by 16. A volume shorter than it on an axis is padded
+            (``Crop3DDataset``: air and background; the sliding window: air, its output cropped back).
         crop_margin: with ``target: lesion``, the crops that are not centred on a lesion are centred in the
             liver's bounding box grown by this many voxels.
         crops_per_volume: random crops drawn from each training volume per epoch (an epoch of few volumes

@@ -208,7 +208,8 @@ def checkpoint_class_path(checkpoint: dict) -> str:
 
     Its ``lits_suite`` record; else LightningCLI's ``hyper_parameters["_class_path"]``; else, for a checkpoint saved
     before either existed, guessed from the weights: a combined model holds its liver network (``liver_model.*``,
-    with error heads once mask-mined), any other is a segmentation network that ``SegmentationTask`` rebuilds.
+    with error heads once mask-mined), any other holding the suite's network (``model.*``) is a segmentation network
+    that ``SegmentationTask`` rebuilds. Empty when nothing says it is a checkpoint of the suite's tasks.
     """
     record = checkpoint.get(SUITE_KEY)
     if isinstance(record, dict) and record.get("class_path"):
@@ -221,12 +222,17 @@ def checkpoint_class_path(checkpoint: dict) -> str:
         return "lightning_modules.CombinedMaskMining"
     if any(key.startswith("liver_model.") for key in state):
         return "lightning_modules.CombinedLiverLesion"
-    return "lightning_modules.SegmentationTask"
+    if any(str(key).startswith("model.") for key in state):
+        return "lightning_modules.SegmentationTask"
+    return ""
 
 
 def checkpoint_task_class(checkpoint: dict, path: str) -> type[BaseTask]:
     """The task class that saved ``checkpoint`` (read from ``path``); one-line CheckpointError when it is not one of the suite's."""
     class_path = checkpoint_class_path(checkpoint)
+    if not class_path:
+        raise CheckpointError(f"{path} is not a checkpoint of this suite's tasks (no {SUITE_KEY} record, no class path, no model.* weights); "
+                              "pass a .ckpt the suite wrote (e.g. <run>/checkpoints/best.ckpt)")
     module, _, name = class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name, None)

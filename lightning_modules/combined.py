@@ -26,6 +26,7 @@ from lightning_modules.networks.unet import UNet
 from lightning_modules.inference.cascade_2d import Predictor
 from datamodules.errors import CheckpointError
 from lightning_modules.losses.segmentation import SEG_LOSSES, build_segmentation_loss
+from lightning_modules.networks.checkpoints import load_task_checkpoint
 from lightning_modules.segmentation import SegmentationTask
 
 _DIVISOR = 16  # four U-Net poolings
@@ -120,7 +121,7 @@ class CombinedLiverLesion(SegmentationTask):
     @classmethod
     def cascade_predictor(cls, checkpoint: str, device: torch.device):
         """Both networks are in the checkpoint: the model restored from it (at the liver resolution), its ``cascade_networks``."""
-        return cls.load_from_checkpoint(checkpoint, map_location=device).eval().cascade_networks
+        return load_task_checkpoint(checkpoint, map_location=device, task=cls).eval().cascade_networks
 
     def cascade_networks(self, sample: dict) -> tuple[Predictor, int, Predictor, int]:
         full_width = int(sample["full_shape"][2])

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+from monai import transforms as mt
 from torch.utils.data import Dataset
 
 from datamodules.augment.sample import augment
@@ -16,6 +17,11 @@ from datamodules.io.cache import CachedVolume
 from datamodules.errors import ConfigError
 from datamodules.io.preprocess import grow_box
 from datamodules.io.volume3d import DEFAULT_SLICE_SPACING_MM, NETWORK_DIVISOR, resample_volume
+
+# What padding adds: air (any HU at or below the window's lower bound is 0 after windowing, the value MONAI's
+# sliding window pads with at evaluation and prediction too) and background labels.
+AIR = 0.0
+BACKGROUND = 0
 
 
 # -- crops --------------------------------------------------------------------------------------
@@ -30,16 +36,19 @@ def check_crop_size(crop_size: Sequence[int]) -> tuple[int, int, int]:
     return size
 
 
-def _read_window(array: np.ndarray, start: Sequence[int], size: Sequence[int], fill: float) -> np.ndarray:
-    """``array[start:start + size]`` per axis, ``fill`` beyond the array; numpy, ``array``'s dtype."""
-    low = [max(0, s) for s in start]
-    high = [min(n, s + k) for n, s, k in zip(array.shape, start, size)]
-    region = np.array(array[tuple(slice(l, h) for l, h in zip(low, high))])
-    if region.shape == tuple(size):
-        return region
-    out = np.full(size, fill, dtype=array.dtype)
-    out[tuple(slice(l - s, h - s) for l, h, s in zip(low, high, start))] = region
-    return out
+def read_inside(array: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
+    """The part of ``array[start:start + size]`` (per axis) that lies inside ``array``: a numpy copy, ``array``'s dtype."""
+    return np.array(array[tuple(slice(max(0, s), min(n, s + k)) for n, s, k in zip(array.shape, start, size))])
+
+
+def crop_padding(crop_size: Sequence[int]) -> Callable[[dict], dict]:
+    """MONAI's ``SpatialPadd`` of a sample's ``image`` with ``AIR`` and its ``mask`` with background, up to ``crop_size``.
+
+    Symmetric, as ``crop_start`` centres a crop on an axis shorter than it (and as MONAI's sliding window pads).
+    """
+    size = tuple(int(v) for v in crop_size)
+    return mt.Compose([mt.SpatialPadd("image", size, method="symmetric", value=AIR),
+                       mt.SpatialPadd("mask", size, method="symmetric", value=BACKGROUND)])
 
 
 class Crop3DDataset(Dataset):
@@ -60,8 +69,10 @@ class Crop3DDataset(Dataset):
       without liver has the whole volume as its ``"lesion"`` region.
 
     The crop is placed as in ``LiverCropDataset`` (``crop_start``): on an axis at least as long as
-    the crop it is shifted inside the volume and still contains the centre; on a shorter axis it is
-    centred on the volume and padded, the image with the volume's minimum, the labels with 0.
+    the crop it is shifted inside the volume and still contains the centre; on a shorter axis (a thin
+    slab: 17 slices at 2.5 mm against a 64-slice crop) it is centred on the volume and padded as
+    nnU-Net and MONAI's ``SpatialPad`` do (``crop_padding``): the image with air (``AIR``, 0), the
+    labels with background.
     MONAI's ``generate_pos_neg_label_crop_centers`` is not used: it needs every foreground voxel's
     index in memory (megabytes per volume) and draws from NumPy's RNG; here a foreground draw
     picks a slice from per-slice counts and reads that one slice.
@@ -83,7 +94,7 @@ class Crop3DDataset(Dataset):
 
     ``transform`` (e.g. ``InPlaneAugmentation()``) is applied to ``{"image", "mask"}`` with MONAI's
     metadata tracking off. The volumes are resampled (``resample_volume``) in the constructor.
-    Raises ``DataError`` (one line) unless every ``crop_size`` axis is divisible by 16.
+    Raises ``ConfigError`` (one line) unless every ``crop_size`` axis is divisible by 16.
     """
 
     def __init__(
@@ -111,6 +122,7 @@ class Crop3DDataset(Dataset):
         self.positive_fraction = float(positive_fraction)
         self.samples_per_volume = int(samples_per_volume)
         self.transform = transform
+        self.padding = crop_padding(self.crop_size)
         margins = (crop_margin,) * 3 if isinstance(crop_margin, int) else tuple(crop_margin)
         foreground = "lesion" if target == "lesion" else "liver"
         self._cumulative, self._regions = [], []
@@ -148,12 +160,13 @@ class Crop3DDataset(Dataset):
         position = i // self.samples_per_volume
         volume = self.volumes[position]
         _, origin, _ = self.draw_crop(position)
-        image = _read_window(volume.image, origin, self.crop_size, volume.image_min)
-        labels = _read_window(volume.label, origin, self.crop_size, 0)
+        image, labels = read_inside(volume.image, origin, self.crop_size), read_inside(volume.label, origin, self.crop_size)
         sample = {
             "image": torch.from_numpy(image)[None].float(),  # float16 -> float32 in torch, the fast side
             "mask": torch.from_numpy(target_channels(labels, self.target).astype(np.float32)),
         }
+        if image.shape != self.crop_size:  # a volume shorter than the crop on some axis
+            sample = augment(self.padding, sample)
         if self.transform is not None:
             sample = augment(self.transform, sample)
         sample["label"] = torch.tensor(float((sample["mask"] > 0.5).any()))

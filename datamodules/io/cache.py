@@ -30,14 +30,21 @@ An entry is written into a temporary folder and renamed into place only once com
 ``meta.json`` written last: a killed run leaves no half-written entry, and the next run rebuilds
 only what is missing. An entry is reused while its fingerprint (source files' path, size and
 mtime, and the preprocessing settings) is unchanged, and rebuilt otherwise.
+
+Several processes may build one cache at once: in a multi-node run every node's local rank 0 runs
+``prepare_data`` on the shared file system. A builder writes an entry only while it holds that entry's
+lock (``.locks/<volume id>.lock``, see ``datamodules.io.locks``), rechecks the entry once it holds it,
+and names its temporary folder after itself. A builder first takes the entries no one else is building,
+then waits for the others, which it then finds done: two nodes share the work instead of doing it twice.
+Leftovers of a killed builder are removed only by a builder holding their entry's lock.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 from functools import cached_property
@@ -47,6 +54,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from datamodules.io.atomic import TEMPORARY_PREFIX, temporary_path
+from datamodules.io.locks import acquire, lock_for, temporaries_of
 from datamodules.io.nifti import VolumeFiles, load_pair
 from datamodules.io.preprocess import (
     PreprocessSettings, box_slices, foreground_box, grow_box, resize_image, resize_labels, to_display, window,
@@ -81,7 +90,7 @@ def preprocess_volume(files: VolumeFiles, settings: PreprocessSettings, entry: P
     windowed = window(hu, settings)
     # The ROI is a view of the windowed float32 stack (no second windowing pass); torch's half() is the fast conversion.
     roi_image = torch.from_numpy(windowed[box_slices(roi)]).half().numpy()
-    tmp = entry.parent / f".tmp-{entry.name}-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_path(entry)
     tmp.mkdir(parents=True)
     try:
         np.save(tmp / "image.npy", resize_image(windowed, settings.image_size))
@@ -99,7 +108,7 @@ def preprocess_volume(files: VolumeFiles, settings: PreprocessSettings, entry: P
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if entry.exists():
-            trash = entry.parent / f".trash-{entry.name}-{uuid.uuid4().hex[:8]}"
+            trash = temporary_path(entry)
             entry.rename(trash)
             shutil.rmtree(trash, ignore_errors=True)
         tmp.rename(entry)
@@ -115,6 +124,71 @@ def _is_current(entry: Path, files: VolumeFiles, settings: PreprocessSettings) -
     return meta.get("fingerprint") == fingerprint(files, settings)
 
 
+def leftovers(entry: Path, names: list[str]) -> list[Path]:
+    """Temporary folders of ``entry`` among ``names`` (its cache folder's): this version's and older versions'
+    (``.tmp-<id>-<hex>``, ``.trash-<id>-<hex>``)."""
+    legacy = re.compile(rf"\.(tmp|trash)-{re.escape(entry.name)}-[^-]+")
+    return temporaries_of(entry, names) + [entry.parent / n for n in names if legacy.fullmatch(n)]
+
+
+def build_entry(files: VolumeFiles, settings: PreprocessSettings, entry: Path, wait: bool = True) -> bool:
+    """Build ``entry`` unless it is current, holding its lock. Returns False, having done nothing, when another
+    builder holds the lock and ``wait`` is False; True once the entry is current."""
+    lock = lock_for(entry)
+    if not acquire(lock, wait):
+        return False
+    try:
+        if not _is_current(entry, files, settings):  # another builder may have finished it while we waited
+            for leftover in leftovers(entry, [p.name for p in entry.parent.iterdir()]):
+                shutil.rmtree(leftover, ignore_errors=True)  # a killed builder's: writers write only under the lock
+            preprocess_volume(files, settings, entry)
+    finally:
+        lock.release()
+    return True
+
+
+def _remove_idle_leftovers(cache_dir: Path, entries: list[Path]) -> None:
+    """Remove killed builders' leftovers beside existing entries (e.g. an old entry being deleted when the kill
+    came), each under its entry's lock, skipping entries another builder is working on."""
+    names = [p.name for p in cache_dir.iterdir() if p.name.startswith((TEMPORARY_PREFIX, ".trash-"))]
+    for entry in entries if names else []:
+        found = leftovers(entry, names)
+        if found and acquire(lock := lock_for(entry), wait=False):
+            try:
+                for leftover in found:
+                    shutil.rmtree(leftover, ignore_errors=True)
+            finally:
+                lock.release()
+
+
+def _build_all(todo: list, settings: PreprocessSettings, workers: int, wait: bool, bar) -> list:
+    """``build_entry`` for every (files, entry) of ``todo``; the ones another builder held (only when not ``wait``)."""
+    held = []
+    if not todo:
+        return held
+    if workers == 1:
+        for files, entry in todo:
+            if build_entry(files, settings, entry, wait):
+                bar.update()
+            else:
+                held.append((files, entry))
+        return held
+    # one thread per worker: the parallelism is over volumes
+    with ProcessPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        futures = {pool.submit(build_entry, f, settings, e, wait): (f, e) for f, e in todo}
+        try:
+            for future in as_completed(futures):
+                if future.result():
+                    bar.update()
+                else:
+                    held.append(futures[future])
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return held
+
+
 def build_cache(
     pairs: list[VolumeFiles],
     cache_dir: str | Path,
@@ -122,34 +196,23 @@ def build_cache(
     workers: int | None = None,
     progress: bool = True,
 ) -> list[Path]:
-    """Preprocess every pair whose entry is missing or stale; return the entry folders in ``pairs`` order."""
+    """Preprocess every pair whose entry is missing or stale; return the entry folders in ``pairs`` order.
+
+    Safe to run in several processes at once on one ``cache_dir`` (see the module docstring): entries
+    another builder holds are left to it first, then waited for.
+    """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in list(cache_dir.glob(".tmp-*")) + list(cache_dir.glob(".trash-*")):
-        shutil.rmtree(leftover, ignore_errors=True)  # from a killed run
     entries = [cache_dir / files.volume_id for files in pairs]
     todo = [(f, e) for f, e in zip(pairs, entries) if not _is_current(e, f, settings)]
+    _remove_idle_leftovers(cache_dir, [e for e in entries if e.exists()])
     if not todo:
         return entries
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
     bar = tqdm(total=len(todo), desc=f"Preprocessing {len(todo)} volume(s) into {cache_dir}", unit="vol", disable=not progress)
     with bar:
-        if workers == 1:
-            for files, entry in todo:
-                preprocess_volume(files, settings, entry)
-                bar.update()
-        else:
-            # one thread per worker: the parallelism is over volumes
-            with ProcessPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-                futures = [pool.submit(preprocess_volume, f, settings, e) for f, e in todo]
-                try:
-                    for future in as_completed(futures):
-                        future.result()
-                        bar.update()
-                except BaseException:
-                    for future in futures:
-                        future.cancel()
-                    raise
+        held = _build_all(todo, settings, workers, wait=False, bar=bar)
+        _build_all(held, settings, max(1, min(workers, len(held))), wait=True, bar=bar)
     return entries
 
 

@@ -7,6 +7,10 @@ Two layouts are recognised under a data root:
 * Medical Segmentation Decathlon Task03_Liver: ``imagesTr/<id>.nii.gz`` and ``labelsTr/<id>.nii.gz``
   (macOS ``._*`` resource files shipped in the MSD tarball are ignored).
 
+The suite's own temporary files (``.tmp-*``, left behind by a killed writer: ``datamodules.io.atomic``) are
+never taken for data. A CT whose voxels are NaN or infinite is refused (``check_finite``): it would train on
+and predict from numbers that are not Hounsfield units.
+
 Volumes are returned in nibabel's closest-canonical orientation (RAS+: array axis 0 points to the
 patient's right, axis 1 anterior, axis 2 superior), so axial slices are ``array[:, :, z]`` whatever
 the orientation the file was stored in, and ``z`` grows towards the head.
@@ -23,6 +27,7 @@ import nibabel as nib
 import numpy as np
 
 from datamodules.errors import DataError
+from datamodules.io.atomic import is_temporary
 
 LABELS = (0, 1, 2)  # background, liver, lesion
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -54,7 +59,7 @@ def _nifti_files(folder: Path, recursive: bool) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in sorted(folder.rglob("*") if recursive else folder.iterdir()):
         stem = strip_nifti_suffix(path.name)
-        if stem is None or path.name.startswith("._") or not path.is_file():
+        if stem is None or path.name.startswith("._") or is_temporary(path) or not path.is_file():
             continue
         if stem in found:
             raise DataError(f"{path}: duplicate of {found[stem]}; keep only one copy of each volume in the data folder")
@@ -129,6 +134,16 @@ def read_voxels(image: nib.Nifti1Image, path: Path) -> np.ndarray:
         raise DataError(f"{path}: truncated or corrupt data ({type(error).__name__}: {error}); re-download or re-export it") from None
 
 
+def check_finite(voxels: np.ndarray, path: Path) -> None:
+    """DataError naming ``path`` and how many of its voxels are NaN or infinite (integer data cannot be)."""
+    if voxels.dtype.kind not in "fc":
+        return
+    bad = voxels.size - np.count_nonzero(np.isfinite(voxels))
+    if bad:
+        raise DataError(f"{path}: {bad} of {voxels.size} voxels are NaN or infinite; a CT holds finite Hounsfield units, "
+                        "fix or re-export the scan")
+
+
 def check_labels(labels: np.ndarray, path: Path) -> None:
     # Range checks are single vectorised passes; np.unique (a sort) only runs to word the error.
     valid = labels.max() <= max(LABELS) and (labels.dtype.kind == "u" or labels.min() >= 0)
@@ -150,6 +165,7 @@ def load_pair(files: VolumeFiles) -> tuple[np.ndarray, np.ndarray, tuple[float, 
     image, label = check_pair(files)
     image, label = nib.as_closest_canonical(image), nib.as_closest_canonical(label)
     hu = read_voxels(image, files.image)
+    check_finite(hu, files.image)
     labels = read_voxels(label, files.label)
     check_labels(labels, files.label)
     spacing = tuple(float(s) for s in image.header.get_zooms()[:3])

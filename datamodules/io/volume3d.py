@@ -39,7 +39,9 @@ file                       array               content
 =========================  ==================  =============================================
 
 Each file is written under a temporary name and renamed into place: a killed build leaves no
-half-written file, and the next call rebuilds what is missing. A rebuilt cache entry (changed
+half-written file, and the next call rebuilds what is missing. A build holds the lock
+``.locks/volume3d_<s>mm.json.lock`` in the entry folder (``datamodules.io.locks``), so processes
+that resample one entry at once (every node of a multi-node run) build it once and share it. A rebuilt cache entry (changed
 inputs or settings) is a new folder without these files, so they never go stale.
 """
 
@@ -47,9 +49,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
-from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 
@@ -57,7 +56,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from datamodules.io.atomic import write_atomically
 from datamodules.io.cache import CachedVolume
+from datamodules.io.locks import acquire, lock_for, temporaries_of
 from datamodules.io.preprocess import foreground_box
 
 FORMAT_3D = 1
@@ -121,16 +122,6 @@ def _source(entry: CachedVolume) -> dict:
     }
 
 
-def _replace_atomically(target: Path, write: Callable[[Path], None]) -> None:
-    # the temporary name keeps the suffix: np.save appends ".npy" to a name without it
-    tmp = target.with_name(f".tmp-{target.stem}-{uuid.uuid4().hex[:8]}{target.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 class ResampledVolume:
     """One cache entry resampled along z to ``slice_spacing_mm`` (from ``resample_volume``); arrays memory-mapped.
 
@@ -143,7 +134,7 @@ class ResampledVolume:
     ``z_positions``      float64 (Z',)          original-slice coordinate of each slice
     ``liver_box``        ((z0, z1), (y0, y1),   bounding box of labels >= 1 in this grid,
                          (x0, x1))              half-open; all (0, 0) without liver
-    ``image_min``        float                  the image's minimum (the crops' padding)
+    ``image_min``        float                  the image's minimum
     ``slice_voxels``     dict of int64 (Z',)    per slice, voxels of labels >= 1 (``"liver"``)
                                                 and of label 2 (``"lesion"``)
     ``volume``           CachedVolume           the source entry
@@ -209,10 +200,20 @@ def _build(entry: CachedVolume, slice_spacing_mm: float, paths: tuple[Path, Path
             "lesion": np.count_nonzero(label == 2, axis=(1, 2)).tolist(),
         },
     }
-    _replace_atomically(paths[0], lambda tmp: np.save(tmp, image))
-    _replace_atomically(paths[1], lambda tmp: np.save(tmp, label))
-    _replace_atomically(paths[2], lambda tmp: tmp.write_text(json.dumps(meta)))
+    write_atomically(paths[0], lambda tmp: np.save(tmp, image))
+    write_atomically(paths[1], lambda tmp: np.save(tmp, label))
+    write_atomically(paths[2], lambda tmp: tmp.write_text(json.dumps(meta)))
     return meta
+
+
+def _stored(entry: CachedVolume, paths: tuple[Path, Path, Path]) -> dict | None:
+    """The stored build's ``volume3d_<s>mm.json`` if all three files are there and match ``entry``, else None."""
+    try:
+        meta = json.loads(paths[2].read_text())
+    except (OSError, ValueError):
+        return None
+    current = meta.get("format") == FORMAT_3D and meta.get("source") == _source(entry) and paths[0].exists() and paths[1].exists()
+    return meta if current else None
 
 
 def resample_volume(entry: CachedVolume, slice_spacing_mm: float = DEFAULT_SLICE_SPACING_MM) -> ResampledVolume:
@@ -221,9 +222,8 @@ def resample_volume(entry: CachedVolume, slice_spacing_mm: float = DEFAULT_SLICE
     Built on the first call (image linear, labels nearest along z; the grid is
     ``resampled_positions``) and stored in the entry folder; later calls reuse the stored files
     (nothing is rewritten) while all three exist and ``volume3d_<s>mm.json`` matches the entry,
-    and rebuild them otherwise. Call it from one process at a time per entry (e.g. before
-    DataLoader workers start): concurrent builds of one entry may clear each other's temporary
-    files.
+    and rebuild them otherwise. Safe to call from several processes at once: one builds, holding
+    the entry's lock, and the others wait for it and reuse its files.
 
     Args:
         entry: a cache entry (``CachedVolume``), Z slices of S x S pixels, ``spacing[0]`` = sz mm.
@@ -236,21 +236,22 @@ def resample_volume(entry: CachedVolume, slice_spacing_mm: float = DEFAULT_SLICE
         raise ValueError(f"slice_spacing_mm must be positive, got {slice_spacing_mm}")
     slice_spacing_mm = float(slice_spacing_mm)
     paths = tuple(entry.entry / name for name in _file_names(slice_spacing_mm))
-    try:
-        meta = json.loads(paths[2].read_text())
-    except (OSError, ValueError):
-        meta = None
-    current = (
-        meta is not None
-        and meta.get("format") == FORMAT_3D
-        and meta.get("source") == _source(entry)
-        and paths[0].exists()
-        and paths[1].exists()
-    )
-    if not current:
-        for leftover in entry.entry.glob(f".tmp-*3d_{slice_spacing_mm:g}mm-*"):
-            leftover.unlink(missing_ok=True)  # from a killed build
-        meta = _build(entry, slice_spacing_mm, paths)
+    meta = _stored(entry, paths)
+    if meta is None:
+        lock = lock_for(paths[2])
+        acquire(lock, wait=True)
+        try:
+            meta = _stored(entry, paths)  # another process may have built it while we waited
+            if meta is None:
+                names = [p.name for p in entry.entry.iterdir()]
+                # writers write only under the lock: these are a killed build's (older versions named them
+                # .tmp-<stem>-<hex><suffix>)
+                legacy = list(entry.entry.glob(f".tmp-*3d_{slice_spacing_mm:g}mm-*"))
+                for leftover in [t for path in paths for t in temporaries_of(path, names)] + legacy:
+                    leftover.unlink(missing_ok=True)
+                meta = _build(entry, slice_spacing_mm, paths)
+        finally:
+            lock.release()
     return ResampledVolume(entry, slice_spacing_mm, meta)
 
 

@@ -16,7 +16,9 @@ with spacing (sx, sy, sz) mm from the truth's header; the metrics (``lightning_m
 do not depend on the axis order. Labels must be 0 background, 1 liver, 2 lesion: liver is ``>= 1``,
 lesion ``== 2``.
 
-Outputs, in ``--out`` (default ``<pred>/evaluation``), written only once every case has been evaluated:
+Outputs, in ``--out`` (default ``<pred>/evaluation``), written only once every case has been evaluated, and replaced
+together (``datamodules.io.atomic.replace_together``): a kill or a full disk leaves the three old files or the three
+new ones, never a summary of one evaluation beside the cases of another:
 
 * ``per_case.csv``: one row per case, ``id``, then ``liver_<figure>`` and ``lesion_<figure>``
   (``rvd`` is ``nan`` where the truth is empty and the prediction is not);
@@ -37,8 +39,6 @@ import io
 import json
 import math
 import multiprocessing
-import os
-import uuid
 import warnings
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -47,6 +47,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from datamodules.errors import ConfigError
+from datamodules.io.atomic import replace_together
 from experiments.commands.evaluate_cases import Case, check_cases, find_predictions, find_truth, match_cases, read_labels, some_ids
 from lightning_modules.metrics.lits import CASE_KEYS, DETECTION_KEYS, evaluate_case, summarize_cases
 
@@ -140,13 +141,8 @@ def summary_table(summary: dict[str, float], lesions: bool) -> str:
     return "\n".join(lines) + ("\n\n" + "\n".join(notes) if notes else "") + "\n"
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex[:8]}-{path.name}"
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _text_writer(text: str):
+    return lambda path: path.write_text(text)
 
 
 def evaluate_folders(
@@ -173,13 +169,16 @@ def evaluate_folders(
     for structure in STRUCTURES[: 2 if lesions else 1]:
         summary |= {f"{structure}/{k}": v for k, v in summarize_cases({i: f[structure] for i, f in per_case.items()}).items()}
     # Everything computed: only now touch the output folder.
+    json_safe = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
+    table = summary_table(summary, lesions)
+    outputs = {
+        "per_case.csv": per_case_csv(per_case, lesions),
+        "summary.json": json.dumps(json_safe, indent=2) + "\n",
+        "summary.md": f"# LiTS evaluation\n\npredictions: `{pred_dir}`  \nground truth: `{truth_dir}`\n\n{table}",
+    }
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomically(out_dir / "per_case.csv", per_case_csv(per_case, lesions))
-        json_safe = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
-        _write_atomically(out_dir / "summary.json", json.dumps(json_safe, indent=2) + "\n")
-        table = summary_table(summary, lesions)
-        _write_atomically(out_dir / "summary.md", f"# LiTS evaluation\n\npredictions: `{pred_dir}`  \nground truth: `{truth_dir}`\n\n{table}")
+        replace_together([(out_dir / name, _text_writer(text)) for name, text in outputs.items()])
     except OSError as error:
         raise ConfigError(f"--out {out_dir} cannot be written ({error.strerror or error}); pass a writable folder") from None
     print(table, end="")

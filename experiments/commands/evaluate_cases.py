@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 
 from datamodules.errors import DataError
+from datamodules.io.atomic import is_temporary
 from datamodules.io.nifti import check_labels, natural_key, open_nifti, read_voxels, strip_nifti_suffix
 
 PRED_PREFIXES = ("test-segmentation-", "segmentation-")  # longest first: both end in "segmentation-"
@@ -30,12 +31,13 @@ class Case:
 
 # -- finding the files -----------------------------------------------------------------------------
 def _nifti_under(folder: Path, recursive: bool, skip: Path | None = None) -> list[tuple[str, Path]]:
-    """``(name without suffix, path)`` of the NIfTI files in ``folder``; macOS ``._*`` files and anything
-    under ``skip`` (the prediction folder, when it lies inside the truth folder) left out."""
+    """``(name without suffix, path)`` of the NIfTI files in ``folder``; macOS ``._*`` files, the suite's temporary
+    files (``.tmp-*``, left by a killed ``lits predict``) and anything under ``skip`` (the prediction folder, when it
+    lies inside the truth folder) left out."""
     found = []
     for path in sorted(folder.rglob("*") if recursive else folder.iterdir()):
         stem = strip_nifti_suffix(path.name)
-        if stem is None or path.name.startswith("._") or not path.is_file():
+        if stem is None or path.name.startswith("._") or is_temporary(path) or not path.is_file():
             continue
         if skip is not None and path.resolve().is_relative_to(skip):
             continue

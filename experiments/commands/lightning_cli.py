@@ -19,15 +19,20 @@ import yaml
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
 
 from datamodules import LiTSDataModule
 from datamodules.errors import ConfigError
+from datamodules.io.atomic import write_json_atomically
 from experiments.commands.console import HistoryCSVLogger, quiet_library_noise, wandb_offline_hint
+from experiments.commands.names import check_name, inside
 from experiments.commands.wandb_mode import configure_wandb_mode
 from lightning_modules import BaseTask
 from lightning_modules.callbacks.random_state import RandomStateCheckpoint
+from lightning_modules.networks.checkpoints import read_task_checkpoint
 
 RUN_VERSION_ENV = "LITS_RUN_VERSION"  # shared with DDP worker processes, which inherit the environment
+CHECKPOINT_KEYWORDS = ("best", "last", "hpc", "registry")  # --ckpt_path values Lightning resolves itself
 
 
 class LitsTrainer(pl.Trainer):
@@ -93,8 +98,28 @@ class LitsCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        commands = {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+        # no --weights_only: a checkpoint is data, read with weights_only=True (fit, validate and test below)
+        commands = {k: v | {"weights_only"} for k, v in LightningCLI.subcommands().items() if k != "predict"}
         return {**commands, "preprocess": {"model", "datamodule"}}
+
+    # -- --ckpt_path: read as data only ------------------------------------------------------------
+    def parse_arguments(self, parser, args) -> None:
+        """Parses the command line, then checks that ``--ckpt_path`` is a checkpoint of the suite's tasks: Lightning
+        reads its hyperparameters next, and a foreign file gets one line here instead of torch's paragraph."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and str(ckpt_path) not in CHECKPOINT_KEYWORDS:
+            read_task_checkpoint(str(ckpt_path))
+
+    def fit(self, **kwargs) -> None:
+        self.trainer.fit(**kwargs, weights_only=True)
+
+    def validate(self, **kwargs) -> None:
+        self.trainer.validate(**kwargs, weights_only=True)
+
+    def test(self, **kwargs) -> None:
+        self.trainer.test(**kwargs, weights_only=True)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--name", type=Optional[str], default=None, help="Run name (default: the last --config file's name)")
@@ -109,7 +134,8 @@ class LitsCLI(LightningCLI):
         # the last experiment file's name: overlays stacked after it (gpu.yaml, *_cpu.yaml, variants/*.yaml) name no model class
         config = [Path(str(c)) for c in self._get(self.config, "config") or []]
         experiments = [c for c in config if "class_path" in ((_read_yaml(c) or {}).get("model") or {})] or config
-        return self._get(self.config, "name") or (experiments[-1].stem if experiments else "lits")
+        name = self._get(self.config, "name")
+        return check_name(name, "--name") if name is not None else (experiments[-1].stem if experiments else "lits")
 
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})
@@ -137,6 +163,7 @@ class LitsCLI(LightningCLI):
                 csv_logger, title = HistoryCSVLogger(run_dir, name="", version=""), str(run_dir)
             else:
                 root = Path(trainer_config.get("default_root_dir") or "runs")
+                inside(root, root / name, f"run folder of --name={name}")
                 version = os.environ.setdefault(RUN_VERSION_ENV, _next_version(root / name))
                 csv_logger, title = HistoryCSVLogger(root, name=name, version=version), f"{name}/{version}"
             wandb_logger = WandbLogger(
@@ -150,13 +177,18 @@ class LitsCLI(LightningCLI):
             getattr(wandb_logger, "_wandb_init", {}).pop("anonymous", None)
             kwargs["logger"] = [csv_logger, wandb_logger]
             self.trainer_defaults["callbacks"] += [LearningRateMonitor(), EpochHistory()]
-            Path(csv_logger.log_dir).mkdir(parents=True, exist_ok=True)
+            if rank_zero_only.rank == 0:  # the global rank (torchrun's RANK, SLURM's SLURM_PROCID): on several nodes the
+                # others chose their version before rank 0 made its folder; their folder would be an empty stray
+                Path(csv_logger.log_dir).mkdir(parents=True, exist_ok=True)
         return super().instantiate_trainer(**kwargs)
 
     # -- checks and data before any work ---------------------------------------------------------
     def _check_and_prepare(self) -> None:
         data = self.datamodule.hparams
         model = self.model.hparams
+        for key in ("batch_size", "eval_batch_size"):
+            if data.get(key) is not None and data[key] < 1:
+                raise ConfigError(f"--data.{key} must be 1 or more (samples per step); got {data[key]}")
         expected_in = 2 * data.context_slices + 1
         if "in_channels" in model and model.in_channels != expected_in:
             raise ConfigError(f"--model.init_args.in_channels={model.in_channels} but --data.context_slices={data.context_slices} gives {expected_in} input channels; make them agree")
@@ -185,7 +217,7 @@ class LitsCLI(LightningCLI):
         folder.mkdir(parents=True, exist_ok=True)
         figures = {k: float(v) for k, v in sorted(results.items())}
         extra |= {"world_size": self.trainer.world_size}
-        (folder / "metrics.json").write_text(json.dumps({**figures, **extra}, indent=2) + "\n")
+        write_json_atomically(folder / "metrics.json", {**figures, **extra})  # a kill leaves none: the stage counts as not done
         print(f"\nFinal figures -> {folder / 'metrics.json'}")
         for key, value in figures.items():
             print(f"  {key:24s} {value:.4f}")
@@ -198,9 +230,9 @@ class LitsCLI(LightningCLI):
             return
         best = self.trainer.checkpoint_callback.best_model_path or None
         best = str(Path(best).resolve()) if best else None
-        results = self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)[0]
+        results = self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
         if self.datamodule.splits.get("test"):
-            results |= self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)[0]
+            results |= self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
         self._write_metrics(results, best_checkpoint=best, epochs=self.trainer.current_epoch)
 
     def after_validate(self) -> None:

@@ -17,16 +17,18 @@ an MSD folder with ``imagesTs/``, or any ``*.nii[.gz]``. Each output has the inp
 orientation (not the canonical one the networks see), uint8, named as LiTS expects:
 ``volume-<id>`` -> ``segmentation-<id>.nii``, ``test-volume-<id>`` -> ``test-segmentation-<id>.nii``,
 anything else keeps its own name. Files are written atomically (a killed run leaves whole files
-only). ``--probabilities`` also writes ``<name>_liver_probability.nii.gz`` and
+only, and its ``.tmp-*`` files are ignored). ``--probabilities`` also writes ``<name>_liver_probability.nii.gz`` and
 ``<name>_lesion_probability.nii.gz`` (float32). Runs on the GPU when there is one.
+
+Nothing is written before every input has been read whole (a CT with NaN or infinite voxels is refused, naming the
+file and how many), no output replaces an input or its ground truth, and an existing output is replaced only with
+``--overwrite``: rerun on a folder a killed run has partly done, the prediction skips the cases it finished and goes
+on where it stopped (the rules: ``experiments/commands/predict_outputs.py``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,17 +37,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from datamodules import DataError
 from datamodules.io.cache import read_box
-from datamodules.io.nifti import NIFTI_SUFFIXES, open_nifti, read_voxels
+from datamodules.io.atomic import read_state, write_atomically
+from datamodules.io.nifti import check_finite, open_nifti, read_voxels
 from datamodules.io.preprocess import PreprocessSettings, resize_image, to_display, window
 from datamodules.io.volume3d import interpolate_z, original_positions, resampled_positions
 from datamodules.settings import data_setting
-from datamodules.errors import CheckpointError
+from datamodules.errors import CheckpointError, ConfigError
+from experiments.commands.predict_outputs import PREDICTION_MARK, Case, check_writable, find_inputs, plan_cases
 from lightning_modules.base import checkpoint_task_class
 from lightning_modules.inference.cascade_2d import CASCADE_DEFAULTS, Predictor, predict_volume
 from lightning_modules.inference.cascade_3d import predict_volume_3d
-from lightning_modules.networks.checkpoints import BaseArchitecture, read_base_checkpoint
+from lightning_modules.networks.checkpoints import BaseArchitecture, read_base_checkpoint, read_checkpoint
 
 
 @dataclass
@@ -64,7 +67,7 @@ class Network:
 
 def load_network(path: str, device: torch.device) -> Network:
     arch, _ = read_base_checkpoint(path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path)
     data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     hparams = dict(checkpoint["hyper_parameters"])
     task = checkpoint_task_class(checkpoint, path)
@@ -80,10 +83,10 @@ def resolve_model(model: str) -> str:
     if path.is_file():
         return str(path)
     if path.is_dir() and (path / "metrics.json").is_file():
-        figures = json.loads((path / "metrics.json").read_text())
-        if "stages" in figures:  # a `lits run` folder: its last stage holds the final network
+        figures = read_state(path / "metrics.json", "metrics.json") or {}  # an empty or cut file: not finished
+        if isinstance(figures.get("stages"), dict) and figures["stages"]:  # a `lits run` folder: its last stage holds the final network
             path = path / Path(list(figures["stages"].values())[-1]).name  # recorded paths may be relative to another folder
-            figures = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").is_file() else {}
+            figures = read_state(path / "metrics.json", "metrics.json") or {}
         for best in (figures.get("best_checkpoint"), path / "checkpoints" / "best.ckpt"):
             if best and Path(best).is_file():
                 return str(best)
@@ -172,39 +175,7 @@ def canonical_slice_spacing(reference: nib.Nifti1Image) -> float:
     return float(next(zoom for zoom, (axis, _) in zip(zooms, transform) if int(axis) == 2))
 
 
-# -- files -----------------------------------------------------------------------------------------
-def _stem(path: Path) -> str:
-    for suffix in NIFTI_SUFFIXES:
-        if path.name.endswith(suffix):
-            return path.name[: -len(suffix)]
-    return path.stem
-
-
-def find_inputs(path: str | Path) -> list[Path]:
-    """The CT volumes to predict under ``path`` (see the module docstring), sorted."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise DataError(f"--input {path} does not exist; pass a NIfTI file or a folder of them")
-    if (path / "imagesTs").is_dir():
-        path = path / "imagesTs"
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("._") and p.name.endswith(NIFTI_SUFFIXES))
-    lits = [p for p in files if _stem(p).startswith(("volume-", "test-volume-"))]
-    files = lits or [p for p in files if not _stem(p).startswith(("segmentation-", "test-segmentation-"))]
-    if not files:
-        raise DataError(f"--input {path} holds no NIfTI volume (*.nii, *.nii.gz); pass a file or a LiTS/MSD folder")
-    return files
-
-
-def output_name(path: Path) -> str:
-    stem = _stem(path)
-    for prefix, replacement in (("test-volume-", "test-segmentation-"), ("volume-", "segmentation-")):
-        if stem.startswith(prefix):
-            return replacement + stem[len(prefix):] + ".nii"
-    return path.name
-
-
+# -- grids and files (which files: experiments/commands/predict_outputs.py) ------------------------
 def from_display(array: np.ndarray) -> np.ndarray:
     """Inverse of ``cache.to_display``: display (Z, rows, cols) -> canonical (X, Y, Z)."""
     return array.transpose(2, 1, 0)[::-1, ::-1, :]
@@ -228,56 +199,98 @@ def save_atomically(array: np.ndarray, reference: nib.Nifti1Image, path: Path) -
     image.set_qform(reference.affine, code=int(reference.header["qform_code"]) or 1)
     image.set_sform(reference.affine, code=int(reference.header["sform_code"]) or 1)
     image.header.set_xyzt_units(*reference.header.get_xyzt_units())
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex[:8]}-{path.name}"
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    image.header["descrip"] = PREDICTION_MARK  # what tells a resumed run its own outputs from the user's files
+    write_atomically(path, lambda tmp: nib.save(image, tmp))
 
 
-def check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{uuid.uuid4().hex[:8]}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise DataError(f"--output {folder} cannot be written ({error.strerror or error}); pass a writable folder") from None
+def read_checked(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """An input's header and voxels; DataError if they are truncated or not all finite."""
+    reference = open_nifti(path)
+    voxels = read_voxels(reference, path)
+    check_finite(voxels, path)
+    return reference, voxels
 
 
-def predict_files(predictor: CascadePredictor, inputs: list[Path], output: Path, probabilities: bool = False) -> list[Path]:
-    names = [output_name(p) for p in inputs]
-    if len(set(names)) != len(names):
-        raise DataError(f"--input {inputs[0].parent}: several inputs map to the same output name; predict them into separate folders")
+@dataclass
+class Plan:
+    """The cases to predict, how many were done before, and the first case's voxels, already read and checked."""
+
+    cases: list[Case]
+    skipped: int
+    first: tuple[nib.Nifti1Image, np.ndarray] | None
+
+
+def plan_prediction(inputs: list[Path], output: Path, probabilities: bool = False, overwrite: bool = False) -> Plan:
+    """Every check before the first output is written (``predict_outputs.plan_cases``, a writable ``output``, and every
+    input to predict read whole with finite voxels), so that a bad input ends the command with nothing written rather
+    than after the volumes before it. Each input is therefore decoded twice, here and when it is predicted; only the
+    first one's voxels are kept, since a folder of CTs does not fit in memory."""
+    cases = plan_cases(inputs, output, probabilities, overwrite)
     check_writable(output)
+    todo = [case for case in cases if case.outputs]
+    first = read_checked(todo[0].input) if todo else None
+    for case in todo[1:]:
+        read_checked(case.input)
+    if len(todo) < len(cases):
+        print(f"skipped {len(cases) - len(todo)} of {len(cases)} case(s) already predicted in {output} (complete outputs); --overwrite redoes them")
+    return Plan(todo, len(cases) - len(todo), first)
+
+
+def predict_cases(predictor: CascadePredictor, plan: Plan) -> list[Path]:
+    """Predict each case of ``plan`` and write its outputs atomically; the paths written."""
     written = []
-    for path, name in tqdm(list(zip(inputs, names)), desc=f"Predicting into {output}", unit="volume"):
-        reference = open_nifti(path)
-        result = predictor(to_display(to_canonical(read_voxels(reference, path), reference.affine)), probabilities,
+    for index, case in enumerate(tqdm(plan.cases, desc="Predicting", unit="volume")):
+        reference, voxels = plan.first if index == 0 else read_checked(case.input)
+        result = predictor(to_display(to_canonical(voxels, reference.affine)), set(case.outputs) != {"labels"},
                            slice_spacing=canonical_slice_spacing(reference))
-        save_atomically(to_input_grid(from_display(result["labels"]), reference.affine), reference, output / name)
-        written.append(output / name)
-        if probabilities:
-            stem = _stem(Path(name))
-            for key in ("liver_probability", "lesion_probability"):
-                grid = to_input_grid(from_display(result[key]), reference.affine).astype(np.float32)
-                save_atomically(grid, reference, output / f"{stem}_{key}.nii.gz")
+        for key, path in case.outputs.items():
+            grid = to_input_grid(from_display(result[key]), reference.affine)
+            save_atomically(grid if key == "labels" else grid.astype(np.float32), reference, path)
+            written.append(path)
     return written
+
+
+def predict_files(predictor: CascadePredictor, inputs: list[Path], output: Path, probabilities: bool = False,
+                  overwrite: bool = False) -> list[Path]:
+    """``plan_prediction`` then ``predict_cases``: the whole of ``lits predict`` for a predictor already built."""
+    return predict_cases(predictor, plan_prediction(inputs, output, probabilities, overwrite))
+
+
+def check_device(name: str | None) -> None:
+    """ConfigError for a ``--device`` that is not a torch device, or a GPU this machine does not have."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name} is not a device; pass cpu, cuda or cuda:<index>") from None
+    available = {"cpu": True, "cuda": device.type == "cuda" and (device.index or 0) < torch.cuda.device_count(),
+                 "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        raise ConfigError(f"--device {name} is not available here ({torch.cuda.device_count()} CUDA device(s) visible); "
+                          "pass cpu, or cuda:<index> of a visible GPU")
 
 
 def predict_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="lits predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="a checkpoint (.ckpt) or a lits run / lits fit folder")
     parser.add_argument("--input", required=True, help="a NIfTI file or a folder (LiTS, MSD imagesTs/, any *.nii[.gz])")
-    parser.add_argument("--output", required=True, help="folder for the label maps")
+    parser.add_argument("--output", required=True, help="folder for the label maps (cases already predicted there are skipped)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input or its ground truth)")
     parser.add_argument("--liver_checkpoint", default=None, help="the cascade's liver network (default: the one the lesion checkpoint names)")
     parser.add_argument("--probabilities", action="store_true", help="also write float32 probability maps")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--batch_size", type=int, default=16, help="slices per forward pass")
     args = parser.parse_args(argv)
-    inputs = find_inputs(args.input)
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch_size {args.batch_size}: pass at least 1 slice per forward pass")
+    check_device(args.device)
+    output = Path(args.output)
+    plan = plan_prediction(find_inputs(args.input, skip=output), output, args.probabilities, args.overwrite)
+    if not plan.cases:
+        print(f"nothing to predict: every case already has its outputs in {output}")
+        return
     predictor = CascadePredictor(args.model, args.liver_checkpoint, args.device, args.batch_size)
-    written = predict_files(predictor, inputs, Path(args.output), args.probabilities)
+    written = predict_cases(predictor, plan)
     kind = "liver and lesion (0/1/2)" if predictor.lesion else "liver (0/1)"
-    print(f"wrote {len(written)} {kind} label map(s) to {args.output}")
+    print(f"predicted {len(plan.cases)} case(s), {kind}: wrote {len(written)} file(s) to {output}")

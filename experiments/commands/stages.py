@@ -20,8 +20,11 @@ per stage (a complete ``lits fit`` run folder) and the final ``metrics.json`` (t
 figures, and each earlier stage's under ``stage_metrics``). Overrides given on the command line reach every stage; one prefixed with a stage's name
 (``--segmentation.model.init_args.lr=0.01``) reaches that stage alone. ``--<stage>_ckpt=PATH``
 (e.g. ``--base_ckpt=runs/unet/checkpoints/best.ckpt``) skips that stage and hands PATH on in place
-of its best checkpoint. A rerun skips finished stages (those with a ``metrics.json``) and resumes an
-unfinished one from its ``last.ckpt``.
+of its best checkpoint. A rerun skips finished stages (those with a whole ``metrics.json``: one cut short by a kill
+counts as unfinished) and resumes an unfinished one from its ``last.ckpt``.
+
+The file's shape is declared in ``experiments/commands/yaml_schema.py`` (``Experiment``): unknown keys, values of
+another type and names that are not folder names (``name: ../x``) are refused in one line before any stage starts.
 
 Each stage runs as its own ``lits fit`` process, so DDP launches, crashes and memory stay per stage
 (forked from a fork server that has the suite imported: ``experiments/commands/processes.py``).
@@ -29,16 +32,18 @@ Each stage runs as its own ``lits fit`` process, so DDP launches, crashes and me
 
 from __future__ import annotations
 
-import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
-import yaml
 
-from datamodules.errors import ConfigError
+from datamodules.errors import CheckpointError, ConfigError, DataError
+from datamodules.io.atomic import read_state, write_json_atomically
+from experiments.commands.names import check_name, inside
 from experiments.commands.processes import run_cli
 from experiments.commands.wandb_mode import yaml_command
+from experiments.commands.yaml_schema import Experiment, read_yaml, validate
 
 # Set by `wandb agent` for the one run it started; stage processes must not all claim that run.
 AGENT_ENV = ("WANDB_RUN_ID", "WANDB_SWEEP_ID", "WANDB_SWEEP_PARAM_PATH")
@@ -71,26 +76,29 @@ def _resolve(path: str, experiment: Path) -> Path:
 
 
 def load_experiment(path: str | Path) -> tuple[str, list[dict]]:
-    """Read and check an experiment file: (name, stages) with config paths resolved."""
+    """Read and check an experiment file against its schema (``yaml_schema.Experiment``): (name, stages) with config
+    paths resolved."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"experiment file {path} not found; pass a YAML with a `stages:` list, e.g. experiments/pu_net.yaml")
-    spec = yaml.safe_load(path.read_text()) or {}
-    if "stages" not in spec and "model" in spec:  # a plain `lits fit` config is a one-stage experiment
+    spec = read_yaml(path)
+    spec = {} if spec is None else spec
+    if isinstance(spec, dict) and "stages" not in spec and "model" in spec:  # a plain `lits fit` config is a one-stage experiment
         spec = {"stages": [{"name": "fit", "config": str(path)}]}
-    stages = spec.get("stages")
-    if not isinstance(stages, list) or not stages:
+    if not isinstance(spec, dict) or not spec.get("stages"):
         raise ConfigError(f"{path}: no `stages:` list (nor a `model:` of a plain `lits fit` config)")
+    experiment = validate(Experiment, spec, path)
+    stages = [stage.model_dump() for stage in experiment.stages]
     seen: list[str] = []
     for stage in stages:
-        name = stage.get("name")
-        if not name or name in seen:
-            raise ConfigError(f"{path}: every stage needs a unique `name:` (got {name!r})")
-        configs = stage.get("config") or []
+        name = stage["name"]
+        if name in seen:
+            raise ConfigError(f"{path}: every stage needs a unique `name:` (got {name!r} twice)")
+        configs = stage["config"]
         stage["config"] = [_resolve(c, path) for c in ([configs] if isinstance(configs, str) else configs)]
-        weights = dict(stage.get("weights") or {})  # argument -> stage, or list of stages
-        if stage.get("weights_from"):
-            if not stage.get("weights_arg"):
+        weights = dict(stage["weights"])  # argument -> stage, or list of stages
+        if stage["weights_from"]:
+            if not stage["weights_arg"]:
                 raise ConfigError(f"{path}: stage {name} takes weights_from {stage['weights_from']!r} but has no weights_arg naming the argument that receives them")
             weights[stage["weights_arg"]] = stage["weights_from"]
         for argument, sources in weights.items():
@@ -98,7 +106,7 @@ def load_experiment(path: str | Path) -> tuple[str, list[dict]]:
                 raise ConfigError(f"{path}: stage {name} takes weights from {sources!r}, which must name earlier stages")
         stage["weights"] = weights
         seen.append(name)
-    return spec.get("name") or path.stem, stages
+    return experiment.name or check_name(path.stem, f"{path}: name (from the file's name)"), stages
 
 
 def stage_overrides(overrides: list[str], stage: str, stage_names: list[str]) -> list[str]:
@@ -127,11 +135,24 @@ def given_checkpoints(overrides: list[str], stage_names: list[str]) -> dict[str,
     return given
 
 
+def read_metrics(folder: Path) -> dict | None:
+    """The figures of a finished run or stage (its ``metrics.json``); None, with a one-line warning for a file cut
+    short by a kill or emptied, when it is not finished: it is then run again."""
+    figures = read_state(folder / "metrics.json", "metrics.json")
+    if figures is not None and not isinstance(figures, dict):
+        warnings.warn(f"{folder / 'metrics.json'}: not a mapping of figures; treating it as not done", stacklevel=2)
+        return None
+    return figures
+
+
 def best_checkpoint(run_folder: Path, stage: str, given: dict[str, str]) -> str:
     # absolute: the path is recorded in the next stage's hyperparameters (e.g. a cascade's liver_checkpoint)
     if stage in given:
         return str(Path(given[stage]).resolve())
-    return str(Path(json.loads((run_folder / stage / "metrics.json").read_text())["best_checkpoint"]).resolve())
+    best = (read_metrics(run_folder / stage) or {}).get("best_checkpoint")
+    if not best:
+        raise CheckpointError(f"{run_folder / stage / 'metrics.json'} names no best checkpoint to hand on; delete it to train stage {stage} again")
+    return str(Path(best).resolve())
 
 
 def stage_command(stage: dict, folder: Path, run_folder: Path, overrides: list[str], given: dict[str, str] | None = None) -> list[str]:
@@ -154,18 +175,19 @@ def run_experiment(path: str | Path, argv: list[str], run_folder: Path | None = 
     """Run (or resume) every stage; ``run_folder`` defaults to ``<trainer.default_root_dir>/<name>``."""
     name, stages = load_experiment(path)
     overrides = normalise_overrides(argv)
-    run_folder = run_folder or Path(override_value(overrides, "trainer.default_root_dir") or "runs") / name
+    root = Path(override_value(overrides, "trainer.default_root_dir") or "runs")
+    run_folder = run_folder or inside(root, root / name)
     names = [s["name"] for s in stages]
     given = given_checkpoints(overrides, names)
     if names[-1] in given:
         raise ConfigError(f"--{names[-1]}_ckpt would skip the last stage, leaving nothing to run")
     run_folder.mkdir(parents=True, exist_ok=True)
     for index, stage in enumerate(stages, 1):
-        folder = run_folder / stage["name"]
+        folder = inside(run_folder, run_folder / stage["name"], f"stage {stage['name']}'s folder")
         if stage["name"] in given:
             print(f"[lits run] stage {index}/{len(stages)} {stage['name']}: replaced by {given[stage['name']]}")
             continue
-        if (folder / "metrics.json").is_file():
+        if read_metrics(folder) is not None:
             print(f"[lits run] stage {index}/{len(stages)} {stage['name']}: finished earlier, skipped")
             continue
         command = stage_command(stage, folder, run_folder, stage_overrides(overrides, stage["name"], names), given)
@@ -175,13 +197,14 @@ def run_experiment(path: str | Path, argv: list[str], run_folder: Path | None = 
         if code:
             print(f"lits: error: stage {stage['name']} of {path} failed (exit {code}); fix it and rerun the same command to resume", file=sys.stderr)
             sys.exit(code)
-    final = json.loads((run_folder / stages[-1]["name"] / "metrics.json").read_text())
+    figures = {s["name"]: read_metrics(run_folder / s["name"]) for s in stages if s["name"] not in given}
+    if figures[names[-1]] is None:
+        raise DataError(f"{run_folder / names[-1] / 'metrics.json'}: the last stage ended without its figures; rerun the same command")
+    final = dict(figures[names[-1]])
     final["stages"] = {s["name"]: str(run_folder / s["name"]) for s in stages if s["name"] not in given}
     # each earlier stage's own figures beside the final ones (a cascade's liver network, a mined base, ...)
-    final["stage_metrics"] = {
-        s["name"]: json.loads((run_folder / s["name"] / "metrics.json").read_text()) for s in stages[:-1] if s["name"] not in given
-    }
-    (run_folder / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
+    final["stage_metrics"] = {s["name"]: figures[s["name"]] for s in stages[:-1] if s["name"] not in given}
+    write_json_atomically(run_folder / "metrics.json", final)
     print(f"[lits run] done: {run_folder / 'metrics.json'}")
     if "WANDB_SWEEP_ID" in os.environ:
         report_to_agent(final)

@@ -25,6 +25,9 @@ Spread over machines, as a W&B grid sweep over model and seed:
         one run of the study (what each agent runs).
     lits study STUDY.yaml --from_sweep=ENTITY/PROJECT/SWEEP_ID
         the table from the sweep's finished runs (their W&B summaries).
+    lits study STUDY.yaml --launcher=slurm [--key=value ...]
+        each run one SLURM job (submitit), the table when all have ended: the study file's
+        ``slurm:`` gives the jobs' resources (experiments/commands/study_slurm.py, docs/cluster.md).
 With a shared run folder, plain ``lits study STUDY.yaml`` also builds the table: it skips finished runs.
 
 Tables (``table:``, default ``segmentation``): ``segmentation`` is the one above (slice and volume
@@ -60,18 +63,21 @@ and is dropped for a model whose experiment has no such stage while another mode
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
 # Light imports only: this process orchestrates (its runs are processes of their own). Torch, matplotlib and W&B are
 # imported inside the functions of the report, which runs in a child forked from a server that has them imported.
-from datamodules.errors import CheckpointError, ConfigError
+from datamodules.errors import CheckpointError, ConfigError, DataError
+from datamodules.io.atomic import write_json_atomically
+from experiments.commands.names import inside
 from experiments.commands.processes import call_forked, run_cli
-from experiments.commands.stages import AGENT_ENV, load_experiment, normalise_overrides, override_value, run_experiment, stage_overrides
+from experiments.commands.stages import (AGENT_ENV, load_experiment, normalise_overrides, override_value, read_metrics, run_experiment,
+                                         stage_overrides)
 from experiments.commands.study_config import as_seed, load_study, model_overrides, run_folder, split_options
 from experiments.commands.study_jobs import run_parallel, runs_at_once
+from experiments.commands.study_slurm import launcher_of, run_on_cluster
 from experiments.commands.study_sweep import results_from_wandb, run_as_sweep
 from experiments.commands.study_tables import TABLES, before_and_after, lesion_error_counts, summarize, with_lesion_counts, write_tables
 from experiments.commands.wandb_mode import yaml_command
@@ -90,7 +96,7 @@ def run_one(study: dict, folder: Path, label: str, seed: int, overrides: list[st
         print(f"[lits study] {label}, seed {seed}: stage {stage} is {source}'s (same settings), not trained again", flush=True)
     given = [f"--{stage}_ckpt={checkpoint}" for stage, (_, checkpoint) in shared.items()]
     run_experiment(study["models"][label], model_overrides(study, label, overrides) + seeded + given, run_folder=own_folder)
-    final = json.loads((own_folder / "metrics.json").read_text())
+    final = read_metrics(own_folder)  # run_experiment has just written it whole
     table = TABLES[study.get("table", "segmentation")]
     if table.evaluates_training_volumes and label in (study.get("rows") or {label: label}).values():  # table rows only
         final |= evaluate_training_volumes(own_folder)
@@ -114,7 +120,7 @@ def shared_stages(study: dict, folder: Path, label: str, seed: int, overrides: l
     _, stages = load_experiment(study["models"][label])
     names = [s["name"] for s in stages]
     own = model_overrides(study, label, overrides)
-    if any((run_folder(folder, label, seed) / s["name"] / "metrics.json").is_file() for s in stages[:-1]):
+    if any(read_metrics(run_folder(folder, label, seed) / s["name"]) is not None for s in stages[:-1]):
         return {}
     best: dict[str, tuple[str, str]] = {}
     for other in study["models"]:
@@ -125,10 +131,10 @@ def shared_stages(study: dict, folder: Path, label: str, seed: int, overrides: l
         theirs = model_overrides(study, other, overrides)
         common: dict[str, tuple[str, str]] = {}
         for mine, their in zip(stages[:-1], other_stages):
-            finished = run_folder(folder, other, seed) / their["name"] / "metrics.json"
-            if _stage_settings(mine, own, names) != _stage_settings(their, theirs, other_names) or not finished.is_file():
+            finished = read_metrics(run_folder(folder, other, seed) / their["name"])
+            if _stage_settings(mine, own, names) != _stage_settings(their, theirs, other_names) or finished is None:
                 break
-            checkpoint = json.loads(finished.read_text()).get("best_checkpoint")
+            checkpoint = finished.get("best_checkpoint")
             if not checkpoint or not Path(checkpoint).is_file():
                 break
             common[mine["name"]] = (other, str(Path(checkpoint).resolve()))
@@ -144,11 +150,11 @@ def evaluate_training_volumes(run: Path) -> dict[str, float]:
     """The final stage's best checkpoint evaluated on the training volumes (``lits test --data.test_split=train``),
     once per run: its ``test/...`` figures as ``train/...``."""
     target = run / TRAIN_EVAL
-    if (target / "metrics.json").is_file():
+    if read_metrics(target) is not None:
         print(f"[lits study] training-volume evaluation of {run}: finished earlier, skipped")
     else:
         stage = final_stage(run)
-        best = json.loads((stage / "metrics.json").read_text()).get("best_checkpoint")
+        best = (read_metrics(stage) or {}).get("best_checkpoint")
         if not best:
             raise CheckpointError(f"{stage}/metrics.json names no best checkpoint to evaluate on the training volumes")
         command = ["test", "--config", str(stage / "config.yaml"), f"--ckpt_path={best}",
@@ -158,7 +164,9 @@ def evaluate_training_volumes(run: Path) -> dict[str, float]:
         if code:
             print(f"lits: error: the training-volume evaluation of {run} failed (exit {code}); fix it and rerun the study to resume", file=sys.stderr)
             sys.exit(code)
-    figures = json.loads((target / "metrics.json").read_text())
+    figures = read_metrics(target)
+    if figures is None:
+        raise DataError(f"{target / 'metrics.json'}: the training-volume evaluation ended without its figures; rerun the study")
     return {f"train/{k[len('test/'):]}": v for k, v in figures.items() if k.startswith("test/")}
 
 
@@ -166,14 +174,15 @@ def run_study(path: str | Path, argv: list[str]) -> Path:
     study = load_study(path)
     options, argv_overrides = split_options(argv)
     overrides = normalise_overrides(study["args"]) + argv_overrides
-    folder = Path(override_value(overrides, "trainer.default_root_dir") or "runs") / study["name"]
+    root = Path(override_value(overrides, "trainer.default_root_dir") or "runs")
+    folder = inside(root, root / study["name"], "study folder")
     if "model" in options or "seed" in options:
         if "model" not in options or "seed" not in options:
             raise ConfigError("one run of a study needs both --model=LABEL and --seed=S")
         final = run_one(study, folder, options["model"], as_seed(options["seed"]), overrides)
         if options.get("trial_dir"):  # `lits sweep` reads each trial's figures from its own folder
             Path(options["trial_dir"]).mkdir(parents=True, exist_ok=True)
-            (Path(options["trial_dir"]) / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
+            write_json_atomically(Path(options["trial_dir"]) / "metrics.json", final)
         return folder
     if "from_sweep" in options:  # no figure: it needs the run folders, which a sweep spread over machines does not have here
         report(study, folder, results_from_wandb(options["from_sweep"], study), overrides, figure=False)
@@ -181,8 +190,10 @@ def run_study(path: str | Path, argv: list[str]) -> Path:
     if "sweep" in options:
         if run_as_sweep(path, study, folder, argv_overrides):
             return folder
-    jobs = _runs_at_once(options, study)
-    if jobs > 1:
+    jobs, launcher = _runs_at_once(options, study), launcher_of(options, study)
+    if launcher != "local":  # one cluster job per run (experiments/commands/study_slurm.py)
+        results = run_on_cluster(path, study, folder, argv_overrides, launcher)
+    elif jobs > 1:
         results = run_parallel(path, study, folder, argv_overrides, jobs)
     else:
         results = {label: {} for label in study["models"]}
@@ -231,7 +242,10 @@ def report(study: dict, folder: Path, results: dict[str, dict[int, dict]], overr
 
 def final_stage(run: Path) -> Path:
     """The folder of a finished run's last stage."""
-    stages = json.loads((run / "metrics.json").read_text())["stages"]
+    figures = read_metrics(run)
+    if figures is None or "stages" not in figures:
+        raise DataError(f"{run / 'metrics.json'} is missing or not a finished run's (no `stages`); rerun the study to finish it")
+    stages = figures["stages"]
     return Path(list(stages.values())[-1])
 
 

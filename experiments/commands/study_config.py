@@ -16,8 +16,12 @@ A study file::
     share_stages: false                  # true: stages several models have alike are trained once per seed
     jobs: 1                              # runs at once (--jobs=K overrides; see experiments/commands/study_jobs.py)
     runs_per_device: 1                   # or: runs per GPU (the CPU: one device), so jobs = devices x N
+    launcher: slurm                      # optional: one SLURM job per run (experiments/commands/study_slurm.py)
+    slurm: {partition: gpu, gpus_per_node: 1, timeout_min: 600}   # the jobs' resources
 
-Every mistake in it is a one-line ``ConfigError``, raised before any run starts.
+Its shape is declared in ``experiments/commands/yaml_schema.py`` (``Study``): a key it does not know, a value of
+another type (``seeds: "10"``) or a name that is not a folder name is refused. Every mistake in it is a one-line
+``ConfigError``, raised before any run starts.
 """
 
 from __future__ import annotations
@@ -25,14 +29,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import yaml
 
 from datamodules.errors import ConfigError
+from experiments.commands.names import check_name, inside
 from experiments.commands.stages import load_experiment, normalise_overrides
 from experiments.commands.study_tables import TABLES
+from experiments.commands.yaml_schema import Study, read_yaml, validate
 
 # The study's own command-line options; every other --key=value is an override for its runs
-STUDY_OPTIONS = ("model", "seed", "sweep", "from_sweep", "trial_dir", "jobs", "runs_per_device")
+STUDY_OPTIONS = ("model", "seed", "sweep", "from_sweep", "trial_dir", "jobs", "runs_per_device", "launcher")
 
 
 def load_study(path: str | Path) -> dict:
@@ -40,33 +45,36 @@ def load_study(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"study file {path} not found; pass a YAML with `models:` and `seeds:`, e.g. experiments/studies/quickstart.yaml")
-    spec = yaml.safe_load(path.read_text()) or {}
-    models = spec.get("models")
-    if not isinstance(models, dict) or not models:
+    spec = read_yaml(path)
+    spec = {} if spec is None else spec
+    if isinstance(spec, dict) and not spec.get("models"):
         raise ConfigError(f"{path}: no `models:` mapping of label -> experiment file")
-    for label, experiment in models.items():
+    study = validate(Study, spec, path)
+    models = {}
+    for label, experiment in study.models.items():
         found = [p for p in (Path(experiment), path.parent / experiment) if p.is_file()]
         if not found:
             raise ConfigError(f"{path}: model {label!r} names experiment file {experiment}, which does not exist")
         models[label] = found[0]
         load_experiment(found[0])  # a broken experiment fails now, not after hours of other models
-    baseline = spec.get("baseline", next(iter(models)))
+    slugs = [slug(label) for label in models]
+    if len(set(slugs)) < len(slugs):
+        raise ConfigError(f"{path}: two model labels share a folder name ({', '.join(slugs)}); make them differ in letters or digits")
+    baseline = study.baseline if study.baseline is not None else next(iter(models))
     if baseline not in models:
         raise ConfigError(f"{path}: baseline {baseline!r} is not one of the models {list(models)}")
-    seeds = spec.get("seeds", 3)
-    seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
-    table = spec.get("table", "segmentation")
-    if table not in TABLES:
-        raise ConfigError(f"{path}: table {table!r} is not one of {', '.join(TABLES)}")
-    rows = spec.get("rows") or {label: label for label in models}
-    if not isinstance(rows, dict) or any(model not in models for model in rows.values()):
+    seeds = list(range(study.seeds)) if isinstance(study.seeds, int) else study.seeds
+    if study.table not in TABLES:
+        raise ConfigError(f"{path}: table {study.table!r} is not one of {', '.join(TABLES)}")
+    rows = study.rows or {label: label for label in models}
+    if any(model not in models for model in rows.values()):
         raise ConfigError(f"{path}: `rows:` maps a table row's label to one of the models {list(models)}; got {rows!r}")
-    if not spec.get("inc") and baseline not in rows.values():
+    if not study.inc and baseline not in rows.values():
         raise ConfigError(f"{path}: the baseline {baseline!r} must be one of the table's rows {list(rows.values())}")
-    return {"name": spec.get("name") or path.stem, "models": models, "baseline": baseline, "seeds": seeds,
-            "args": list(spec.get("args", [])), "inc": bool(spec.get("inc", False)), "table": table, "rows": rows,
-            "share_stages": bool(spec.get("share_stages", False)), "jobs": spec.get("jobs"),
-            "runs_per_device": spec.get("runs_per_device")}
+    return {"name": study.name or check_name(path.stem, f"{path}: name (from the file's name)"), "models": models,
+            "baseline": baseline, "seeds": seeds, "args": study.args, "inc": study.inc, "table": study.table, "rows": rows,
+            "share_stages": study.share_stages, "jobs": study.jobs, "runs_per_device": study.runs_per_device,
+            "launcher": study.launcher, "slurm": study.slurm}
 
 
 def slug(label: str) -> str:
@@ -75,12 +83,13 @@ def slug(label: str) -> str:
 
 
 def run_folder(folder: Path, label: str, seed: int) -> Path:
-    """The run folder of one model at one seed, in the study's folder."""
-    return folder / slug(label) / f"seed_{seed}"
+    """The run folder of one model at one seed, in the study's folder (never outside it)."""
+    return inside(folder, folder / slug(label) / f"seed_{seed}", f"model {label!r}'s run folder")
 
 
 def split_options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
-    """The study's own options (--model, --seed, --sweep, --from_sweep, --trial_dir, --jobs, --runs_per_device) and the overrides for every run."""
+    """The study's own options (--model, --seed, --sweep, --from_sweep, --trial_dir, --jobs, --runs_per_device, --launcher) and
+    the overrides for every run."""
     options, rest = {}, []
     for arg in normalise_overrides(argv):
         key, _, value = arg[2:].partition("=")

@@ -15,15 +15,21 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from datamodules import LiTSDataModule  # noqa: E402
+from datamodules.errors import CheckpointError  # noqa: E402
+from datamodules.io.atomic import read_state  # noqa: E402
 from datamodules.settings import grouped_data_config  # noqa: E402
 from experiments.commands.study_tables import ERROR_TYPES  # noqa: E402
+from lightning_modules.networks.checkpoints import load_task_checkpoint  # noqa: E402
 
 
 def _load_model(stage_folder: Path):
     config = yaml.safe_load((stage_folder / "config.yaml").read_text())
     module, _, name = config["model"]["class_path"].rpartition(".")
-    checkpoint = yaml.safe_load((stage_folder / "metrics.json").read_text())["best_checkpoint"]
-    return getattr(importlib.import_module(module), name).load_from_checkpoint(checkpoint, map_location="cpu").eval(), config
+    checkpoint = (read_state(stage_folder / "metrics.json", "metrics.json") or {}).get("best_checkpoint")
+    if not checkpoint:
+        raise CheckpointError(f"{stage_folder}: its metrics.json names no best checkpoint (an unfinished run?); run the study again")
+    task = getattr(importlib.import_module(module), name)
+    return load_task_checkpoint(checkpoint, map_location="cpu", task=task).eval(), config
 
 
 def qualitative_figure(model_folders: dict[str, Path], path: Path, slices_per_figure: int = 4) -> Path:

@@ -163,8 +163,8 @@ def prepare_data(command: list[str], tag: str) -> None:
     ``command`` is a suite command line (``python -m experiments.commands.cli fit|run|study ...``, see
     ``processes.cli_command``): of a ``lits fit`` its own arguments, of a ``lits run`` its first stage's, of a
     ``lits study`` the first stage of the model it runs (``--model``, else the study's first). The runs then find
-    the data cache built instead of each building it at once (the cache's builders clear each other's unfinished
-    entries). Another command: nothing.
+    the data cache built instead of each building it at once (safe, but they would wait on each other's
+    entries' locks). Another command: nothing.
     """
     suite_args = cli_arguments(command) or []
     subcommand, rest = (suite_args[0], suite_args[1:]) if len(suite_args) > 1 else (None, [])

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from datamodules.errors import DataError
+from datamodules.io.atomic import write_text_atomically
 from experiments.commands import sweep
 from experiments.commands.stages import override_value
 from experiments.commands.study_tables import TABLES
@@ -31,7 +32,7 @@ def run_as_sweep(path: str | Path, study: dict, folder: Path, overrides: list[st
     folder.mkdir(parents=True, exist_ok=True)
     config = sweep_config(path, study, overrides)
     sweep_file = folder / "sweep.yaml"
-    sweep_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    write_text_atomically(sweep_file, yaml.safe_dump(config, sort_keys=False))
     if os.environ.get("WANDB_MODE") not in ("offline", "disabled", "dryrun"):
         import wandb  # here, not at the top: the study's own process orchestrates and does not import W&B otherwise
 

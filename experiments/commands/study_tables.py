@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.errors import ConfigError
+from datamodules.io.atomic import replace_together
 
 ERROR_TYPES = ("fp", "fn", "tp")  # the lesion error types of Fig. 4, in the figure's order
 
@@ -163,13 +164,19 @@ def markdown_table(rows: list[dict], baseline: str, inc: bool = False, metrics: 
 
 def write_tables(folder: Path, rows: list[dict], baseline: str, inc: bool = False, metrics: dict[str, str] | None = None,
                  caption: str = "Test-set figures") -> str:
+    """``results.md``, ``results.csv`` and ``results.json`` in ``folder``, replaced together (a kill leaves the old three or
+    the new three); the markdown table."""
     table = markdown_table(rows, baseline, inc, metrics, caption)
-    (folder / "results.md").write_text(table + "\n")
-    (folder / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    with open(folder / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
-        writer.writeheader()
-        writer.writerows(rows)
+
+    def write_csv(path: Path) -> None:
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    replace_together([(folder / "results.md", lambda tmp: tmp.write_text(table + "\n")),
+                      (folder / "results.csv", write_csv),
+                      (folder / "results.json", lambda tmp: tmp.write_text(json.dumps(rows, indent=2) + "\n"))])
     return table
 
 

@@ -22,8 +22,10 @@ Everything lands in ``<trainer.default_root_dir>/sweep_<yaml name>/`` (default `
 per trial, its console (``trial_<n>.log``), ``sweep.json`` (every trial's configuration, state, metric
 and history) and ``results.md`` (the trials ranked). ``--count N`` is the sweep's total number of
 trials: a rerun after a kill keeps the finished trials, resumes the interrupted ones and goes on up to
-N (a grid stops earlier when it is exhausted). Overrides (``--data.root=DIR``, ``--trainer.max_epochs=5``...)
-reach every trial; the swept parameters are given after them, so the sweep's values win.
+N (a grid stops earlier when it is exhausted); ``sweep.json`` is replaced whole at every change, and one cut short
+(written in place by an older version) starts the sweep afresh with a one-line warning. Overrides
+(``--data.root=DIR``, ``--trainer.max_epochs=5``...) reach every trial; the swept parameters are given after them, so
+the sweep's values win.
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from datamodules.errors import ConfigError
-from experiments.commands.stages import normalise_overrides, override_value
+from datamodules.io.atomic import read_state, write_json_atomically, write_text_atomically
+from experiments.commands.stages import normalise_overrides, override_value, read_metrics
 from experiments.commands.study_jobs import Launcher, Started, prepare_data, runs_at_once, whole_number
 from experiments.commands.sweep_engine import engine, engine_run, load_sweep, metric_value, objective, trial_command
 from experiments.commands.wandb_mode import yaml_command
@@ -55,13 +59,19 @@ def read_history(trial_folder: Path) -> list[dict]:
     files = sorted(trial_folder.rglob("history.jsonl"), key=lambda p: p.stat().st_mtime)
     if not files:
         return []
-    return [json.loads(line) for line in files[-1].read_text().splitlines() if line.strip()]
+    history = []
+    for line in filter(str.strip, files[-1].read_text().splitlines()):
+        try:
+            history.append(json.loads(line))
+        except ValueError:  # a line being written as we read, or cut by a kill: the epochs before it count
+            break
+    return history
 
 
 def read_result(trial_folder: Path) -> dict | None:
     """The trial's final ``metrics.json`` (the shallowest one: a multi-stage run's summary)."""
     found = sorted(trial_folder.rglob("metrics.json"), key=lambda p: len(p.parts))
-    return json.loads(found[0].read_text()) if found else None
+    return read_metrics(found[0].parent) if found else None
 
 
 def propose(config: dict, trials: list[dict], folder: Path) -> dict | None:
@@ -111,14 +121,14 @@ def ranked(trials: list[dict], metric: str, goal: str) -> list[tuple[float, dict
 def write_results(folder: Path, trials: list[dict], config: dict) -> str:
     """``sweep.json`` (every trial) and ``results.md`` (the trials ranked) in the sweep's folder; the table."""
     metric, goal = objective(config)
-    (folder / "sweep.json").write_text(json.dumps({"config": config, "trials": trials}, indent=2) + "\n")
+    write_json_atomically(folder / "sweep.json", {"config": config, "trials": trials})
     names = sorted({k for t in trials for k in t["params"]})
     lines = [f"| rank | trial | state | {metric} | " + " | ".join(names) + " |", "|---" * (4 + len(names)) + "|"]
     for rank, (value, trial) in enumerate(ranked(trials, metric, goal), 1):
         cells = [str(rank), trial["name"], trial["state"], f"{value:.4f}", *(str(trial["params"].get(n, "")) for n in names)]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines) + f"\n\n{config['method']} search, goal: {goal} {metric}.\n"
-    (folder / "results.md").write_text(table)
+    write_text_atomically(folder / "results.md", table)
     return table
 
 
@@ -205,7 +215,7 @@ def run_sweep(path: str | Path, argv: list[str]) -> Path:
         config, folder, count,
         overrides=[a for a in overrides if not a.startswith("--trainer.default_root_dir=")],  # each trial has its own
         launcher=Launcher(jobs),
-        trials=json.loads(state_file.read_text())["trials"] if state_file.is_file() else [],
+        trials=earlier_trials(state_file),
         prepared=jobs == 1,
     )
     try:
@@ -231,6 +241,16 @@ def print_summary(folder: Path, trials: list[dict], config: dict) -> None:
         print(f"[lits sweep] best: {trial['name']} with {metric} = {value:.4f}; its settings:")
         print("  " + " ".join(f"--{k}={v}" for k, v in trial["params"].items()))
     print(f"[lits sweep] results in {folder}/results.md and sweep.json")
+
+
+def earlier_trials(state_file: Path) -> list[dict]:
+    """The trials a killed sweep recorded in ``sweep.json``; none (a fresh start, with a one-line warning) when the
+    file is cut short or not a sweep's."""
+    state = read_state(state_file, "sweep state")
+    trials = state.get("trials") if isinstance(state, dict) else None
+    if state is not None and not isinstance(trials, list):
+        warnings.warn(f"{state_file}: no `trials` list; starting the sweep afresh", stacklevel=2)
+    return trials if isinstance(trials, list) else []
 
 
 def take_options(overrides: list[str]) -> tuple[int, int, list[str]]:

@@ -8,10 +8,9 @@ import sys
 import warnings
 from pathlib import Path
 
-import yaml
-
 from datamodules.errors import ConfigError
 from experiments.commands.processes import cli_arguments, cli_command
+from experiments.commands.yaml_schema import Sweep, read_yaml, validate
 
 
 def engine():
@@ -28,16 +27,15 @@ def objective(config: dict) -> tuple[str, str]:
 
 
 def load_sweep(path: str | Path) -> dict:
-    """Read a sweep YAML and check it with the sweep engine's own schema; one-line ConfigError otherwise."""
+    """Read a sweep YAML and check it against ``yaml_schema.Sweep`` and the sweep engine's own schema; one-line
+    ConfigError otherwise."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file {path} not found; pass a W&B sweep YAML, e.g. experiments/sweeps/cmunet.yaml")
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    config = read_yaml(path)
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: a sweep YAML is a mapping with method, metric, parameters and command")
+    validate(Sweep, config, path)  # its keys and their types, with a hint for a mistyped key
     violations = engine().schema_violations_from_proposed_config(config)
     if violations:
         more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""

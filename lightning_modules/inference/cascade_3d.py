@@ -5,7 +5,8 @@ in-plane resized to ``data.image_size`` (S x S) and resampled along z to ``data.
 goes through the cascade like this:
 
 1. **Liver.** MONAI's ``SlidingWindowInferer`` (windows of the training crop size, ``overlap``, Gaussian or
-   constant blending) over the whole resampled volume gives liver probabilities on the resampled grid. They are
+   constant blending; a volume thinner than a window padded with air and cropped back) over the whole
+   resampled volume gives liver probabilities on the resampled grid. They are
    mapped back onto the original slices (linear in z, ``volume3d.interpolate_z``), quantised, upsampled to the
    original in-plane size, thresholded and reduced to their largest 3D component: ``cascade_2d.liver_mask``, the 2D
    cascade's own liver step, so a 3D and a 2D liver network are scored alike.
@@ -29,6 +30,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from datamodules.datasets.crops3d import AIR
 from datamodules.io.volume3d import interpolate_z
 
 from lightning_modules.inference.cascade_2d import Box, upsample_probabilities, dilate_in_plane, liver_mask, mask_box
@@ -40,15 +42,23 @@ def window_probabilities(predict: VolumePredictor, image: torch.Tensor, roi_size
                          mode: str = "gaussian", sw_batch_size: int = 2) -> torch.Tensor:
     """Foreground probabilities of a (Z', H, W) volume by MONAI's sliding window: float32 (Z', H, W).
 
-    ``roi_size`` is the window (D, H, W); a volume smaller than it on an axis is padded by MONAI and cropped back.
-    Probabilities, not logits, are blended, so any network whose output decodes to a probability (a mask-mining
-    round's error head) is predicted the same way.
+    ``roi_size`` is the window (D, H, W). Probabilities, not logits, are blended, so any network whose output decodes
+    to a probability (a mask-mining round's error head) is predicted the same way.
+    """
+    return sliding_window(roi_size, overlap, mode, sw_batch_size)(image[None, None].float(), lambda window: predict(window).float())[0, 0]
+
+
+def sliding_window(roi_size: Sequence[int], overlap: float, mode: str, sw_batch_size: int = 2):
+    """MONAI's ``SlidingWindowInferer`` over ``roi_size`` windows.
+
+    A volume shorter than the window on an axis (a thin slab against the training crop's depth) is padded
+    symmetrically with air, as the training crops are (``crops3d.AIR``), and the output cropped back to the volume's
+    own extent: the figures and label maps never see the padding.
     """
     from monai.inferers import SlidingWindowInferer  # MONAI's inferers import a lot; only evaluation needs them
 
-    inferer = SlidingWindowInferer(roi_size=tuple(int(v) for v in roi_size), sw_batch_size=sw_batch_size,
-                                   overlap=overlap, mode=mode)
-    return inferer(image[None, None].float(), lambda window: predict(window).float())[0, 0]
+    return SlidingWindowInferer(roi_size=tuple(int(v) for v in roi_size), sw_batch_size=sw_batch_size, overlap=overlap,
+                                mode=mode, padding_mode="constant", cval=AIR)
 
 
 def resampled_box(box: Box, positions: np.ndarray, full_size: Sequence[int], shape: Sequence[int],

@@ -1,7 +1,8 @@
 """Validation and test of a 3D segmentation network (``spatial_dims: 3``) on whole volumes, scored as the 2D path is.
 
 Each evaluation sample is one whole resampled volume (a batch of one). The network predicts it with MONAI's sliding
-window (``data.volume_3d.crop_size`` windows, ``sw_overlap``, ``sw_mode``); the probabilities are mapped back onto the
+window (``data.volume_3d.crop_size`` windows, ``sw_overlap``, ``sw_mode``; a volume thinner than a window is padded with
+air and its output cropped back, ``cascade_3d.sliding_window``); the probabilities are mapped back onto the
 volume's original slices (``to_original_slices``, linear in z) and recorded per slice against the cached 2D labels
 (``SliceRecords``), so the per-volume reassembly at full resolution, the largest component and the DDP sharding are
 the 2D path's, and so are the figures' definitions. The functions take the ``SegmentationTask`` being evaluated.
@@ -15,7 +16,7 @@ import torch
 from datamodules.datasets.slices import target_channels
 from datamodules.io.volume3d import to_original_slices
 from lightning_modules.inference.cascade_2d import Predictor
-from lightning_modules.inference.cascade_3d import window_probabilities
+from lightning_modules.inference.cascade_3d import sliding_window, window_probabilities
 from lightning_modules.metrics.slice_records import SliceRecords
 
 
@@ -26,14 +27,11 @@ def evaluate_volume_3d(task, batch: dict, stage: str, blend_logits: bool) -> Non
     with another output (mask mining's error head) blends its decoded probabilities and logs no loss (it would need
     the whole volume's error masks).
     """
-    from monai.inferers import SlidingWindowInferer  # MONAI's inferers import a lot; only evaluation needs them
-
     h, image = task.hparams, batch["image"]
     if image.shape[0] != 1:
         raise ValueError(f"3D evaluation takes one whole volume per batch, got {image.shape[0]}")
     if blend_logits:
-        inferer = SlidingWindowInferer(roi_size=tuple(int(v) for v in task.trainer.datamodule.volume_3d.crop_size), sw_batch_size=2,
-                                       overlap=h.sw_overlap, mode=h.sw_mode)
+        inferer = sliding_window(task.trainer.datamodule.volume_3d.crop_size, h.sw_overlap, h.sw_mode)
         outputs = {"seg": inferer(image, lambda window: task(window)["seg"])}
         losses = task.compute_losses(outputs, batch)
         task.log_dict({f"{stage}/{k}": v for k, v in losses.items()}, sync_dist=True, batch_size=1)

@@ -6,18 +6,79 @@
   saved before the variants existed is the paper's 2D plain U-Net without squeeze-and-excitation.
 * ``load_encoder_weights``: the two-stage recipe's weight transfer from a pretraining checkpoint into a U-Net.
 * ``check_backbone_variant``: the one-line error for a checkpoint of another spatial_dims, block or se.
+* ``read_checkpoint``, ``read_task_checkpoint``, ``load_task_checkpoint``: every read of a checkpoint goes through
+  these. A checkpoint is data (tensors and plain values), never a program: it is unpickled with
+  ``weights_only=True``, and a file that is not one of the suite's gets a one-line ``CheckpointError`` naming it,
+  not torch's paragraph suggesting ``weights_only=False``.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from lightning_modules.networks.unet import UNet, backbone_variant
 from datamodules.errors import CheckpointError
+from lightning_modules.base import checkpoint_task_class
 from lightning_modules.losses.error_masks import error_head_probability
+
+SUITE_CHECKPOINT = "a .ckpt the suite wrote (e.g. <run>/checkpoints/best.ckpt)"
+# what LightningCLI records to rebuild a module; load_from_checkpoint calls whatever a checkpoint names here
+TRUSTED_INSTANTIATORS = ("pytorch_lightning.cli.instantiate_module", "lightning.pytorch.cli.instantiate_module")
+
+
+# -- reading any checkpoint as data ----------------------------------------------------------------
+def unreadable_reason(error: Exception) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, in a few words (torch's own text is a paragraph
+    that suggests loading it unsafely)."""
+    text = str(error)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it holds a Python object ({found.group(1)}) and the suite loads checkpoints as data only (tensors and plain values)"
+    if isinstance(error, pickle.UnpicklingError):
+        return "it holds Python objects or code and the suite loads checkpoints as data only (tensors and plain values)"
+    if isinstance(error, EOFError) or "zip archive" in text:
+        return "it is empty, cut short or corrupt"
+    return "it is not a PyTorch checkpoint file"
+
+
+def read_checkpoint(path, map_location="cpu", what: str = "checkpoint") -> dict:
+    """The checkpoint at ``path`` read as data only (``weights_only=True``: no object it names is built, no code it
+    holds runs); one-line ``CheckpointError`` naming the file (``what``: how messages call it) when it is missing,
+    unreadable, or not a Lightning checkpoint (a dict with a ``state_dict``)."""
+    if not path or not os.path.isfile(path):
+        raise CheckpointError(f"{what} {str(path)!r} does not exist; expected {SUITE_CHECKPOINT}")
+    try:
+        with warnings.catch_warnings():  # torch warns about a foreign pickle protocol before refusing it
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises several types for foreign, truncated or hostile files
+        raise CheckpointError(f"cannot read {what} {path}: {unreadable_reason(error)}; expected {SUITE_CHECKPOINT}") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(f"{what} {path} is not a Lightning checkpoint (no state_dict); expected {SUITE_CHECKPOINT}")
+    return checkpoint
+
+
+def read_task_checkpoint(path, map_location="cpu") -> tuple[dict, type]:
+    """(the checkpoint read as data, the suite's task class that saved it); one-line ``CheckpointError`` otherwise."""
+    checkpoint = read_checkpoint(path, map_location)
+    hparams = checkpoint.get("hyper_parameters")
+    instantiator = hparams.get("_instantiator") if isinstance(hparams, dict) else None
+    if instantiator is not None and instantiator not in TRUSTED_INSTANTIATORS:
+        raise CheckpointError(f"{path} names {instantiator!r} to build its model, which the suite does not call; expected {SUITE_CHECKPOINT}")
+    return checkpoint, checkpoint_task_class(checkpoint, str(path))
+
+
+def load_task_checkpoint(path, map_location=None, task: type | None = None):
+    """The task saved at ``path``, rebuilt by Lightning's ``load_from_checkpoint`` with ``weights_only=True``.
+    ``task``: the class to rebuild (default: the one the checkpoint records, ``checkpoint_task_class``)."""
+    _, recorded = read_task_checkpoint(path)
+    return (task or recorded).load_from_checkpoint(path, map_location=map_location, weights_only=True)
 
 
 @dataclass(frozen=True)
@@ -49,16 +110,10 @@ class BaseArchitecture:
 
 def read_base_checkpoint(path: str) -> tuple[BaseArchitecture, dict[str, torch.Tensor]]:
     """(architecture, ``model.*`` weights without the prefix) of a segmentation checkpoint; one-line CheckpointError otherwise."""
-    if not path or not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist; pass a trained segmentation model's .ckpt (e.g. <run>/checkpoints/best.ckpt)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # corrupt, truncated or foreign files raise several types
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}") from None
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not isinstance(hparams, dict):
-        raise CheckpointError(f"{path} is not a Lightning checkpoint of this suite (no state_dict or hyper_parameters)")
+    checkpoint = read_checkpoint(path)
+    state, hparams = checkpoint["state_dict"], checkpoint.get("hyper_parameters")
+    if not isinstance(hparams, dict):
+        raise CheckpointError(f"{path} is not a Lightning checkpoint of this suite (no hyper_parameters); expected {SUITE_CHECKPOINT}")
     weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     if not any(k.startswith("decoder.") for k in weights) or "segmentation_head.weight" not in weights:
         raise CheckpointError(f"{path} is not a segmentation model (no decoder or segmentation head: an encoder pretraining checkpoint?); pass a BaselineUNet, PretrainedUNet, CMUNet or MaskMining checkpoint")
@@ -125,17 +180,9 @@ def read_pretrained_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict
         raise CheckpointError(
             f"pretrained checkpoint {path} does not exist (a trained model restores without it: set encoder_checkpoint to null)"
         )
-    try:
-        # Lightning checkpoints hold only tensors and primitives: no need to unpickle arbitrary code.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for corrupt, truncated or foreign files
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"cannot read pretrained checkpoint {path}: {reason}") from None
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} is not a Lightning checkpoint of this suite (no state_dict)")
+    checkpoint = read_checkpoint(path, what="pretrained checkpoint")
     hparams = checkpoint.get("hyper_parameters")
-    return state, hparams if isinstance(hparams, dict) else {}
+    return checkpoint["state_dict"], hparams if isinstance(hparams, dict) else {}
 
 
 def copy_module_weights(module: torch.nn.Module, name: str, state: dict, path: str) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from datamodules.io.atomic import replace_together
 from lightning_modules.reports.figures import plt, save_figure
 
 ERROR_TYPES = ("fp", "fn", "tp")
@@ -70,15 +71,22 @@ def write_error_report(
     before, after = total_counts(per_volume_before), total_counts(per_volume_after)
     dice = [(volume_ids[v], per_volume_before[v]["dice_volume"], per_volume_after[v]["dice_volume"]) for v in sorted(per_volume_after)]
     prefix = "" if stage == "val" else f"{stage}_"
-    (folder / f"{prefix}error_types.md").write_text(error_table(before, after, dice))
-    with open(folder / f"{prefix}error_types.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["volume", "fp_before", "fp_after", "fn_before", "fn_after", "tp_before", "tp_after", "dice_before", "dice_after"])
-        for v in sorted(per_volume_after):
-            b, a = per_volume_before[v], per_volume_after[v]
-            writer.writerow([volume_ids[v], *(int(x[f"{t}_voxels"]) for t in ERROR_TYPES for x in (b, a)),
-                             f"{b['dice_volume']:.6g}", f"{a['dice_volume']:.6g}"])
-        writer.writerow(["total", *(x[t] for t in ERROR_TYPES for x in (before, after)), "", ""])
+    header = ["volume", "fp_before", "fp_after", "fn_before", "fn_after", "tp_before", "tp_after", "dice_before", "dice_after"]
+
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            for v in sorted(per_volume_after):
+                b, a = per_volume_before[v], per_volume_after[v]
+                writer.writerow([volume_ids[v], *(int(x[f"{t}_voxels"]) for t in ERROR_TYPES for x in (b, a)),
+                                 f"{b['dice_volume']:.6g}", f"{a['dice_volume']:.6g}"])
+            writer.writerow(["total", *(x[t] for t in ERROR_TYPES for x in (before, after)), "", ""])
+
+    table = error_table(before, after, dice)
+    # the study's Fig. 4 reads the csv's total row: the two files are replaced together, never half-written
+    replace_together([(folder / f"{prefix}error_types.md", lambda tmp: tmp.write_text(table)),
+                      (folder / f"{prefix}error_types.csv", write_csv)])
     stage_name = {"val": "validation", "test": "test"}.get(stage, stage)
     figure = error_figure(before, after, f"error types on the {stage_name} set ({len(per_volume_after)} volumes)")
     save_figure(figure, folder / f"{prefix}error_types.png", loggers, f"{stage}/error_types", step)

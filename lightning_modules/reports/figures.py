@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from pytorch_lightning.loggers import WandbLogger  # noqa: E402
 
+from datamodules.io.atomic import write_atomically  # noqa: E402
+
 
 def overlay_figure(samples, title: str) -> plt.Figure:
     """One column per slice: CT with the ground truth (green) and the prediction (red) contours.
@@ -45,10 +47,14 @@ def save_figure(figure: plt.Figure, path: str | Path, loggers=(), key: str | Non
 
 
 def write_per_volume_csv(path: str | Path, per_volume: dict[int, dict[str, float]], volumes) -> None:
-    """One row per volume (``volumes[index].volume_id``, then its figures by name, 6 significant digits), by index."""
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        names = sorted(next(iter(per_volume.values()), {}))
-        writer.writerow(["volume", *names])
-        for index, figures in sorted(per_volume.items()):
-            writer.writerow([volumes[index].volume_id, *(f"{figures[n]:.6g}" for n in names)])
+    """One row per volume (``volumes[index].volume_id``, then its figures by name, 6 significant digits), by index;
+    written whole or not at all."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            names = sorted(next(iter(per_volume.values()), {}))
+            writer.writerow(["volume", *names])
+            for index, figures in sorted(per_volume.items()):
+                writer.writerow([volumes[index].volume_id, *(f"{figures[n]:.6g}" for n in names)])
+
+    write_atomically(path, write)

@@ -88,6 +88,20 @@ def test_every_study_loads(path, monkeypatch):
     assert study["baseline"] in study["models"] and len(study["seeds"]) >= 2
 
 
+SWEEPS = sorted((ROOT / "experiments" / "sweeps").glob("*.yaml"))
+RUN_FILES = [p for p in EXPERIMENTS if "stages" in (yaml.safe_load(p.read_text()) or {})]
+
+
+def test_every_run_study_and_sweep_yaml_fits_its_declared_schema():
+    """The schemas of experiments/commands/yaml_schema.py accept every shipped file as it is (strict types, no unknown key)."""
+    from experiments.commands.yaml_schema import Experiment, Study, Sweep, read_yaml, validate
+
+    assert RUN_FILES and STUDIES and SWEEPS
+    for schema, paths in ((Experiment, RUN_FILES), (Study, STUDIES), (Sweep, SWEEPS)):
+        for path in paths:
+            validate(schema, read_yaml(path), path)
+
+
 def test_gpu_overlay_stacks_and_keeps_the_experiment_name(monkeypatch):
     from types import SimpleNamespace
 

@@ -83,7 +83,6 @@ def _one_error(code: int, stderr: str) -> str:
     [
         (["--model.init_args.spatial_dims=2"], "--model.init_args.spatial_dims=2 but --data.spatial_dims=3"),
         (["--data.volume_3d.crop_size=[16,32,24]"], "--data.volume_3d.crop_size"),
-        (["--data.volume_3d.crop_size=[64,32,32]"], "larger than training volume"),
         (["--data.sampling=liver_roi"], "--data.spatial_dims=3 takes --data.sampling=slices, got liver_roi"),
         (["--data.context_slices=1", "--model.init_args.in_channels=3"], "--data.context_slices=1 is not supported yet"),
         (["--model=lightning_modules.CMUNet", "--model.init_args.spatial_dims=3", "--model.init_args.base_channels=4",
@@ -96,6 +95,28 @@ def test_inconsistent_3d_settings_are_one_line_errors(workspace, monkeypatch, ca
     line = _one_error(*lits_main("fit", "--config", "tiny3d.yaml", f"--run_dir={workspace / 'runs' / 'bad'}", *args, capsys=capsys))
     assert message in line, line
     assert not list((workspace / "runs" / "bad").rglob("*.ckpt"))
+
+
+def test_volumes_thinner_than_the_crop_train_padded(workspace, monkeypatch):
+    """Some 19 slices at 2.5 mm against 64-slice crops and windows (issue 21): the crops are padded with air, the sliding
+    window pads and crops back, and every figure is finite and scored on the original volumes."""
+    import nibabel as nib
+
+    monkeypatch.chdir(workspace)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = workspace / "runs" / "thin3d"
+    code, _ = lits_main("fit", "--config", "tiny3d.yaml", f"--run_dir={run}", "--data.volume_3d.crop_size=[64,32,32]",
+                        "--trainer.limit_train_batches=1", "--model.init_args.num_overlays=0")
+    assert code == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    for stage in ("val", "test"):
+        for name in ("dice_volume", "hd95_volume_mm", "dice_slice", "loss"):
+            value = metrics[f"{stage}/{name}"]
+            assert value == value and abs(value) != float("inf") and value >= 0, (stage, name, value)
+    rows = list(csv.DictReader(open(run / "test_per_volume.csv")))
+    assert len(rows) == 3
+    liver = sum(int((nib.load(workspace / "data" / f"segmentation-{row['volume']}.nii.gz").get_fdata() >= 1).sum()) for row in rows)
+    assert metrics["test/tp_voxels"] + metrics["test/fn_voxels"] == liver  # the original volumes, not their padding
 
 
 def test_3d_test_under_ddp_matches_one_process(fitted, workspace):

@@ -145,7 +145,7 @@ def test_test_split_train_evaluates_the_training_volumes_whole(tiny_lits, tmp_pa
 
 
 def test_bad_or_empty_test_split_in_one_line(tiny_lits, tmp_path):
-    with pytest.raises(DataError, match="--data.test_split='training' is not one of train, val, test") as error:
+    with pytest.raises(ConfigError, match="--data.test_split='training' is not one of train, val, test") as error:
         LiTSDataModule(test_split="training")
     assert "\n" not in str(error.value)
     module = datamodule(tiny_lits, tmp_path, split=[0, 1, 2], test_split="train")

@@ -115,3 +115,23 @@ def test_empty_and_missing_folders(tmp_path):
         discover(tmp_path)
     with pytest.raises(DataError, match="does not exist"):
         discover(tmp_path / "nope")
+
+
+def test_temporary_files_of_a_killed_writer_are_not_data(tmp_path):
+    hu, label = tiny_volume(0)
+    for folder, data in (("imagesTr", hu), ("labelsTr", label)):
+        (tmp_path / folder).mkdir()
+        nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / folder / "liver_3.nii.gz")
+    (tmp_path / "imagesTr" / ".tmp-xyz-volume-1.nii.gz").write_bytes(b"cut short")
+    assert [p.volume_id for p in discover(tmp_path)] == ["liver_3"]
+
+
+def test_a_ct_with_nan_or_infinite_voxels_is_refused(tmp_path):
+    """The one reader of training and of the cache (``build_cache`` reads through ``load_pair``)."""
+    hu, label = tiny_volume(0)
+    hu = hu.astype(np.float32)
+    hu[0, 0, 0], hu[1, 1, 1], hu[2, 2, 2] = np.nan, np.inf, -np.inf
+    write_pair(tmp_path, "0", hu, label)
+    with pytest.raises(DataError, match=r"volume-0.nii.gz: 3 of 10240 voxels are NaN or infinite") as error:
+        load_pair(discover(tmp_path)[0])
+    _one_line(error)

@@ -159,3 +159,18 @@ def test_run_study_and_sweep_orchestrate_without_torch_lightning_monai_or_wandb(
             "print(sorted(m for m in ('torch', 'pytorch_lightning', 'monai', 'wandb', 'experiments.commands.lightning_cli') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[3])
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--name=../../escaped"], "--name: a name has only letters, digits, '-', '_' and '.', not starting with '.'; got '../../escaped'"),
+    (["--name=/tmp/escaped"], "--name: a name has only letters, digits"),
+    (["--data.batch_size=0"], "--data.batch_size must be 1 or more (samples per step); got 0"),
+    (["--data.eval_batch_size=0"], "--data.eval_batch_size must be 1 or more"),
+])
+def test_bad_names_and_batch_sizes_are_one_line_and_write_nothing_outside(tmp_path, args, message, capsys):
+    root = tmp_path / "a" / "runs"
+    code, stderr = lits_in_process("fit", "--model=lightning_modules.BaselineUNet", "--model.init_args.base_channels=4",
+                                   "--data.root=nowhere", f"--trainer.default_root_dir={root}", *args, capsys=capsys)
+    lines = [line for line in stderr.splitlines() if line.startswith("lits: error:")]
+    assert code == 2 and len(lines) == 1 and message in lines[0], stderr[-2000:]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if "runs" not in p.parts) in ([], ["a"])

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from datamodules import DataError
+from datamodules.errors import ConfigError
 from experiments.commands.evaluate import evaluate_main
 from lightning_modules.metrics.lits import CASE_KEYS, evaluate_case, summarize_cases
 
@@ -266,3 +267,33 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
     assert caught.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("lits: error: prediction folder") and "\n" not in err
+
+
+# -- what a killed or failing run leaves ---------------------------------------------------------
+def test_temporary_files_of_a_killed_predict_are_ignored(folders):
+    pred, truth = folders
+    (pred / ".tmp-xyz-volume-1.nii.gz").write_bytes(b"cut short")
+    (pred / ".tmp-node7-4242-0a1b2c3d-segmentation-1.nii").write_bytes(b"cut short")
+    (truth / "batch 1" / ".tmp-xyz-segmentation-7.nii.gz").write_bytes(b"cut short")
+    evaluate_main(["--pred", str(pred), "--truth", str(truth)])
+    assert list(read_csv(pred / "evaluation" / "per_case.csv")) == ["0", "1", "10"]
+
+
+def test_the_three_outputs_are_replaced_together_or_not_at_all(folders, monkeypatch):
+    pred, truth = folders
+    evaluate_main(["--pred", str(pred), "--truth", str(truth)])
+    out = pred / "evaluation"
+    old = {name: f"the previous evaluation's {name}" for name in ("per_case.csv", "summary.json", "summary.md")}
+    for name, text in old.items():
+        (out / name).write_text(text)
+    write_text = Path.write_text
+
+    def full_disk_at_the_third(self, *args, **kwargs):
+        if self.name.endswith("summary.md"):
+            raise OSError(28, "No space left on device")
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk_at_the_third)
+    with pytest.raises(ConfigError, match="No space left on device"):
+        evaluate_main(["--pred", str(pred), "--truth", str(truth)])
+    assert {p.name: p.read_text() for p in out.iterdir()} == old  # the old three, and no temporary file left

@@ -1,6 +1,8 @@
 """`lits run`: stages in order, weights handed over, overrides reach every stage, and a killed run resumes."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -94,3 +96,68 @@ def test_a_stage_trains_under_ddp_in_its_forked_process(experiment):
     figures = json.loads((experiment / "out" / "base" / "metrics.json").read_text())
     assert figures["world_size"] == 2 and figures["epochs"] == 1 and figures["test/dice_volume"] >= 0
     assert len((experiment / "out" / "base" / "fit" / "history.jsonl").read_text().splitlines()) == 1
+
+
+BAD_RUN_YAMLS = [
+    ("name: ../../escaped_study\nstages: [{name: a}]\n", "name: a name has only letters, digits, '-', '_' and '.'"),
+    ("name: /tmp/escaped\nstages: [{name: a}]\n", "name: a name has only"),
+    ("stages: [{name: ../up}]\n", "stages[0].name: a name has only"),
+    ("stages: [{name: a, args: --model.init_args.lr=0.1}]\n", "stages[0].args: expected a list, got '--model.init_args.lr=0.1'"),
+    ("stages: [a]\n", "stages[0]: expected a mapping, got 'a'"),
+    ("- name: a\n", "no `stages:` list"),
+    ("stages: [{name: a, config: 5}]\n", "stages[0].config: expected a string or a list, got 5"),
+    ("stages: [{name: a}, {name: b, weight_from: a, weights_arg: x}]\n", "stages[1]: unknown key 'weight_from' (did you mean 'weights_from'?)"),
+    ("name: x\nstages: [{name: a}\n", r"bad.yaml:3: not valid YAML"),
+    ("stages: [{name: a}, {name: a}]\n", "every stage needs a unique `name:`"),
+]
+
+
+@pytest.mark.parametrize("text, message", BAD_RUN_YAMLS)
+def test_run_yamls_are_checked_against_their_schema_in_one_line(tmp_path, text, message, capsys, monkeypatch):
+    from experiments.commands.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message) if "not valid" not in message else message) as error:
+        load_experiment(tmp_path / "bad.yaml")
+    assert "\n" not in str(error.value)
+    with pytest.raises(SystemExit) as stop:  # and through `lits run`: one line, nothing written anywhere
+        main(["run", "bad.yaml", "--trainer.default_root_dir=a/runs"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith("lits: error: bad.yaml:"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_a_run_folder_never_lies_outside_the_run_root(tmp_path):
+    from experiments.commands.names import inside
+
+    assert inside(tmp_path, tmp_path / "a" / "b") == tmp_path / "a" / "b"
+    for escaped in (tmp_path / ".." / "x", tmp_path / "a" / ".." / ".." / "x", "/tmp"):
+        with pytest.raises(ConfigError, match="lies outside"):
+            inside(tmp_path, escaped)
+
+
+@pytest.mark.parametrize("cut", ["", '{"best_checkpoint": "/ru'])
+def test_a_finished_stage_whose_metrics_json_was_cut_short_runs_again(experiment, monkeypatch, cut):
+    """A kill while metrics.json was written (old versions wrote it in place), or a full disk: the stage is not done."""
+    from experiments.commands import stages
+
+    run = experiment / "out" / "two"
+    (run / "first").mkdir(parents=True)
+    (run / "first" / "metrics.json").write_text(cut)
+    started = []
+
+    def fake_stage(command, env):  # what a finished `lits fit` leaves: its figures, whole
+        folder = Path(next(a for a in command if a.startswith("--run_dir="))[len("--run_dir="):])
+        started.append(folder.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.json").write_text(json.dumps({"val/dice": 0.5, "best_checkpoint": str(folder / "best.ckpt")}))
+        return 0
+
+    monkeypatch.setattr(stages, "run_cli", fake_stage)
+    monkeypatch.chdir(experiment)
+    with pytest.warns(UserWarning, match="metrics.json.*(empty or cut short|treating it as not done)"):
+        stages.run_experiment("two.yaml", ["--trainer.default_root_dir=out"])
+    assert started == ["first", "second"]
+    final = json.loads((run / "metrics.json").read_text())
+    assert final["val/dice"] == 0.5 and final["stage_metrics"]["first"]["val/dice"] == 0.5

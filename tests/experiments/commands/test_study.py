@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 from pathlib import Path
@@ -287,3 +288,68 @@ def test_a_machine_without_gpu_device_nodes_has_no_devices_without_asking_torch(
     monkeypatch.setattr(study_jobs.glob, "glob", lambda pattern: ["/dev/nvidia0", "/dev/nvidia1"])
     monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
     assert study_jobs.devices() == ["0", "1"]
+
+
+# -- the study file's schema, names that stay in the run root, results and state files that survive a kill -------------
+@pytest.mark.parametrize("text, message", [
+    ('models: {A: exp.yaml}\nseeds: "10"\n', "seeds: expected an integer or a list, got '10'"),
+    ("models: {A: exp.yaml}\nseeds: [0, x]\n", "seeds[1]: expected an integer, got 'x'"),
+    ("models: {A: exp.yaml}\nargs: --trainer.max_epochs=1\n", "args: expected a list, got '--trainer.max_epochs=1'"),
+    ("models: {A: exp.yaml}\nseed: 3\n", "unknown key 'seed' (did you mean 'seeds'?)"),
+    ("models: {A: exp.yaml}\ninc: yes please\n", "inc: expected true or false, got 'yes please'"),
+    ("models: {A: 5}\n", "models.A: expected a string, got 5"),
+    ("- models\n", "expected a mapping, got ['models']"),
+    ("models: {A: exp.yaml}\nname: ../../escaped_study\n", "name: a name has only letters, digits"),
+    ("models: {A: exp.yaml}\nname: /tmp/escaped_study\n", "name: a name has only letters, digits"),
+    ("models: {../A: exp.yaml}\n", "models: a model label has only letters, digits, spaces"),
+    ("models: {A/B: exp.yaml}\n", "got 'A/B'"),
+    ("models: {A B: exp.yaml, A_B: exp.yaml}\n", "two model labels share a folder name"),
+])
+def test_study_yamls_are_checked_against_their_schema_in_one_line(tmp_path, text, message, capsys, monkeypatch):
+    from experiments.commands.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exp.yaml").write_text("model: {}\n")
+    (tmp_path / "study.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)) as error:
+        load_study(tmp_path / "study.yaml")
+    assert "\n" not in str(error.value) and str(error.value).startswith(f"{tmp_path / 'study.yaml'}: ")
+    with pytest.raises(SystemExit) as stop:
+        main(["study", "study.yaml", "--trainer.default_root_dir=a/runs"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp.yaml", "study.yaml"]  # nothing written, inside or out
+
+
+def test_every_shipped_label_is_a_valid_label_and_run_folders_stay_in_the_study_folder(tmp_path):
+    from experiments.commands.study_config import run_folder
+
+    assert run_folder(tmp_path, "U-Net, +4 epochs (control)", 1) == tmp_path / "U-Net_4_epochs_control" / "seed_1"
+    with pytest.raises(ConfigError, match="lies outside"):  # a label only dots: the second guard, after the schema's
+        run_folder(tmp_path, "..", 0)
+
+
+def test_study_results_are_replaced_together(tmp_path, monkeypatch):
+    from experiments.commands import study_tables
+
+    rows = summarize(fake_results(), "U-Net")
+    study_tables.write_tables(tmp_path, rows, "U-Net")
+    before = {name: (tmp_path / name).read_text() for name in ("results.md", "results.csv", "results.json")}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(study_tables.json, "dumps", full_disk)  # results.json, written last, fails
+    with pytest.raises(OSError):
+        study_tables.write_tables(tmp_path, rows[:1], "U-Net")
+    assert {name: (tmp_path / name).read_text() for name in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)
+
+
+def test_a_run_folder_with_an_empty_metrics_json_is_one_line(tmp_path):
+    from experiments.commands.study import final_stage
+
+    (tmp_path / "metrics.json").write_text("")
+    with pytest.warns(UserWarning, match="empty or cut short"), pytest.raises(DataError, match="metrics.json is missing or not a finished run's") as error:
+        final_stage(tmp_path)
+    assert "\n" not in str(error.value)

@@ -2,6 +2,7 @@
 options, a 2-trial sweep one trial at a time and side by side (--jobs)."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -188,3 +189,42 @@ def test_proposals_count_the_running_trials(tmp_path):
     assert [t["name"] for t in json.loads((tmp_path / "sweep.json").read_text())["trials"]] == ["trial_000", "trial_001", "trial_002"]
     assert propose(config, trials, tmp_path) is None  # every grid point is finished or running
     assert engine_run(trials[1], "val/loss", "minimize").state == engine().RunState.running
+
+
+def test_sweep_yamls_are_checked_against_their_schema_in_one_line(tmp_path):
+    good = {"method": "grid", "metric": {"name": "val/loss"}, "parameters": {"a": {"values": [1]}}, "command": ["lits", "fit", "${args}"]}
+    cases = {"typo": ({**good, "metirc": good["metric"]}, "unknown key 'metirc' (did you mean 'metric'?)"),
+             "parameters": ({**good, "parameters": ["a"]}, "parameters: expected a mapping, got ['a']"),
+             "list": ([good], "a sweep YAML is a mapping")}
+    for name, (config, message) in cases.items():
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
+        with pytest.raises(ConfigError, match=re.escape(message)) as error:
+            load_sweep(tmp_path / f"{name}.yaml")
+        assert "\n" not in str(error.value)
+    (tmp_path / "broken.yaml").write_text("method: grid\nparameters: {a: {values: [1]}\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml:3: not valid YAML"):
+        load_sweep(tmp_path / "broken.yaml")
+
+
+def test_a_cut_sweep_json_is_a_warning_and_a_fresh_start_not_a_traceback(tmp_path, monkeypatch, capsys):
+    from experiments.commands import sweep
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sweep, "POLL_SECONDS", 0.05)
+    # a trial program that only writes its figure where `lits run` would (the trial folder's metrics.json)
+    (tmp_path / "trial.py").write_text(
+        "import json, pathlib, sys\nargs = dict(a[2:].split('=', 1) for a in sys.argv[1:])\n"
+        "folder = pathlib.Path(args['trainer.default_root_dir']); folder.mkdir(parents=True, exist_ok=True)\n"
+        "(folder / 'metrics.json').write_text(json.dumps({'val/loss': float(args['a'])}))\n")
+    config = {"method": "grid", "metric": {"name": "val/loss"}, "parameters": {"a": {"values": [1, 2]}},
+              "command": [sys.executable, "trial.py", "${args}"]}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    folder = sweep.run_sweep("tiny.yaml", ["--count=2", "--trainer.default_root_dir=out"])
+    state = (folder / "sweep.json").read_text()
+    assert [t["state"] for t in json.loads(state)["trials"]] == ["finished", "finished"]
+    (folder / "sweep.json").write_text(state[: len(state) // 2])  # a kill while it was written in place (older versions)
+    with pytest.warns(UserWarning, match="sweep.json: sweep state is empty or cut short") as caught:
+        sweep.run_sweep("tiny.yaml", ["--count=2", "--trainer.default_root_dir=out"])
+    assert len([w for w in caught if "sweep.json" in str(w.message)]) == 1
+    assert [t["state"] for t in json.loads((folder / "sweep.json").read_text())["trials"]] == ["finished", "finished"]
+    assert not [p for p in folder.iterdir() if p.name.startswith(".tmp-")]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from datamodules.io.volume3d import interpolate_z, original_positions, resampled_positions
-from lightning_modules.inference.cascade_3d import predict_volume_3d, resampled_box
+from lightning_modules.inference.cascade_3d import predict_volume_3d, resampled_box, window_probabilities
 
 LIVER, LESION = 0.6, 0.3  # image intensities of the two labels; background 0
 
@@ -83,3 +83,41 @@ def test_resampled_box(box, expected):
     if box[0] == [0, 20]:
         assert got[0] == expected[0]
     assert got[0][1] - got[0][0] >= 16 and got[0][0] <= 2 * box[0][0] and got[0][1] >= 2 * (box[0][1] - 1) + 1
+
+
+def fixed_network(seed: int = 0):
+    """A random but fixed 3D convolution with a sigmoid: its output depends on what pads the volume (unlike the oracles)."""
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv3d(1, 1, 5, padding=2, padding_mode="replicate")
+    return lambda window: torch.sigmoid(conv(window) * 4)
+
+
+@pytest.mark.parametrize("shape", [(7, 40, 24), (9, 12, 12)])  # thinner than the window along z; and on every axis
+def test_volume_smaller_than_the_window_equals_padding_and_cropping_back(shape):
+    from monai.transforms import SpatialPad
+
+    from datamodules.datasets.crops3d import AIR
+
+    roi = (16, 16, 16)
+    image = torch.rand(shape)
+    network = fixed_network()
+    with torch.no_grad():
+        probs = window_probabilities(network, image, roi)
+        padded_size = [max(n, k) for n, k in zip(shape, roi)]
+        padded = SpatialPad(padded_size, method="symmetric", value=AIR)(image[None]).as_tensor()[0]
+        start = [(p - n) // 2 for p, n in zip(padded_size, shape)]
+        expected = window_probabilities(network, padded, roi)[tuple(slice(s, s + n) for s, n in zip(start, shape))]
+    assert probs.shape == shape and probs.dtype == torch.float32
+    torch.testing.assert_close(probs, expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(probs, network(image[None, None])[0, 0].detach(), atol=1e-3)  # the padding did matter at the edges
+
+
+def test_thin_slab_through_the_cascade():
+    """A 6-slice slab against 16-slice windows: label maps of the slab's own shape, equal to the truth."""
+    labels = phantom((6, 64, 64))
+    labels[:] = phantom()[6:12]
+    result = predict_volume_3d(liver_oracle, lesion_oracle, torch.from_numpy(image_of(labels)), np.arange(6.0), labels.shape,
+                               roi_size=(16, 32, 32), lesion_dilation=0, probabilities=True)
+    assert result["labels"].shape == result["lesion_probability"].shape == labels.shape
+    np.testing.assert_array_equal(result["labels"], labels)
+    assert result["roi_box"][0].tolist() == [0, 6]
