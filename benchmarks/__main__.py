@@ -18,17 +18,9 @@
     that time goes, and one ``lits test`` evaluation pass (cascade + LiTS metrics) over the same
     volume, in seconds per volume.
 
-``--device cuda`` runs the accelerator benchmarks instead (``benchmarks/device_training.py``): training
-slices/s of the LightningModule, a plain loop and MONAI's BasicUNet (fp32 / bf16-mixed, eager /
-``torch.compile``, batch 10 and 64 at 256x256), peak device memory, and (f) on the device.
-
-``--volumetric`` runs the 3D path's benchmarks instead (``benchmarks/volumetric.py``): (g) the 3D train step
-(batch 2 of (D, H, W) crops) of ``BaselineUNet(spatial_dims=3)`` under Lightning against a plain loop (target
-at most 1.05x) and against MONAI's 3D ``BasicUNet`` of the same widths; (h) the sliding-window prediction of a
-512x512x100 volume through the suite's 3D evaluation chain, per part; (i) ``Crop3DDataset`` crops/s per
-worker, without and with ``InPlaneAugmentation``. On the CPU with one torch thread and smaller crops
-(32x64x64; ``--quick`` 16x32x32); with ``--device cuda`` at the paper's 128x128x64 in fp32 and bf16-mixed,
-with peak device memory, ``--budget`` bounding the train step's matrix.
+``--device cuda`` runs the accelerator benchmarks instead (``benchmarks/device_training.py``), ``--volumetric`` the 3D
+path's (``benchmarks/volumetric.py``), ``--scale lits`` the epoch at LiTS scale (``benchmarks/lits_scale.py``): each
+module's docstring says what it measures.
 
 Ratios are measured within one run, alternating the two sides and keeping each side's best
 repeat, because these machines are noisy. The last line printed is a JSON object of the figures.

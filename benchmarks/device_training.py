@@ -22,7 +22,7 @@ machine; skipped configurations are reported as such, never estimated.
 channels-last group is left out (``ChannelsLast`` converts 4D tensors only).
 
 The host read-back of a progress-bar loss (``progress_bar_readback``): the Lightning step at batch 10 in bf16 with
-the training losses in the progress bar, as the suite logged them everywhere before 2026-11-28 (Lightning then
+the training losses in the progress bar, as the suite once logged them everywhere (Lightning then
 reads them back to the host at every batch end: one device synchronisation per step), against without (what
 ``base.losses_in_progress_bar`` now chooses on an accelerator), alternated twice, the faster of each kept.
 
@@ -186,7 +186,7 @@ def bench_training(device: str = "cuda", batch_sizes=(10, 64), size: int | tuple
 
 @contextlib.contextmanager
 def _losses_in_progress_bar(shown: bool):
-    """The training losses in the progress bar (``True``: the suite's logging before 2026-11-28) or not, whatever the device."""
+    """The training losses in the progress bar (``True``: how the suite once logged them) or not, whatever the device."""
     chosen = base.losses_in_progress_bar
     base.losses_in_progress_bar = lambda device: shown
     try:

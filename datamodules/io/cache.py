@@ -58,7 +58,7 @@ from datamodules.io.atomic import TEMPORARY_PREFIX, temporary_path
 from datamodules.io.locks import acquire, lock_for, temporaries_of
 from datamodules.io.nifti import VolumeFiles, load_pair
 from datamodules.io.preprocess import (
-    PreprocessSettings, box_slices, foreground_box, grow_box, resize_image, resize_labels, to_display, window,
+    PreprocessSettings, box_slices, foreground_box, grow_box, read_box, resize_image, resize_labels, to_display, window,
 )
 
 CACHE_FORMAT = 3
@@ -214,34 +214,6 @@ def build_cache(
         held = _build_all(todo, settings, workers, wait=False, bar=bar)
         _build_all(held, settings, max(1, min(workers, len(held))), wait=True, bar=bar)
     return entries
-
-
-def read_box(source: np.ndarray, source_box, box, dtype=None) -> np.ndarray:
-    """``box`` of a volume of which ``source`` holds the part ``source_box``, as ``dtype``: 0 outside ``source_box``.
-
-    Boxes are per-axis ``(start, stop)``, half-open, in one coordinate frame; ``box`` may reach
-    beyond ``source_box`` and beyond the volume. The intersection is read from ``source`` (a
-    memory map) in one slice and copied with one assignment; a dtype change goes through torch,
-    faster than numpy for float16 -> float32.
-    """
-    dtype = np.dtype(dtype or source.dtype)
-    starts = [int(start) for start, _ in box]
-    shape = [int(stop) - start for start, (_, stop) in zip(starts, box)]
-    low = [max(start, int(s)) for start, (s, _) in zip(starts, source_box)]
-    high = [min(start + n, int(e)) for start, n, (_, e) in zip(starts, shape, source_box)]
-    covered = low == starts and high == [start + n for start, n in zip(starts, shape)]
-    if any(h <= l for l, h in zip(low, high)):
-        return np.zeros(shape, dtype)
-    region = np.array(source[tuple(slice(l - int(s), h - int(s)) for l, h, (s, _) in zip(low, high, source_box))])
-    if covered and region.dtype == dtype:
-        return region
-    out = np.empty(shape, dtype) if covered else np.zeros(shape, dtype)
-    target = tuple(slice(l - start, h - start) for l, h, start in zip(low, high, starts))
-    if region.dtype == dtype:
-        out[target] = region
-    else:
-        torch.from_numpy(out)[target] = torch.from_numpy(region)
-    return out
 
 
 class CachedVolume:

@@ -1,4 +1,5 @@
-"""What preprocessing does to one volume's arrays: display orientation, HU window, in-plane resizing, boxes.
+"""What preprocessing does to one volume's arrays: display orientation, HU window, in-plane resizing, boxes, and
+reading a box back out of a cropped array (``read_box``).
 
 ``datamodules.io.cache`` applies these once per volume and stores the result; ``lits predict`` applies
 them to a new volume the same way.
@@ -85,3 +86,31 @@ def grow_box(box: list[list[int]], margins: tuple[int, int, int], shape: tuple[i
 def box_slices(box) -> tuple[slice, ...]:
     """A box (per-axis ``(start, stop)``) as the index that reads it from an array."""
     return tuple(slice(int(start), int(stop)) for start, stop in box)
+
+
+def read_box(source: np.ndarray, source_box, box, dtype=None) -> np.ndarray:
+    """``box`` of a volume of which ``source`` holds the part ``source_box``, as ``dtype``: 0 outside ``source_box``.
+
+    Boxes are per-axis ``(start, stop)``, half-open, in one coordinate frame; ``box`` may reach
+    beyond ``source_box`` and beyond the volume. The intersection is read from ``source`` (a
+    memory map) in one slice and copied with one assignment; a dtype change goes through torch,
+    faster than numpy for float16 -> float32.
+    """
+    dtype = np.dtype(dtype or source.dtype)
+    starts = [int(start) for start, _ in box]
+    shape = [int(stop) - start for start, (_, stop) in zip(starts, box)]
+    low = [max(start, int(s)) for start, (s, _) in zip(starts, source_box)]
+    high = [min(start + n, int(e)) for start, n, (_, e) in zip(starts, shape, source_box)]
+    covered = low == starts and high == [start + n for start, n in zip(starts, shape)]
+    if any(h <= l for l, h in zip(low, high)):
+        return np.zeros(shape, dtype)
+    region = np.array(source[tuple(slice(l - int(s), h - int(s)) for l, h, (s, _) in zip(low, high, source_box))])
+    if covered and region.dtype == dtype:
+        return region
+    out = np.empty(shape, dtype) if covered else np.zeros(shape, dtype)
+    target = tuple(slice(l - start, h - start) for l, h, start in zip(low, high, starts))
+    if region.dtype == dtype:
+        out[target] = region
+    else:
+        torch.from_numpy(out)[target] = torch.from_numpy(region)
+    return out

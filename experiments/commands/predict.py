@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from datamodules.io.cache import read_box
+from datamodules.io.preprocess import read_box
 from datamodules.io.atomic import read_state, write_atomically
 from datamodules.io.nifti import check_finite, open_nifti, read_voxels
 from datamodules.io.preprocess import PreprocessSettings, resize_image, to_display, window

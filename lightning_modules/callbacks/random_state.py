@@ -27,20 +27,20 @@ import pytorch_lightning as pl
 import torch
 
 
-def _randomizables(obj, found: list, seen: set) -> list:
+def randomizables(obj, found: list, seen: set) -> list:
     """MONAI randomizable objects (with an ``R`` RandomState) reachable through attributes and lists, in a fixed order."""
     if id(obj) in seen or isinstance(obj, (str, bytes, int, float, np.ndarray, torch.Tensor)):
         return found
     seen.add(id(obj))
     if isinstance(obj, (list, tuple)):
         for item in obj:
-            _randomizables(item, found, seen)
+            randomizables(item, found, seen)
         return found
     if isinstance(getattr(obj, "R", None), np.random.RandomState):
         found.append(obj)
     for key, value in sorted(getattr(obj, "__dict__", {}).items()):
         if not key.startswith("__"):
-            _randomizables(value, found, seen)
+            randomizables(value, found, seen)
     return found
 
 
@@ -75,7 +75,7 @@ class RandomStateCheckpoint(pl.Callback):
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy": _numpy_state(np.random.get_state()),
             "python": random.getstate(),
-            "transforms": [_numpy_state(t.R.get_state()) for t in _randomizables(dataset, [], set())] if dataset is not None else [],
+            "transforms": [_numpy_state(t.R.get_state()) for t in randomizables(dataset, [], set())] if dataset is not None else [],
         }
 
     def _restore(self, trainer: pl.Trainer, state: dict) -> None:
@@ -84,7 +84,7 @@ class RandomStateCheckpoint(pl.Callback):
             torch.cuda.set_rng_state_all(state["cuda"])
         np.random.set_state(_from_numpy_state(state["numpy"]))
         random.setstate(state["python"])
-        transforms = _randomizables(_train_dataset(trainer), [], set())
+        transforms = randomizables(_train_dataset(trainer), [], set())
         if len(transforms) == len(state["transforms"]):
             for transform, saved in zip(transforms, state["transforms"]):
                 transform.R.set_state(_from_numpy_state(saved))

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from datamodules.errors import CheckpointError, DataError
-from datamodules.io.cache import read_box
+from datamodules.io.preprocess import read_box
 from datamodules.io.volume3d import original_positions
 from lightning_modules.inference.cascade_2d import Predictor, liver_mask, mask_box, predict_volume, slice_probabilities
 from lightning_modules.inference.cascade_3d import predict_volume_3d

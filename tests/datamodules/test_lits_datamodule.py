@@ -190,12 +190,12 @@ def test_the_augmentation_stream_follows_seed_everything(tiny_lits, tmp_path):
     # each seed of a study draws its own augmentations, and the same seed the same ones
     import pytorch_lightning as pl
 
-    from lightning_modules.callbacks.random_state import _randomizables
+    from lightning_modules.callbacks.random_state import randomizables
 
     def transform_states(seed):
         pl.seed_everything(seed, verbose=False)
         loader = make(tiny_lits, tmp_path, augmentation=Augmentation(enabled=True)).train_dataloader()
-        transforms = _randomizables(loader.dataset, [], set())
+        transforms = randomizables(loader.dataset, [], set())
         assert transforms  # flips, rotation, zoom and their Compose
         return [tuple(t.R.get_state()[1][:4]) for t in transforms]
 

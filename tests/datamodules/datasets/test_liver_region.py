@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.io.cache import CachedVolume, build_cache, read_box
+from datamodules.io.cache import CachedVolume, build_cache
+from datamodules.io.preprocess import read_box
 from datamodules.io.preprocess import PreprocessSettings
 from datamodules.augment.sample import training_augmentation
 from datamodules.io.nifti import discover
