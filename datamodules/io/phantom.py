@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+from datamodules.io.atomic import write_atomically
 
 PHANTOM_VERSION = 3  # in the phantom's cache folder name: raise it whenever a generated voxel changes
 
@@ -215,20 +216,13 @@ def _lps_affine(seed, shape, spacing):
 
 
 def _save_atomic(data, affine, spacing, path: pathlib.Path):
-    """Write a NIfTI to a hidden temporary name in the same folder, then os.replace() it into place."""
+    """Write a NIfTI whole or not at all (``datamodules.io.atomic``): a killed run leaves no half-written volume."""
     img = nib.Nifti1Image(data, affine)
     img.header.set_qform(affine, code=1)
     img.header.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
     img.header.set_zooms(tuple(float(s) for s in spacing))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.nii.gz")
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda tmp: nib.save(img, tmp))
 
 
 def _write_pair(vol_path: pathlib.Path, seg_path: pathlib.Path, vol_seed: int, shape, spacing) -> None:
