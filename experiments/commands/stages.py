@@ -38,7 +38,7 @@ import warnings
 from pathlib import Path
 
 
-from datamodules.errors import CheckpointError, ConfigError, DataError
+from datamodules.errors import CheckpointError, ConfigError, DataError, SuiteError
 from datamodules.io.atomic import read_state, write_json_atomically
 from experiments.commands.names import check_name, inside
 from experiments.commands.processes import run_cli
@@ -142,6 +142,14 @@ def read_metrics(folder: Path) -> dict | None:
     if figures is not None and not isinstance(figures, dict):
         warnings.warn(f"{folder / 'metrics.json'}: not a mapping of figures; treating it as not done", stacklevel=2)
         return None
+    return figures
+
+
+def finished_figures(folder: Path, run: str) -> dict:
+    """The figures of a run that has just ended well; a one-line SuiteError when its metrics.json is missing or cut."""
+    figures = read_metrics(folder)
+    if figures is None:
+        raise SuiteError(f"{run}: ended, but {folder / 'metrics.json'} is missing or cut short; run the study again to redo it")
     return figures
 
 

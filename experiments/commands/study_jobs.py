@@ -23,7 +23,6 @@ sequential one: finished runs are skipped, unfinished ones continue from their l
 from __future__ import annotations
 
 import glob
-import json
 import multiprocessing.process
 import os
 import subprocess
@@ -35,7 +34,7 @@ from pathlib import Path
 
 from datamodules.errors import ConfigError, SuiteError
 from experiments.commands.processes import cli_arguments, cli_command, poll_cli, run_cli, start_cli, wait_cli
-from experiments.commands.stages import load_experiment, normalise_overrides, stage_overrides
+from experiments.commands.stages import finished_figures, load_experiment, normalise_overrides, stage_overrides
 from experiments.commands.study_config import load_study, model_overrides, run_folder, slug, split_options
 
 
@@ -220,7 +219,7 @@ def run_parallel(path: str | Path, study: dict, folder: Path, overrides: list[st
             stop.set()
             # the run printed its own error in its log; which kind it was, this process does not know
             raise SuiteError(failure(f"{label}, seed {seed}", code, log))
-        results[label][seed] = json.loads((trial(label, seed) / "metrics.json").read_text())
+        results[label][seed] = finished_figures(trial(label, seed), f"{label}, seed {seed}")
         print(f"[lits study] {label}, seed {seed}: done\n", end="", flush=True)
 
     def chain(runs: list[tuple[str, int]]) -> None:

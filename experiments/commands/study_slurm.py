@@ -27,7 +27,6 @@ tests use, and a way to try a study's cluster settings before queueing it).
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +34,7 @@ from pathlib import Path
 
 from datamodules.errors import ConfigError, SuiteError
 from experiments.commands.processes import cli_command
+from experiments.commands.stages import finished_figures
 from experiments.commands.study_config import slug
 
 LAUNCHERS = {"local": None, "slurm": "slurm", "submitit_local": "local"}  # the study's launcher -> submitit's cluster
@@ -94,7 +94,7 @@ def run_on_cluster(path: str | Path, study: dict, folder: Path, overrides: list[
             stop.set()
             last = str(error).strip().splitlines()[-1:] or ["no message"]
             raise SuiteError(f"{label}, seed {seed}: job {job.job_id} failed ({last[0]}); its logs: {job.paths.stdout}, {job.paths.stderr}") from None
-        results[label][seed] = json.loads((trial_folder(folder, label, seed) / "metrics.json").read_text())
+        results[label][seed] = finished_figures(trial_folder(folder, label, seed), f"{label}, seed {seed}")
         print(f"[lits study] {label}, seed {seed}: job {job.job_id} done\n", end="", flush=True)
 
     def chain(runs: list[tuple[str, int]]) -> None:
