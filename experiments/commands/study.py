@@ -3,17 +3,24 @@
 The study file (its format: ``experiments/commands/study_config.py``) names the models, the seeds and the table.
 
 Seeds are paired: seed ``s`` sets ``--seed_everything=s`` (the same initial weights for the layers
-models share, which the backbone builds in the same order) and ``--data.split_seed=s`` (the same
-volumes in every split). Runs land in ``<default_root_dir>/<name>/<model>/seed_<s>/`` and a killed
-study resumes: finished runs are skipped, an unfinished one continues from its last checkpoint.
+models share, which the backbone builds in the same order) and ``--data.split_seed``: ``s`` with
+``split: per_seed`` (the default: a new train/val/test split per seed, the same for every model of that
+seed), the study's ``split_seed`` (default 0) with ``split: fixed`` (one split for every run, only the
+model seed varies: the papers' protocol, e.g. CMU-Net's 10 runs on one 10/2/5 split). Runs land in
+``<default_root_dir>/<name>/<model>/seed_<s>/`` and a killed study resumes: finished runs are skipped,
+an unfinished one continues from its last checkpoint; a run folder trained on another split seed (the
+study's ``split:`` changed) is refused, not mixed into the table.
 
 The table (``results.md``, ``results.csv``, ``results.json`` in the study folder, printed at the
 end) gives mean ± std over seeds of the test Dice and Hausdorff, per slice (px) and per volume
 (mm), and for each model against the baseline the paired t-test and Wilcoxon signed-rank p-values
-(scipy) over the seeds. With ``inc: true`` (mask-mining experiments) every model gets two rows,
-as in the mask-mining paper's Table 1: before mining (the base evaluated in the same run,
-``test/before/*``) and "Inc." after, tested against the row before; under the table a second one gives
-each model's gain from mining: after minus before per seed, mean ± std, with the same p-values.
+(scipy) over the seeds, each run paired with the baseline's run of the same seed (a seed one of the
+two lacks is left out, and the runs column says how many pairs remain: ``6 (5 paired)``). Its caption
+names the split protocol ("one fixed split (split seed 0), 10 runs" or "a new split per seed, 3 runs").
+With ``inc: true`` (mask-mining experiments) every model gets two rows, as in the mask-mining paper's
+Table 1: before mining (the base evaluated in the same run, ``test/before/*``) and "Inc." after, tested
+against the row before; under the table a second one gives each model's gain from mining: after minus
+before per seed, mean ± std, with the same p-values.
 
 Spread over machines, as a W&B grid sweep over model and seed:
 
@@ -67,6 +74,8 @@ import os
 import sys
 from pathlib import Path
 
+import yaml
+
 # Light imports only: this process orchestrates (its runs are processes of their own). Torch, matplotlib and W&B are
 # imported inside the functions of the report, which runs in a child forked from a server that has them imported.
 from datamodules.errors import CheckpointError, ConfigError, DataError
@@ -75,11 +84,13 @@ from experiments.commands.names import inside
 from experiments.commands.processes import call_forked, run_cli
 from experiments.commands.stages import (AGENT_ENV, load_experiment, normalise_overrides, override_value, read_metrics, run_experiment,
                                          stage_overrides)
-from experiments.commands.study_config import as_seed, load_study, model_overrides, run_folder, split_options
+from experiments.commands.study_config import (as_seed, load_study, model_overrides, run_folder, seed_overrides, split_options,
+                                               split_seed_of)
 from experiments.commands.study_jobs import run_parallel, runs_at_once
 from experiments.commands.study_slurm import launcher_of, run_on_cluster
 from experiments.commands.study_sweep import results_from_wandb, run_as_sweep
-from experiments.commands.study_tables import TABLES, before_and_after, lesion_error_counts, summarize, with_lesion_counts, write_tables
+from experiments.commands.study_tables import (TABLES, before_and_after, lesion_error_counts, split_protocol, summarize, with_lesion_counts,
+                                               write_tables)
 from experiments.commands.wandb_mode import yaml_command
 
 
@@ -90,7 +101,8 @@ def run_one(study: dict, folder: Path, label: str, seed: int, overrides: list[st
         raise ConfigError(f"unknown model {label!r}; the study has {list(study['models'])}")
     print(f"[lits study] {label}, seed {seed}", flush=True)
     own_folder = run_folder(folder, label, seed)
-    seeded = [f"--seed_everything={seed}", f"--data.split_seed={seed}"]
+    seeded = seed_overrides(study, seed)
+    check_recorded_split(own_folder, split_seed_of(study, seed))
     shared = shared_stages(study, folder, label, seed, overrides) if study.get("share_stages") else {}
     for stage, (source, checkpoint) in shared.items():
         print(f"[lits study] {label}, seed {seed}: stage {stage} is {source}'s (same settings), not trained again", flush=True)
@@ -103,6 +115,16 @@ def run_one(study: dict, folder: Path, label: str, seed: int, overrides: list[st
     if table.figure == "lesion_error_types":
         final = with_lesion_counts(final, final_stage(own_folder))
     return final
+
+
+def check_recorded_split(run: Path, wanted: int) -> None:
+    """Refuse to resume or reuse a run whose stages were trained on another split seed (a study switched between
+    ``split: fixed`` and ``per_seed``): its figures would enter the table under the wrong protocol."""
+    for config in sorted(run.glob("*/config.yaml")):
+        recorded = ((yaml.safe_load(config.read_text()) or {}).get("data") or {}).get("split_seed")
+        if recorded is not None and recorded != wanted:
+            raise ConfigError(f"{config} was trained with split seed {recorded}, but this study's run uses {wanted} (its `split:` "
+                              "changed?); use another --trainer.default_root_dir, or delete the run folder to train it again")
 
 
 def _stage_settings(stage: dict, overrides: list[str], names: list[str]) -> tuple:
@@ -220,7 +242,8 @@ def report(study: dict, folder: Path, results: dict[str, dict[int, dict]], overr
     if study["inc"]:
         chosen, references = before_and_after(chosen, table_kind.metrics)
     rows = summarize(chosen, baseline, references, table_kind.metrics)
-    table = write_tables(folder, rows, baseline, study["inc"], table_kind.metrics, table_kind.caption)
+    protocol = split_protocol(study.get("split", "per_seed"), study.get("split_seed", 0), len(study["seeds"]))
+    table = write_tables(folder, rows, baseline, study["inc"], table_kind.metrics, table_kind.caption, protocol)
     # here, not at the top: the figures need torch and matplotlib, a study's runs do not
     from experiments.commands.study_figure import lesion_error_types_figure, qualitative_figure
 

@@ -5,6 +5,8 @@ A study file::
     name: cmunet_table1
     baseline: U-Net                      # the model the others are tested against
     seeds: [0, 1, 2]                     # or an integer N for seeds 0..N-1
+    split: per_seed                      # or fixed: one train/val/test split for every seed (see seed_overrides)
+    split_seed: 0                        # split: fixed only: the seed that draws that split (default 0)
     models:                              # label -> experiment (a `lits fit` config or a `lits run` stages file)
       U-Net: experiments/baseline_unet.yaml
       PU-Net: experiments/pu_net.yaml
@@ -64,6 +66,8 @@ def load_study(path: str | Path) -> dict:
     if baseline not in models:
         raise ConfigError(f"{path}: baseline {baseline!r} is not one of the models {list(models)}")
     seeds = list(range(study.seeds)) if isinstance(study.seeds, int) else study.seeds
+    if study.split_seed is not None and study.split != "fixed":
+        raise ConfigError(f"{path}: split_seed applies to `split: fixed` only; with `split: per_seed` each run's split seed is its seed")
     if study.table not in TABLES:
         raise ConfigError(f"{path}: table {study.table!r} is not one of {', '.join(TABLES)}")
     rows = study.rows or {label: label for label in models}
@@ -72,9 +76,22 @@ def load_study(path: str | Path) -> dict:
     if not study.inc and baseline not in rows.values():
         raise ConfigError(f"{path}: the baseline {baseline!r} must be one of the table's rows {list(rows.values())}")
     return {"name": study.name or check_name(path.stem, f"{path}: name (from the file's name)"), "models": models,
-            "baseline": baseline, "seeds": seeds, "args": study.args, "inc": study.inc, "table": study.table, "rows": rows,
+            "baseline": baseline, "seeds": seeds, "split": study.split, "split_seed": study.split_seed or 0,
+            "args": study.args, "inc": study.inc, "table": study.table, "rows": rows,
             "share_stages": study.share_stages, "jobs": study.jobs, "runs_per_device": study.runs_per_device,
             "launcher": study.launcher, "slurm": study.slurm}
+
+
+def split_seed_of(study: dict, seed: int) -> int:
+    """The data split's seed of the run at ``seed``: the seed itself (``split: per_seed``: a new train/val/test split
+    per seed), or the study's ``split_seed`` for every seed (``split: fixed``: the papers' protocol, N runs on one split)."""
+    return study.get("split_seed", 0) if study.get("split", "per_seed") == "fixed" else seed
+
+
+def seed_overrides(study: dict, seed: int) -> list[str]:
+    """What a run of the study at ``seed`` receives: the model seed (initial weights, sampling, augmentation) is the
+    seed under either protocol; the split seed is ``split_seed_of``'s."""
+    return [f"--seed_everything={seed}", f"--data.split_seed={split_seed_of(study, seed)}"]
 
 
 def slug(label: str) -> str:

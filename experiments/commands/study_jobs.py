@@ -35,7 +35,7 @@ from pathlib import Path
 from datamodules.errors import ConfigError, SuiteError
 from experiments.commands.processes import cli_arguments, cli_command, poll_cli, run_cli, start_cli, wait_cli
 from experiments.commands.stages import finished_figures, load_experiment, normalise_overrides, stage_overrides
-from experiments.commands.study_config import load_study, model_overrides, run_folder, slug, split_options
+from experiments.commands.study_config import as_seed, load_study, model_overrides, run_folder, seed_overrides, slug, split_options
 
 
 def threads(jobs: int) -> int:
@@ -180,7 +180,7 @@ def prepare_data(command: list[str], tag: str) -> None:
             seed = options.get("seed") or study["seeds"][0]
             experiment = study["models"][model]
             every = model_overrides(study, model, normalise_overrides(study["args"]) + overrides)
-            every += [f"--seed_everything={seed}", f"--data.split_seed={seed}"]
+            every += seed_overrides(study, as_seed(seed))
         _, stages = load_experiment(experiment)
         names = [stage["name"] for stage in stages]
         args = [x for config in stages[0]["config"] for x in ("--config", str(config))]

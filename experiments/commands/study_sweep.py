@@ -47,15 +47,31 @@ def run_as_sweep(path: str | Path, study: dict, folder: Path, overrides: list[st
 
 
 def results_from_wandb(sweep_path: str, study: dict) -> dict[str, dict[int, dict]]:
-    """Each (model, seed)'s final figures from the summaries of a W&B sweep's finished runs."""
+    """Each (model, seed)'s final figures from the summaries of a W&B sweep's finished runs, keyed by seed: the API lists
+    runs in any order, and the table pairs a model's runs with its reference's by seed. Runs of seeds the study does
+    not have are left out; of several finished runs of one (model, seed) (a rerun), the latest created is used."""
     import wandb
 
-    results: dict[str, dict[int, dict]] = {label: {} for label in study["models"]}
+    chosen: dict[tuple[str, int], object] = {}
+    repeated: set[tuple[str, int]] = set()
     for run in wandb.Api().sweep(sweep_path).runs:
         label, seed = run.config.get("model"), run.config.get("seed")
-        if run.state == "finished" and label in results and seed is not None:
-            results[label][int(seed)] = dict(run.summary)
-    missing = [f"{label}/seed {s}" for label in results for s in study["seeds"] if s not in results[label]]
+        if run.state != "finished" or label not in study["models"] or seed is None or int(seed) not in study["seeds"]:
+            continue
+        key = (label, int(seed))
+        if key in chosen:
+            repeated.add(key)
+        if key not in chosen or _created(run) > _created(chosen[key]):
+            chosen[key] = run
+    for label, seed in sorted(repeated, key=lambda k: (list(study["models"]).index(k[0]), k[1])):
+        latest = getattr(chosen[label, seed], "id", "?")
+        print(f"[lits study] sweep {sweep_path}: several finished runs of {label}/seed {seed}; the latest, {latest}, is used")
+    missing = [f"{label}/seed {s}" for label in study["models"] for s in study["seeds"] if (label, s) not in chosen]
     if missing:
         raise DataError(f"sweep {sweep_path} has no finished run for {', '.join(missing)}; let its agents finish, then rerun")
-    return results
+    return {label: {s: dict(chosen[label, s].summary) for s in study["seeds"]} for label in study["models"]}
+
+
+def _created(run) -> tuple[str, str]:
+    """When a W&B run was created (ISO 8601 text, which sorts as time does), then its id: an order independent of the API's."""
+    return str(getattr(run, "created_at", "") or ""), str(getattr(run, "id", "") or "")

@@ -49,6 +49,14 @@ TABLES = {
 }
 
 
+def split_protocol(split: str, split_seed: int, runs: int) -> str:
+    """The split protocol in words, for the table's caption: ``split: fixed`` (the papers': every run on one split,
+    only the model seed varies) or ``split: per_seed`` (each seed draws its own split, so the spread includes the split's)."""
+    if split == "fixed":
+        return f"one fixed split (split seed {split_seed}), {runs} runs"
+    return f"a new split per seed, {runs} runs"
+
+
 def paired_tests(values: np.ndarray, baseline: np.ndarray) -> tuple[float, float]:
     """(paired t-test p, Wilcoxon signed-rank p) of ``values`` against ``baseline`` over seeds; NaN when undefined."""
     if len(values) < 2 or np.allclose(values, baseline):
@@ -77,9 +85,12 @@ def summarize(results: dict[str, dict[int, dict]], baseline: str, references: di
     ``references`` maps a model to the model it is tested against (default: every model but the
     baseline against the baseline); a model without a reference gets no p-values. A model with one also
     gets its ``reference`` and the mean and std over seeds of its paired differences to it (``<title>
-    difference mean`` and ``... std``; with ``before_and_after``: mining's gain). ``metrics``: column
-    title -> key (default ``METRICS``). A key no run reports (e.g. test figures without a test split)
-    gives NaN; one some runs lack is taken over the (paired) runs that have it.
+    difference mean`` and ``... std``; with ``before_and_after``: mining's gain). Runs are paired by seed,
+    never by their order in ``results`` (runs collected from W&B arrive in any order): the tests and the
+    differences are over the seeds both the model and its reference have (``paired runs``; ``<title> pairs``:
+    those of them that report the figure); the mean and std over all of the model's runs. ``metrics``: column
+    title -> key (default ``METRICS``). A key no run reports (e.g. test figures without a test split) gives
+    NaN; one some runs lack is taken over the runs (and pairs) that have it.
     """
     metrics = METRICS if metrics is None else metrics
     references = references if references is not None else {label: baseline for label in results if label != baseline}
@@ -87,18 +98,18 @@ def summarize(results: dict[str, dict[int, dict]], baseline: str, references: di
     for label, runs in results.items():
         row = {"model": label, "runs": len(runs)}
         reference = references.get(label)
-        seeds = sorted(s for s in runs if reference is None or s in results[reference])
         for title, key in metrics.items():
-            paired = [s for s in seeds if key in runs[s] and (reference is None or key in results[reference][s])]
-            values = np.array([runs[s][key] for s in paired], dtype=float)
-            row[f"{title} mean"], row[f"{title} std"] = _mean_and_std(values)
-            if reference is not None:
-                reference_values = np.array([results[reference][s][key] for s in paired], dtype=float)
-                t_p, w_p = paired_tests(values, reference_values)
-                row[f"{title} t-test p"], row[f"{title} Wilcoxon p"] = t_p, w_p
-                row[f"{title} difference mean"], row[f"{title} difference std"] = _mean_and_std(values - reference_values)
+            own = np.array([runs[s][key] for s in sorted(runs) if key in runs[s]], dtype=float)
+            row[f"{title} mean"], row[f"{title} std"] = _mean_and_std(own)
+            if reference is None:
+                continue
+            paired = sorted(s for s in runs if key in runs[s] and key in results[reference].get(s, {}))
+            values, reference_values = (np.array([source[s][key] for s in paired], dtype=float) for source in (runs, results[reference]))
+            t_p, w_p = paired_tests(values, reference_values)
+            row[f"{title} t-test p"], row[f"{title} Wilcoxon p"], row[f"{title} pairs"] = t_p, w_p, len(paired)
+            row[f"{title} difference mean"], row[f"{title} difference std"] = _mean_and_std(values - reference_values)
         if reference is not None:
-            row["reference"] = reference
+            row["reference"], row["paired runs"] = reference, sum(s in results[reference] for s in runs)
         rows.append(row)
     return rows
 
@@ -141,19 +152,23 @@ def _table_lines(rows: list[dict], metrics: dict[str, str], figures: str = "") -
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         label = row["reference"] if figures else row["model"]
-        lines.append("| " + " | ".join([label, str(row["runs"]), *(_cell(row, title, figures) for title in metrics)]) + " |")
+        # a seed the reference lacks (or it this model's): the tests are over fewer pairs than the model has runs
+        runs = f"{row['runs']} ({row['paired runs']} paired)" if row.get("paired runs", row["runs"]) < row["runs"] else str(row["runs"])
+        lines.append("| " + " | ".join([label, runs, *(_cell(row, title, figures) for title in metrics)]) + " |")
     return lines
 
 
 def markdown_table(rows: list[dict], baseline: str, inc: bool = False, metrics: dict[str, str] | None = None,
-                   caption: str = "Test-set figures") -> str:
+                   caption: str = "Test-set figures", protocol: str | None = None) -> str:
     """The table; with ``inc`` a second one under it, mining's gain per model: the Inc. rows give the figures
     after mining, whose difference to the row before is what mining is judged by, and whose spread over seeds
-    neither row's std gives (the seeds are paired)."""
+    neither row's std gives (the seeds are paired). ``protocol``: the split protocol in words (``split_protocol``),
+    in the caption."""
     metrics = METRICS if metrics is None else metrics
     lines = _table_lines(rows, metrics)
     against = "the same model before mask mining (Inc.: after)" if inc else baseline
-    lines.append(f"\n{caption}, mean ± std over seeds; p: paired t-test (t) and Wilcoxon signed-rank (W) against {against}.")
+    over = f"mean ± std over seeds, {protocol}" if protocol else "mean ± std over seeds"
+    lines.append(f"\n{caption}, {over}; p: paired t-test (t) and Wilcoxon signed-rank (W), runs paired by seed, against {against}.")
     mined = [row for row in rows if "reference" in row]
     if inc and mined:
         lines += ["", *_table_lines(mined, metrics, "difference ")]
@@ -163,10 +178,10 @@ def markdown_table(rows: list[dict], baseline: str, inc: bool = False, metrics: 
 
 
 def write_tables(folder: Path, rows: list[dict], baseline: str, inc: bool = False, metrics: dict[str, str] | None = None,
-                 caption: str = "Test-set figures") -> str:
+                 caption: str = "Test-set figures", protocol: str | None = None) -> str:
     """``results.md``, ``results.csv`` and ``results.json`` in ``folder``, replaced together (a kill leaves the old three or
     the new three); the markdown table."""
-    table = markdown_table(rows, baseline, inc, metrics, caption)
+    table = markdown_table(rows, baseline, inc, metrics, caption, protocol)
 
     def write_csv(path: Path) -> None:
         with open(path, "w", newline="") as handle:

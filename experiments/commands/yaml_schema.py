@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Optional, Union, get_args
+from typing import Annotated, Any, Literal, Optional, Union, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
@@ -60,6 +60,9 @@ class Study(Schema):
     models: dict[Label, str]
     baseline: Optional[str] = None
     seeds: Union[Annotated[int, Field(ge=1)], list[Annotated[int, Field(ge=0)]]] = 3
+    # per_seed: each seed draws its own split; fixed: one split (drawn by split_seed) for every seed, as the papers ran
+    split: Literal["per_seed", "fixed"] = "per_seed"
+    split_seed: Optional[Annotated[int, Field(ge=0)]] = None
     args: list[str] = []
     inc: bool = False
     table: str = "segmentation"
@@ -119,7 +122,8 @@ def validate(schema: type[Schema], value, path: str | Path) -> Schema:
 # pydantic's error types -> what was expected, in words
 EXPECTED = {"int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer", "string_type": "a string",
             "list_type": "a list", "dict_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping",
-            "bool_type": "true or false", "float_type": "a number", "greater_than_equal": "a number >= {ge}"}
+            "bool_type": "true or false", "float_type": "a number", "greater_than_equal": "a number >= {ge}",
+            "literal_error": "{expected}"}
 
 
 def describe(error: ValidationError, schema: type[Schema]) -> str:
