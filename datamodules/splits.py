@@ -31,6 +31,20 @@ def split_counts(split: Sequence[float], available: int) -> list[int]:
     return counts
 
 
+def _drawn_shares(split: Sequence[float], drawn: list[str]) -> list[float] | None:
+    """Fractions summing to 1 renormalised over the ``drawn`` splits (0 for the explicit ones), or None where ``split``
+    is used as it is: counts, fractions leaving volumes out on purpose, no explicit list, nothing to share out.
+
+    Without this, an explicit list's own fraction of the remaining volumes would end up in no split (e.g. val_ids with
+    the mask-mining paper's [0.85, 0.15, 0] left 15% of the other volumes unused)."""
+    if len(split) != 3 or min(split) < 0 or len(drawn) in (0, 3) or abs(sum(split) - 1) > 1e-9:
+        return None
+    if all(float(v).is_integer() for v in split) and sum(split) > 1:
+        return None
+    total = sum(v for name, v in zip(SPLIT_NAMES, split) if name in drawn)
+    return [v / total if name in drawn else 0.0 for name, v in zip(SPLIT_NAMES, split)] if total > 0 else None
+
+
 def split_volumes(
     volume_ids: Sequence[str],
     split: Sequence[float] = (10, 2, 5),
@@ -42,7 +56,8 @@ def split_volumes(
     Explicit id lists (``explicit={"train": [...], ...}``) are used as given; the splits without one
     are drawn from the remaining volumes by ``split`` with a seeded permutation of the sorted ids
     (numpy's PCG64, identical on every machine). Test is drawn first, then val, then train, so
-    growing the training count never changes the test set.
+    growing the training count never changes the test set. Fractions summing to 1 use every volume:
+    with explicit lists, the drawn splits share the remaining volumes in proportion to their fractions.
     """
     explicit = {k: list(v) for k, v in (explicit or {}).items() if v is not None}
     known = set(volume_ids)
@@ -55,7 +70,10 @@ def split_volumes(
         raise ConfigError("a volume id appears in more than one of --data.train_ids/val_ids/test_ids; each volume belongs to one split")
     pool = sorted(known - set(taken))
     drawn = [name for name in ("test", "val", "train") if name not in explicit]
-    counts = dict(zip(SPLIT_NAMES, split_counts(split, len(pool)))) if drawn else {}
+    shares = _drawn_shares(split, drawn)
+    counts = dict(zip(SPLIT_NAMES, split_counts(shares or split, len(pool)))) if drawn else {}
+    if shares:  # the last split drawn takes what rounding left over, as train does without explicit lists
+        counts[drawn[-1]] += len(pool) - sum(counts[name] for name in drawn)
     needed = sum(counts[name] for name in drawn)
     if needed > len(pool):
         raise ConfigError(f"split asks for {needed} volumes beyond the explicit id lists but only {len(pool)} remain; lower --data.split or add volumes")

@@ -55,10 +55,9 @@ class BatchAugmentation:
     the composed map (input = flip @ rotation @ zoom^-1 @ output, in centred pixel coordinates) is
     resampled once, which blurs the image less. Images are interpolated bilinearly, masks by nearest
     neighbour; outside the input, both read the nearest border pixel (MONAI's rotation pads with
-    ``border``, its zoom with ``edge``: the same values). Differences from the MONAI pipeline that
-    remain: MONAI's zoom rounds the zoomed size down to whole pixels (an effective factor off by
-    up to 1 / size), and its nearest-neighbour zoom of the masks rounds source positions down
-    where ``grid_sample`` rounds to the nearest, which moves mask boundaries by at most a pixel.
+    ``border``, its zoom with ``edge``: the same values). The difference from the MONAI pipeline that
+    remains: MONAI's zoom rounds the zoomed size down to whole pixels (an effective factor off by
+    up to 1 / size), which moves mask boundaries by at most a pixel.
     A sample with no transform drawn is resampled at its own pixel centres: unchanged up to float
     rounding of the image (masks exactly).
 

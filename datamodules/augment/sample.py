@@ -24,7 +24,9 @@ def training_augmentation(flip_prob: float = 0.5, rotate_degrees: float = 15.0, 
             mt.RandFlipd(keys, prob=flip_prob, spatial_axis=0),
             mt.RandFlipd(keys, prob=flip_prob, spatial_axis=1),
             mt.RandRotated(keys, range_x=math.radians(rotate_degrees), prob=prob, mode=("bilinear", "nearest"), padding_mode="border"),
-            mt.RandZoomd(keys, min_zoom=zoom_range[0], max_zoom=zoom_range[1], prob=prob, mode=("bilinear", "nearest"), padding_mode="edge"),
+            # "nearest-exact" reads the pixel under the bilinear stencil's centre; torch's "nearest" rounds the source
+            # position down, which shifted every zoomed mask half a pixel right and down of its image.
+            mt.RandZoomd(keys, min_zoom=zoom_range[0], max_zoom=zoom_range[1], prob=prob, mode=("bilinear", "nearest-exact"), padding_mode="edge"),
         ]
     ).set_random_state(seed=0)
 
