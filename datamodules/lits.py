@@ -33,11 +33,13 @@ def default_cache_base() -> Path:
 class LiTSDataModule(pl.LightningDataModule):
     """Axial slices of LiTS-style CT volumes, preprocessed once into a memory-mapped cache.
 
-    Three sampling modes (``datamodules.sampling``): ``sampling: slices`` (the liver network: whole axial
+    Four sampling modes (``datamodules.sampling``): ``sampling: slices`` (the liver network: whole axial
     slices resized to ``image_size``), ``sampling: liver_roi`` (a cascade's lesion network: training crops
     at full in-plane resolution in and around the liver, settings in ``liver_roi``; validation and test
     yield one unbatched sample per volume, the resized stack plus the full-resolution region around the
-    liver), and ``spatial_dims: 3`` (a 3D network: volumes resampled along z, settings in ``volume_3d``).
+    liver), ``sampling: combined`` (the combined model: each training slice whole at ``image_size``, liver-free
+    ones included, with a full-resolution crop of it in the liver region, ``CombinedSliceDataset``; evaluation as
+    ``liver_roi``), and ``spatial_dims: 3`` (a 3D network: volumes resampled along z, settings in ``volume_3d``).
     Each group of settings is a dataclass (``datamodules.settings``), nested in the config:
     ``--data.augmentation.flip_prob=0.3``.
 
@@ -77,16 +79,19 @@ class LiTSDataModule(pl.LightningDataModule):
             as in 2D. ``foreground_margin`` and ``augmentation.applied_to: batch`` do not apply.
         slice_spacing_mm: the z spacing the volumes are resampled to for ``spatial_dims: 3`` (with
             ``image_size`` and ``hu_window``, what a cascade's two networks must agree on).
-        sampling: ``"slices"`` or ``"liver_roi"`` (see above). ``liver_roi`` trains on every slice with
+        sampling: ``"slices"``, ``"liver_roi"`` or ``"combined"`` (see above). ``liver_roi`` trains on every slice with
             liver (``foreground_margin`` does not apply) and evaluates one volume per step
             (``eval_batch_size`` does not apply); ``target`` and ``context_slices`` apply to both.
         foreground_margin: if set, training keeps only slices within this many slices of one with
             target foreground (validation and test always use whole volumes).
+        random_crop: ``sampling: slices`` in 2D: train on random ``random_crop`` x ``random_crop`` crops of the
+            ``image_size`` slices (the mask-mining paper's liver network: 256 of 512); validation and test still
+            see whole slices. ``None`` (default): whole slices.
         positive_fraction: if set, training samples positive slices with this probability (``liver_roi``:
             slices whose whole full-resolution slice has target foreground; 3D: crops centred on it).
         augmentation: the training augmentation (``Augmentation``): random flips, rotation and zoom in the
             axial plane, per sample in the workers or per batch on its device.
-        liver_roi: ``sampling: liver_roi``'s crops and the cached full-resolution region (``LiverRoi``).
+        liver_roi: ``sampling: liver_roi``'s (and ``combined``'s) crops and the cached full-resolution region (``LiverRoi``).
         volume_3d: ``spatial_dims: 3``'s training crops (``Volume3D``).
         phantom: the phantom dataset used when ``root`` is ``None`` (``Phantom``).
         batch_size: training batch size.
@@ -115,6 +120,7 @@ class LiTSDataModule(pl.LightningDataModule):
         slice_spacing_mm: float = 2.5,
         sampling: str = "slices",
         foreground_margin: int | None = None,
+        random_crop: int | None = None,
         positive_fraction: float | None = None,
         augmentation: Augmentation = Augmentation(),
         liver_roi: LiverRoi = LiverRoi(),
@@ -142,7 +148,8 @@ class LiTSDataModule(pl.LightningDataModule):
         self.datasets: dict[str, Dataset] = {}  # per split name, as ``datamodules.sampling`` builds them
         a = self.augmentation
         self.batch_augmentation = (
-            BatchAugmentation(a.flip_prob, a.rotate_degrees, a.zoom_range, a.prob) if a.enabled and a.applied_to == "batch" else None
+            BatchAugmentation(a.flip_prob, a.rotate_degrees, a.zoom_range, a.prob, intensity_shift=a.intensity_shift,
+                              intensity_scale=a.intensity_scale) if a.enabled and a.applied_to == "batch" else None
         )
 
     # -- locations ---------------------------------------------------------------------------

@@ -7,6 +7,8 @@ mode           train                                       val and test
                training volumes (``foreground_margin``)
 ``liver_roi``  ``LiverCropDataset``: crops in and around   ``VolumeDataset``: one unbatched sample per
                the liver at full resolution                volume (the cascade's input)
+``combined``   ``CombinedSliceDataset``: whole slices,     ``VolumeDataset``, as ``liver_roi``
+               each with a full-resolution liver crop
 3D             ``Crop3DDataset``: random crops of the      ``WholeVolume3DDataset``: one whole
                resampled volumes                           resampled volume per step
 =============  ==========================================  ===========================================
@@ -20,6 +22,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from datamodules.augment.sample import InPlaneAugmentation, training_augmentation
+from datamodules.datasets.combined_slices import CombinedSliceDataset
 from datamodules.datasets.crops3d import Crop3DDataset, WholeVolume3DDataset
 from datamodules.datasets.liver_region import LiverCropDataset, VolumeDataset
 from datamodules.datasets.slices import SliceDataset, target_channels
@@ -39,6 +42,8 @@ def split_datasets(data, volumes: list[CachedVolume], splits: dict[str, list[str
             datasets[name] = volume_3d_dataset(data, name, chosen, indices)
         elif data.hparams.sampling == "liver_roi":
             datasets[name] = liver_roi_dataset(data, name, chosen, indices)
+        elif data.hparams.sampling == "combined":
+            datasets[name] = combined_dataset(data, name, chosen, indices)
         else:
             datasets[name] = slice_dataset(data, name, chosen, indices)
     return datasets
@@ -49,16 +54,17 @@ def sample_augmentation(data):
     a = data.augmentation
     if not a.enabled or a.applied_to != "sample":
         return None
-    return training_augmentation(a.flip_prob, a.rotate_degrees, a.zoom_range, a.prob)
+    return training_augmentation(a.flip_prob, a.rotate_degrees, a.zoom_range, a.prob, a.intensity_shift, a.intensity_scale)
 
 
 def slice_dataset(data, name: str, chosen: list[CachedVolume], indices: list[int]) -> SliceDataset:
-    """``sampling: slices``: every slice, but for training only those ``foreground_margin`` allows."""
+    """``sampling: slices``: every whole slice, but for training only those ``foreground_margin`` allows, cropped to
+    ``random_crop`` if set."""
     h = data.hparams
     if name != "train":
         return SliceDataset(chosen, indices, [np.arange(v.num_slices) for v in chosen], h.target, h.context_slices)
     slices = [training_slices(v, h.target, h.foreground_margin) for v in chosen]
-    return SliceDataset(chosen, indices, slices, h.target, h.context_slices, sample_augmentation(data))
+    return SliceDataset(chosen, indices, slices, h.target, h.context_slices, sample_augmentation(data), h.get("random_crop"))
 
 
 def training_slices(volume: CachedVolume, target: str, margin: int | None) -> np.ndarray:
@@ -86,13 +92,27 @@ def liver_roi_dataset(data, name: str, chosen: list[CachedVolume], indices: list
     return dataset
 
 
+def combined_dataset(data, name: str, chosen: list[CachedVolume], indices: list[int]) -> Dataset:
+    """``sampling: combined``: each training slice whole (those ``foreground_margin`` allows, liver-free ones included) with
+    a full-resolution crop of it in the liver region; whole volumes otherwise, as ``liver_roi``."""
+    if name != "train":
+        return VolumeDataset(chosen, indices)
+    h, roi, a = data.hparams, data.liver_roi, data.augmentation
+    slices = [training_slices(v, "liver", h.foreground_margin) for v in chosen]
+    dataset = CombinedSliceDataset(chosen, indices, slices, h.context_slices, roi.crop_size, roi.crop_margin, a if a.enabled else None)
+    if chosen and not dataset.liver_slices:
+        raise DataError(f"--data.sampling=combined but the {len(chosen)} training volume(s) of {data.data_root} have no liver "
+                        "slice (label >= 1); use LiTS labels (0 background, 1 liver, 2 lesion)")
+    return dataset
+
+
 def volume_3d_dataset(data, name: str, chosen: list[CachedVolume], indices: list[int]) -> Dataset:
     """``spatial_dims: 3``: random crops for training (padded where a volume is shorter than the crop), whole resampled
     volumes otherwise."""
     h, crops, a = data.hparams, data.volume_3d, data.augmentation
     if name != "train":
         return WholeVolume3DDataset(chosen, indices, h.target, h.slice_spacing_mm)
-    transform = InPlaneAugmentation(a.flip_prob, a.rotate_degrees, a.zoom_range, a.prob) if a.enabled else None
+    transform = InPlaneAugmentation(a.flip_prob, a.rotate_degrees, a.zoom_range, a.prob, a.intensity_shift, a.intensity_scale) if a.enabled else None
     positive = 0.5 if h.positive_fraction is None else h.positive_fraction
     return Crop3DDataset(chosen, indices, crops.crop_size, h.target, positive, samples_per_volume=crops.crops_per_volume,
                          transform=transform, slice_spacing_mm=h.slice_spacing_mm, crop_margin=crops.crop_margin)

@@ -16,7 +16,7 @@ from datamodules.datasets.crops3d import check_crop_size
 from datamodules.errors import ConfigError
 from datamodules.splits import SPLIT_NAMES
 
-SAMPLING_MODES = ("slices", "liver_roi")
+SAMPLING_MODES = ("slices", "liver_roi", "combined")
 AUGMENT_ON = ("sample", "batch")
 
 
@@ -39,6 +39,11 @@ class Augmentation:
         rotate_degrees: rotations are drawn within +-this angle.
         zoom_range: (min, max) zoom factor.
         prob: probability of the rotation, and of the zoom.
+        intensity_shift: every training image (windowed to [0, 1]) is shifted by an offset drawn within
+            +-this, after the spatial transforms (MONAI's ``RandShiftIntensityd``); 0, the default, is off.
+            Not in the papers: nnU-Net's brightness augmentation, which keeps a model from tying the liver
+            to one contrast phase.
+        intensity_scale: and scaled by 1 + a factor drawn within +-this (``RandScaleIntensityd``); 0 is off.
     """
 
     enabled: bool = True
@@ -47,6 +52,8 @@ class Augmentation:
     rotate_degrees: float = 15.0
     zoom_range: tuple[float, float] = (0.9, 1.1)
     prob: float = 0.5
+    intensity_shift: float = 0.0
+    intensity_scale: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,8 @@ class Phantom:
 
 @dataclass(frozen=True)
 class LiverRoi:
-    """``sampling: liver_roi``: a cascade's lesion network, trained on full-resolution crops around the liver.
+    """``sampling: liver_roi``: a cascade's lesion network, trained on full-resolution crops around the liver
+    (``sampling: combined`` draws the combined model's lesion crops with ``crop_size`` and ``crop_margin`` too).
 
     Args:
         crop_size: training crop side in full-resolution pixels (paper: 256; divisible by 16).
@@ -170,6 +178,9 @@ def check_data_settings(h, augmentation: Augmentation, liver_roi: LiverRoi, volu
     combination the suite refuses."""
     if augmentation.applied_to not in AUGMENT_ON:
         raise ConfigError(f"--data.augmentation.applied_to must be one of {', '.join(AUGMENT_ON)}, got {augmentation.applied_to!r}")
+    if min(augmentation.intensity_shift, augmentation.intensity_scale) < 0 or augmentation.intensity_scale >= 1:
+        raise ConfigError("--data.augmentation.intensity_shift must be >= 0 and --data.augmentation.intensity_scale in [0, 1), "
+                          f"got {augmentation.intensity_shift} and {augmentation.intensity_scale}")
     if h.image_size % 16:
         raise ConfigError(f"--data.image_size must be divisible by 16 (four U-Net poolings), got {h.image_size}")
     if h.holdout_fold is not None and not 0 <= h.holdout_fold < h.num_folds:
@@ -179,8 +190,11 @@ def check_data_settings(h, augmentation: Augmentation, liver_roi: LiverRoi, volu
     if h.sampling not in SAMPLING_MODES:
         raise ConfigError(
             f"--data.sampling={h.sampling!r} is not one of {', '.join(SAMPLING_MODES)}; use slices (whole resized slices) "
-            "or liver_roi (full-resolution crops around the liver)"
+            "or liver_roi (full-resolution crops around the liver) or combined (both, for the combined model)"
         )
+    if h.sampling == "combined" and augmentation.enabled and augmentation.applied_to == "batch":
+        raise ConfigError("--data.sampling=combined augments each whole slice and its full-resolution crop together in the dataset; "
+                          "set --data.augmentation.applied_to=sample")
     if liver_roi.crop_size <= 0 or liver_roi.crop_size % 16:
         raise ConfigError(f"--data.liver_roi.crop_size={liver_roi.crop_size} must be a positive multiple of 16 (four U-Net poolings), e.g. 256")
     if h.test_split not in SPLIT_NAMES:
@@ -188,10 +202,22 @@ def check_data_settings(h, augmentation: Augmentation, liver_roi: LiverRoi, volu
     if min(liver_roi.crop_margin, liver_roi.roi_margin_px, liver_roi.roi_margin_slices, volume_3d.crop_margin) < 0:
         raise ConfigError("--data.liver_roi.crop_margin, --data.liver_roi.roi_margin_px, --data.liver_roi.roi_margin_slices and "
                         "--data.volume_3d.crop_margin must be non-negative")
+    if h.get("random_crop") is not None:
+        _check_random_crop(h)
     if h.spatial_dims not in (2, 3):
         raise ConfigError(f"--data.spatial_dims={h.spatial_dims} must be 2 (slices) or 3 (volumes)")
     if h.spatial_dims == 3:
         _check_3d_settings(h, augmentation, volume_3d)
+
+
+def _check_random_crop(h) -> None:
+    crop = h.random_crop
+    if crop <= 0 or crop % 16 or crop > h.image_size:
+        raise ConfigError(f"--data.random_crop={crop} must be a positive multiple of 16 (four U-Net poolings) no larger than "
+                          f"--data.image_size={h.image_size}, or null for whole slices")
+    if h.sampling != "slices" or h.spatial_dims != 2:
+        raise ConfigError("--data.random_crop crops the whole 2D slices of --data.sampling=slices; liver_roi and 3D draw their own "
+                          "crops (--data.liver_roi.crop_size, --data.volume_3d.crop_size): set --data.random_crop=null")
 
 
 def _check_3d_settings(h, augmentation: Augmentation, volume_3d: Volume3D) -> None:

@@ -3,20 +3,20 @@
 
 The base is a trained ``CombinedLiverLesion`` checkpoint. Both of its networks get the backbone's four 1x1-conv
 error channels (TN, FP, FN, TP) beside their segmentation heads, initialised as ``MaskMining`` does
-(``mask_mining.load_with_error_head``: TP = the segmentation head, TN its negation, FP and FN zero). The forward
-pass is the combined model's (``CombinedLiverLesion.forward``) with every probability read from the error
-channels (``error_masks.error_head_probability`` for ``loss``): the liver network sees the crop at the liver
-resolution, its error logits are upsampled back to the crop and decoded, and that probability is the lesion
-network's extra input channel. Upsampled logits decoded are exactly the base's sigmoid of its upsampled logits,
-so before retraining both decoded masks are the base's.
+(``mask_mining.load_with_error_head``: TP = the segmentation head, TN its negation, FP and FN zero), so before
+retraining both decoded masks are the base's. The forward pass is the combined model's: the liver network on whole
+resized slices (``--data.sampling=combined``), its decoded error head's probability cut at each crop's pixels as the
+lesion network's extra input channel.
 
-Mining is on the fly, as ``MaskMining``'s: a frozen copy of the base combined model predicts liver and lesion
-on each training crop batch after augmentation, giving two error masks (``2 * truth + prediction``; data
-target ``both``: mask channel 0 liver, channel 1 lesion). Loss = ``liver_weight * error_loss(liver) +
+Both parts are mined, liver first: a frozen copy of the base predicts each training batch after augmentation, its
+liver network on the whole slices (the liver error mask, ``2 * truth + prediction``, at the liver network's own
+scale and field of view) and its lesion network on the crops fed its own liver probability (the lesion error mask).
+The retrained lesion network is fed the retrained (mined) liver network's probability, in training and at
+evaluation, where the mined liver network also bounds the region. Loss = ``liver_weight * error_loss(liver) +
 lesion_weight * error_loss(lesion)``.
 
 Validation and test are the cascade's (``CombinedLiverLesion``: the liver network on resized whole slices, then
-both networks on the predicted liver's region): ``{stage}/liver/...`` and ``{stage}/lesion/...``, the frozen
+the lesion network on the predicted liver's region): ``{stage}/liver/...`` and ``{stage}/lesion/...``, the frozen
 base's figures on the same volumes under ``{stage}/before/...`` (summarised once per stage), and one error-type
 report per part (``{stage}_liver_error_types.*``, ``{stage}_lesion_error_types.*``), all by ``MaskMining``.
 """
@@ -31,7 +31,7 @@ from lightning_modules.networks.unet import backbone_variant
 from lightning_modules.inference.cascade_2d import CASCADE_DEFAULTS
 from datamodules.errors import CheckpointError
 from lightning_modules.combined import CombinedLiverLesion
-from lightning_modules.losses.error_masks import error_head_probability, error_mask
+from lightning_modules.losses.error_masks import error_mask
 from lightning_modules.mask_mining import MaskMining, load_with_error_head
 from lightning_modules.networks.checkpoints import BaseArchitecture, check_backbone_variant, read_base_checkpoint
 
@@ -71,7 +71,7 @@ class CombinedMaskMining(MaskMining, CombinedLiverLesion):
     and apply to both networks; ``liver_weight`` and ``lesion_weight`` weigh the two error losses. The
     optimisation defaults are ``MaskMining``'s (the mask-mining paper's). Not used: ``liver_loss`` and ``seg_loss`` (the error losses
     replace them), ``out_channels`` (always liver and lesion); not supported: ``miner_checkpoints`` (the base
-    mines) and ``cls_weight`` (no classification head). Data: ``--data.target=both --data.sampling=liver_roi``,
+    mines), ``base_liver_checkpoint`` (the base holds its liver network) and ``cls_weight`` (no classification head). Data: ``--data.target=both --data.sampling=combined``,
     as the base's.
     """
 
@@ -80,9 +80,9 @@ class CombinedMaskMining(MaskMining, CombinedLiverLesion):
     # -- hooks -----------------------------------------------------------------------------------
     def configure_models(self) -> None:
         h = self.hparams
-        if h.miner_checkpoints or h.cls_weight > 0:
-            raise CheckpointError("the combined model is mined by its own base and has no classification head; "
-                                  "leave --model.init_args.miner_checkpoints unset and cls_weight at 0")
+        if h.miner_checkpoints or h.cls_weight > 0 or h.get("base_liver_checkpoint"):
+            raise CheckpointError("the combined model is mined by its own base, which holds its liver network, and has no classification "
+                                  "head; leave --model.init_args.miner_checkpoints and base_liver_checkpoint unset and cls_weight at 0")
         settings = {key: h[key] for key in ("threshold", *CASCADE_DEFAULTS)}  # the base in this run's cascade
         self.base_architecture, base = read_combined_base(h.base_checkpoint, **settings)
         arch = self.base_architecture
@@ -95,30 +95,28 @@ class CombinedMaskMining(MaskMining, CombinedLiverLesion):
         load_with_error_head(self.liver_model, base.liver_model.state_dict())
         load_with_error_head(self.model, base.model.state_dict())
         # The frozen base lives outside the module tree: not trained, not in checkpoints, not in DDP.
-        self._base, self._miners = [base], []
+        self._base, self._miners, self._base_liver = [base], [], []
 
     # -- mining ----------------------------------------------------------------------------------
     @torch.no_grad()
     def mine(self, batch: dict, training: bool) -> dict:
-        """Adds ``errors`` (B, 2, H, W): the frozen base's liver (channel 0) and lesion (channel 1) error classes."""
-        base = self._base[0].to(batch["image"].device)
-        base.liver_scale = self.liver_scale  # this batch's liver resolution (CombinedLiverLesion.on_after_batch_transfer)
-        predicted = base.foreground_probability(base(batch["image"])).float() >= self.hparams.threshold
-        truth = batch["mask"] > 0.5
-        batch["errors"] = torch.stack([error_mask(predicted[:, c : c + 1], truth[:, c : c + 1]) for c in range(2)], dim=1)
+        """Adds the frozen base's error classes: ``liver_errors`` (B, S, S) of its liver network on the whole slices and
+        ``lesion_errors`` (Bv, c, c) of its lesion network on the valid crops, fed its own liver probability."""
+        base, threshold = self._base[0].to(batch["image"].device), self.hparams.threshold
+        liver = base(batch["image"])
+        batch["liver_errors"] = error_mask(base.foreground_probability(liver).float() >= threshold, batch["mask"][:, :1] > 0.5)
+        lesion = base.foreground_probability(base.lesion_outputs(batch, liver)).float() >= threshold
+        batch["lesion_errors"] = error_mask(lesion, batch["crop_mask"][batch["crop_valid"] > 0.5][:, 1:] > 0.5)
         return batch
 
     def predict_base_cascade(self, sample: dict) -> dict:
         return self._base[0].to(sample["image"].device).predict_cascade(sample)
 
     # -- losses ----------------------------------------------------------------------------------
-    def foreground_probability(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One channel per network present (liver, then lesion): the decoding of its four error channels."""
-        loss = self.hparams.loss
-        return torch.cat([error_head_probability(errors, loss) for errors in outputs["errors"].split(4, dim=1)], dim=1)
-
-    def compute_losses(self, outputs: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
-        logits, errors, mask, h = outputs["errors"], batch["errors"], batch["mask"], self.hparams
-        liver = self.error_loss(logits[:, :4], errors[:, 0], mask[:, :1])
-        lesion = self.error_loss(logits[:, 4:], errors[:, 1], mask[:, 1:])
+    def compute_losses(self, outputs: dict[str, dict[str, torch.Tensor]], batch: dict) -> dict[str, torch.Tensor]:
+        """Each network's error loss on its own error masks: the liver's on the whole slices, the lesions' on the valid crops."""
+        h, lesion_logits = self.hparams, outputs["lesion"]["errors"]
+        liver = self.error_loss(outputs["liver"]["errors"], batch["liver_errors"], batch["mask"][:, :1])
+        masks = batch["crop_mask"][batch["crop_valid"] > 0.5][:, 1:]
+        lesion = self.error_loss(lesion_logits, batch["lesion_errors"], masks) if len(masks) else lesion_logits.sum() * 0.0
         return {"loss": h.liver_weight * liver + h.lesion_weight * lesion, "liver_loss": liver, "lesion_loss": lesion}

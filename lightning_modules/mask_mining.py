@@ -15,6 +15,11 @@ which never trained on it (``data.num_folds``, ``data.holdout_fold``).
 Validation and test report the retrained model's final mask (``argmax // 2`` for ``pwce``, the TP
 channel for ``dice``) under the suite's usual names, the base model's figures under
 ``{stage}/before/...``, and FP / FN / TP voxel counts of both (the error-type report, ``error_report``).
+
+A cascade mines both of its networks (the paper's Inc. rows change the liver figures too): first the liver
+network (a ``MaskMining`` run on ``target: liver``), then the lesion network with the mined liver network as
+``liver_checkpoint`` (the lesion network sees the mined liver's regions) and the trained liver network as
+``base_liver_checkpoint``, so that ``{stage}/before/...`` is the cascade as trained, both networks unmined.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from torch import nn
 
 from datamodules import DataError
 from datamodules.errors import CheckpointError
-from lightning_modules.inference.cascade_evaluation import FIGURE_KEYS, PARTS, case_figures, part_error_counts, summarize_cascade_volumes
+from lightning_modules.inference.cascade_evaluation import (
+    FIGURE_KEYS, PARTS, LiverNetwork, case_figures, part_error_counts, summarize_cascade_volumes,
+)
 from lightning_modules.inference.evaluation_3d import record_volume_3d, window_volume
 from lightning_modules.losses.error_masks import LOSSES, TN, TP, build_error_loss, error_head_probability, error_mask
 from lightning_modules.losses.focal import focal_loss, slice_labels
@@ -34,7 +41,7 @@ from lightning_modules.metrics.slice_records import SliceRecords
 from lightning_modules.metrics.volume_records import VolumeRecords
 from lightning_modules.networks.checkpoints import check_backbone_variant, frozen_model, read_base_checkpoint, rebuilt_model_probability
 from lightning_modules.networks.unet import UNet, backbone_variant
-from lightning_modules.reports.error_report import write_error_report
+from lightning_modules.reports.error_report import write_error_report, write_parts_report
 from lightning_modules.segmentation import STAGES, SegmentationTask
 
 
@@ -68,6 +75,9 @@ class MaskMining(SegmentationTask):
 
     Args:
         base_checkpoint: the trained model to boost (its architecture comes from the checkpoint).
+        base_liver_checkpoint: a cascade's lesion network whose liver network was mined too: the trained (unmined)
+            liver network, which the cascade before mining (``{stage}/before/...``) runs, while the cascade after
+            mining runs ``liver_checkpoint``, the mined one. ``None``: both run ``liver_checkpoint``.
         loss: ``dice`` (multiclass Dice, TP channel replaced by the ground truth; the mask is the TP
             channel: the paper's choice, towards recall) or ``pwce`` (pixel-weighted cross-entropy;
             the mask is ``argmax // 2``: towards fewer false positives).
@@ -78,7 +88,8 @@ class MaskMining(SegmentationTask):
             classification head (CMU-Net); 0 switches it off. Loss = error loss + cls_weight * focal.
         focal_alpha: that focal loss's weight of positive slices (CMU-Net's 0.8).
         focal_gamma: that focal loss's focusing exponent (CMU-Net's 2).
-        lr: Adam learning rate (1e-4 here: the base already converged at a larger one).
+        lr: Adam learning rate (1e-4 by default; the paper gives none for the retraining, and the experiment YAMLs
+            say where theirs comes from).
         weight_decay: Adam L2 penalty (the paper's 1e-5).
         scheduler: ``step`` here (see ``BaseTask``).
         step_size: StepLR period in epochs (10 here).
@@ -88,6 +99,7 @@ class MaskMining(SegmentationTask):
     def __init__(
         self,
         base_checkpoint: str = "",
+        base_liver_checkpoint: str | None = None,
         loss: str = "dice",
         miner_checkpoints: list[str] | None = None,
         class_weights: list[float] | None = None,
@@ -123,6 +135,10 @@ class MaskMining(SegmentationTask):
         self.model = UNet(arch.in_channels, 1, arch.base_channels, arch.norm,
                           num_classes=1 if arch.has_classification_head else None, num_error_classes=4, **arch.variant)
         load_with_error_head(self.model, weights)
+        if h.get("base_liver_checkpoint") and not h.get("liver_checkpoint"):
+            raise CheckpointError("base_liver_checkpoint is the unmined liver network of a cascade whose mined liver network is "
+                                  "--model.init_args.liver_checkpoint; set that too, or drop base_liver_checkpoint")
+        self._base_liver = [LiverNetwork(h.base_liver_checkpoint)] if h.get("base_liver_checkpoint") else []  # frozen, as _base
         # Frozen miners live outside the module tree: not trained, not in checkpoints, not in DDP.
         self._base = [frozen_model(arch, weights)]
         self._miners: list[UNet] = []
@@ -152,6 +168,8 @@ class MaskMining(SegmentationTask):
         if datamodule is None:  # plain dataloaders (e.g. the benchmarks): nothing to check
             return
         arch, data = self.base_architecture, datamodule.hparams
+        for liver in self._base_liver:
+            liver.check_data(data)
         if arch.target is not None and arch.target != data.target:
             raise DataError(f"{self.hparams.base_checkpoint} was trained on target {arch.target!r} but this run has --data.target={data.target}; mine it on its own target")
         if stage == "fit":
@@ -223,9 +241,11 @@ class MaskMining(SegmentationTask):
             record_volume_3d(self, self.before_records[stage], probs, batch)
 
     def predict_base_cascade(self, sample: dict) -> dict:
-        """The cascade on one volume sample with the frozen base in this network's place (the figures before mining)."""
+        """The cascade on one volume sample with the frozen base in this network's place, and the unmined liver network
+        in the mined one's (the figures before mining)."""
         base, arch = self._base[0].to(sample["image"].device), self.base_architecture
-        return self.predict_cascade(sample, lesion=lambda image: rebuilt_model_probability(base, arch, image))
+        liver = self._base_liver[0] if self._base_liver else None
+        return self.predict_cascade(sample, lesion=lambda image: rebuilt_model_probability(base, arch, image), liver=liver)
 
     def _summarize_before(self, stage: str) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
         per_volume = self.before_volume_records[stage].compute() if self.before_volume_records[stage].update_count else {}
@@ -253,9 +273,13 @@ class MaskMining(SegmentationTask):
         before, per_volume_before = self._before[stage]
         after = self.per_volume[stage]
         figures |= {f"{stage}/before/{k}": v for k, v in before.items()}
-        if self.evaluates_cascade and "liver/dice" in before:  # one report for the liver, one for lesions
-            for part in PARTS:
-                self._write_error_report(f"{stage}_{part}", part_error_counts(per_volume_before, part), part_error_counts(after, part))
+        if self.evaluates_cascade and "liver/dice" in before:  # one report for the liver, one for lesions, one for both
+            parts = {part: (part_error_counts(per_volume_before, part), part_error_counts(after, part)) for part in PARTS}
+            for part, (part_before, part_after) in parts.items():
+                self._write_error_report(f"{stage}_{part}", part_before, part_after)
+            folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective call: every rank makes it
+            if self.trainer.is_global_zero:
+                write_parts_report(folder, stage, parts, self.loggers, self.global_step)
         else:
             self._write_error_report(stage, per_volume_before, after)
         return figures

@@ -62,8 +62,8 @@ class SegmentationTask(BaseTask):
             binary cross-entropy: the mask-mining paper's liver loss) or ``pwce_over_dice`` (pwce divided by
             the soft Dice score: its lesion loss). Used by ``compute_losses`` through ``segmentation_loss``.
         distance_weights: weight the pwce pixels by the U-Net distance map of the ground truth (pixels
-            between close objects weigh most; ignored by ``dice``). Computed on the CPU with scipy at every
-            step (see ``losses.segmentation`` for its cost).
+            between close objects weigh most; ignored by ``dice``; per slice in 2D, per crop in 3D). Computed on
+            the CPU with scipy at every step (see ``losses.segmentation`` for its cost).
         distance_w0: the distance map's peak extra weight ``w0``.
         distance_sigma: the distance map's width ``sigma`` in pixels.
         liver_checkpoint: makes this network a cascade's lesion network: the liver network's checkpoint
@@ -119,8 +119,6 @@ class SegmentationTask(BaseTask):
         if seg_loss not in SEG_LOSSES:
             raise CheckpointError(f"unknown segmentation loss {seg_loss!r}; choose one of: {', '.join(SEG_LOSSES)} (--model.init_args.seg_loss)")
         super().__init__(**kwargs)
-        if distance_weights and self.hparams.spatial_dims == 3:
-            raise CheckpointError("distance_weights are 2D (U-Net weight maps per slice); set --model.init_args.distance_weights=false for a 3D network")
         self.configure_cascade()  # after every subclass's configure_models, whatever they override
 
     # -- hooks -----------------------------------------------------------------------------------
@@ -155,25 +153,28 @@ class SegmentationTask(BaseTask):
         return (liver.predictor(sample["image"].device), liver.arch.in_channels,
                 lambda image: self.foreground_probability(self(image)), self.hparams.in_channels)
 
-    def predict_cascade(self, sample: dict, lesion: Predictor | None = None) -> dict[str, np.ndarray]:
-        """The cascade on one volume sample; ``lesion`` replaces this network's lesion predictor (mask mining's base).
+    def predict_cascade(self, sample: dict, lesion: Predictor | None = None, liver: LiverNetwork | None = None) -> dict[str, np.ndarray]:
+        """The cascade on one volume sample; ``lesion`` replaces this network's lesion predictor and ``liver`` the liver
+        network (mask mining's bases).
 
         A 2D sample (``VolumeDataset``) goes through ``cascade_2d.predict_volume``; a whole resampled volume
         (``WholeVolume3DDataset``, 3D networks) through ``cascade_3d.predict_volume_3d``.
         """
         h = self.hparams
-        liver, liver_channels, own, lesion_channels = self.cascade_networks(sample)
+        predict_liver, liver_channels, own, lesion_channels = self.cascade_networks(sample)
+        if liver is not None:
+            predict_liver, liver_channels = liver.predictor(sample["image"].device), liver.arch.in_channels
         settings = {key: h[key] for key in ("threshold", *CASCADE_DEFAULTS)}
         if sample["image"].ndim == 5:
             datamodule = self.trainer.datamodule
             volume = datamodule.volumes[self.sample_volume_index(sample)]
-            return predict_sample_3d(liver, lesion or own, sample, volume, datamodule.hparams, h.sw_overlap, h.sw_mode, **settings)
-        return predict_sample(liver, liver_channels, lesion or own, lesion_channels, sample, **settings)
+            return predict_sample_3d(predict_liver, lesion or own, sample, volume, datamodule.hparams, h.sw_overlap, h.sw_mode, **settings)
+        return predict_sample(predict_liver, liver_channels, lesion or own, lesion_channels, sample, **settings)
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule if self._trainer is not None else None
-        if datamodule is not None and datamodule.hparams.get("sampling") == "liver_roi" and not self.evaluates_cascade:
-            raise DataError("--data.sampling=liver_roi evaluates whole volumes as a cascade, which needs the liver network: "
+        if datamodule is not None and datamodule.hparams.get("sampling") in ("liver_roi", "combined") and not self.evaluates_cascade:
+            raise DataError(f"--data.sampling={datamodule.hparams.sampling} evaluates whole volumes as a cascade, which needs the liver network: "
                             "set --model.init_args.liver_checkpoint=<liver run>/checkpoints/best.ckpt")
         if datamodule is not None and self._liver_network:
             self._liver_network[0].check_data(datamodule.hparams)

@@ -84,7 +84,7 @@ class BatchAugmentation:
     The random stream: ``seed(seed, rank)`` starts it (the data module calls it at ``setup("fit")``
     with ``torch.initial_seed()``, which ``seed_everything`` sets, and the trainer's global rank);
     batch number n draws its parameters from a ``torch.Generator`` seeded with ``stream_seed(seed,
-    rank, n)``, six uniforms per sample. ``state_dict()`` (seed and batches drawn) and
+    rank, n)``, eight uniforms per sample. ``state_dict()`` (seed and batches drawn) and
     ``load_state_dict()`` save and restore it; the rank is not saved, each process keeps its own.
     """
 
@@ -96,7 +96,10 @@ class BatchAugmentation:
         prob: float = 0.5,
         image_keys: Sequence[str] = ("image",),
         mask_keys: Sequence[str] = ("mask",),
+        intensity_shift: float = 0.0,
+        intensity_scale: float = 0.0,
     ):
+        self.intensity_shift, self.intensity_scale = float(intensity_shift), float(intensity_scale)
         self.flip_prob = float(flip_prob)
         self.max_angle = math.radians(abs(rotate_degrees))
         self.zoom_range = (float(min(zoom_range)), float(max(zoom_range)))
@@ -132,12 +135,15 @@ class BatchAugmentation:
         ``angle``         float64 (n,)       rotation in radians (0 where not rotated)
         ``zoomed``        bool (n,)          the zoom is applied
         ``zoom``          float64 (n,)       zoom factor (1 where not zoomed)
+        ``scale``         float64 (n,)       image intensity factor, 1 + U(-intensity_scale, intensity_scale)
+        ``shift``         float64 (n,)       image intensity offset, U(-intensity_shift, intensity_shift)
         ================  =================  ==============================================
         """
         self.generator.manual_seed(stream_seed(self.seed_value, self.rank, self.batches))
         self.batches += 1
-        # all six uniforms are drawn whatever is applied, so a batch's draws never depend on another's
-        u = torch.rand(6, n, dtype=torch.float64, generator=self.generator)
+        # all eight uniforms are drawn whatever is applied, so a batch's draws never depend on another's; the
+        # intensity pair comes last, so the first six are those drawn before it existed
+        u = torch.rand(8, n, dtype=torch.float64, generator=self.generator)
         rotated, zoomed = u[2] < self.prob, u[4] < self.prob
         low, high = self.zoom_range
         return {
@@ -146,6 +152,8 @@ class BatchAugmentation:
             "angle": torch.where(rotated, (2 * u[3] - 1) * self.max_angle, 0.0),
             "zoomed": zoomed,
             "zoom": torch.where(zoomed, low + (high - low) * u[5], 1.0),
+            "scale": 1 + (2 * u[6] - 1) * self.intensity_scale,
+            "shift": (2 * u[7] - 1) * self.intensity_shift,
         }
 
     # -- resampling -----------------------------------------------------------------------------
@@ -193,6 +201,10 @@ class BatchAugmentation:
             for key in present:
                 mode = "bilinear" if key in self.image_keys else "nearest"
                 out[key] = _resample(batch[key], grid, mode)
+                if key in self.image_keys and (self.intensity_scale or self.intensity_shift):
+                    scale = params["scale"].to(out[key].device, out[key].dtype).view(-1, 1, 1, 1)
+                    shift = params["shift"].to(out[key].device, out[key].dtype).view(-1, 1, 1, 1)
+                    out[key] = out[key] * scale + shift
             if "mask" in out:
                 label = batch.get("label")
                 # the maximum above 0.5 is "any pixel above 0.5" in one pass, without a boolean copy of the masks

@@ -16,9 +16,15 @@ from monai import transforms as mt
 from monai.data import get_track_meta, set_track_meta
 
 
-def training_augmentation(flip_prob: float = 0.5, rotate_degrees: float = 15.0, zoom_range: Sequence[float] = (0.9, 1.1), prob: float = 0.5) -> mt.Compose:
-    """Random flips, rotation and zoom in the axial plane (the mask-mining paper), applied to image and mask together."""
+def training_augmentation(flip_prob: float = 0.5, rotate_degrees: float = 15.0, zoom_range: Sequence[float] = (0.9, 1.1), prob: float = 0.5,
+                          intensity_shift: float = 0.0, intensity_scale: float = 0.0) -> mt.Compose:
+    """Random flips, rotation and zoom in the axial plane (the mask-mining paper), applied to image and mask together,
+    then, when not 0, the image's random intensity scale (``1 + U(-intensity_scale, intensity_scale)``) and shift
+    (``U(-intensity_shift, intensity_shift)``). The intensity transforms come last and draw only when present, so
+    without them every other draw is unchanged."""
     keys = ("image", "mask")
+    intensity = ([mt.RandScaleIntensityd("image", factors=intensity_scale, prob=1.0)] if intensity_scale else []) + (
+        [mt.RandShiftIntensityd("image", offsets=intensity_shift, prob=1.0)] if intensity_shift else [])
     return mt.Compose(
         [
             mt.RandFlipd(keys, prob=flip_prob, spatial_axis=0),
@@ -27,6 +33,7 @@ def training_augmentation(flip_prob: float = 0.5, rotate_degrees: float = 15.0, 
             # "nearest-exact" reads the pixel under the bilinear stencil's centre; torch's "nearest" rounds the source
             # position down, which shifted every zoomed mask half a pixel right and down of its image.
             mt.RandZoomd(keys, min_zoom=zoom_range[0], max_zoom=zoom_range[1], prob=prob, mode=("bilinear", "nearest-exact"), padding_mode="edge"),
+            *intensity,
         ]
     ).set_random_state(seed=0)
 
@@ -61,8 +68,9 @@ class InPlaneAugmentation(mt.Randomizable):
     ``set_random_state`` reseeds the 2D transforms: MONAI's DataLoader does so in each worker.
     """
 
-    def __init__(self, flip_prob: float = 0.5, rotate_degrees: float = 15.0, zoom_range: Sequence[float] = (0.9, 1.1), prob: float = 0.5):
-        self.transform = training_augmentation(flip_prob, rotate_degrees, zoom_range, prob)
+    def __init__(self, flip_prob: float = 0.5, rotate_degrees: float = 15.0, zoom_range: Sequence[float] = (0.9, 1.1), prob: float = 0.5,
+                 intensity_shift: float = 0.0, intensity_scale: float = 0.0):
+        self.transform = training_augmentation(flip_prob, rotate_degrees, zoom_range, prob, intensity_shift, intensity_scale)
 
     def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> InPlaneAugmentation:
         self.transform.set_random_state(seed, state)

@@ -61,7 +61,9 @@ class SliceDataset(Dataset):
     ``volume``        str                   volume id
     ================  ====================  ===============================================
 
-    K = 2 * context_slices + 1; neighbours beyond the volume's ends repeat the edge slice.
+    K = 2 * context_slices + 1; neighbours beyond the volume's ends repeat the edge slice. With ``crop_size`` each
+    sample is a random ``crop_size`` x ``crop_size`` window of its slice (uniform over the positions inside it, drawn
+    anew at every read), S being ``crop_size``.
     """
 
     def __init__(
@@ -72,9 +74,11 @@ class SliceDataset(Dataset):
         target: str = "liver",
         context_slices: int = 0,
         transform: Callable | None = None,
+        crop_size: int | None = None,
     ):
         if target not in TARGETS:
             raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
+        self.crop_size = crop_size
         self.volumes = list(volumes)
         self.volume_indices = list(volume_indices)
         self.index = np.concatenate(
@@ -93,11 +97,21 @@ class SliceDataset(Dataset):
             [bool(target_channels(self.volumes[p].label[z], self.target).any()) for p, z in self.index], dtype=bool
         )
 
+    def crop_window(self, size: Sequence[int]) -> tuple[slice, slice]:
+        """(rows, columns) of a random ``crop_size`` window of a slice of ``size``, or the whole slice."""
+        if self.crop_size is None:
+            return slice(None), slice(None)
+        # torch's generator: the DataLoader seeds it in every worker, so workers draw different windows
+        y0, x0 = (int(torch.randint(0, n - self.crop_size + 1, ())) for n in size)
+        return slice(y0, y0 + self.crop_size), slice(x0, x0 + self.crop_size)
+
     def __getitem__(self, i: int) -> dict:
         position, z = self.index[i]
         volume = self.volumes[position]
-        image = volume.image[context_indices(z, self.context_slices, volume.num_slices)] if self.context_slices else volume.image[z : z + 1]
-        labels = np.array(volume.label[z])
+        window = self.crop_window(volume.image.shape[-2:])
+        chosen = context_indices(z, self.context_slices, volume.num_slices) if self.context_slices else slice(z, z + 1)
+        image = volume.image[chosen, window[0], window[1]]
+        labels = np.array(volume.label[z][window])
         mask = target_channels(labels, self.target)
         sample = {
             # float16 -> float32 in torch, bool -> float32 in numpy: the fast side of each conversion

@@ -23,7 +23,10 @@ grid (elliptic cylinders, ellipsoids) whose boundaries are perturbed by smooth r
 in order: air, body (subcutaneous fat, muscle wall, bowel-like interior with fat and gas pockets),
 paraspinal and psoas muscles, vertebra, ribs, aorta/IVC, kidneys in perirenal fat, stomach, spleen,
 liver, hypodense lesions. Spleen, kidneys, vessels and muscle share the liver's HU range, so a HU
-window alone cannot segment the liver (best window Dice ~0.4-0.6); position and shape can.
+window alone cannot segment the liver (best window Dice ~0.55-0.82); position and shape can. Two things vary
+per volume as they do across LiTS' scanners: the contrast phase (unenhanced or portal-venous, which moves
+every organ's HU, the spleen from below the liver to above it) and the in-plane field of view
+(``FOV_SCALE_RANGE``: the body fills more or less of the slice; the written spacing says by how much).
 Finally CT-like noise is added and the image is slightly blurred in-plane (partial volume, noise
 correlation). The label is exactly liver (1) and lesions (2), as in LiTS.
 """
@@ -39,17 +42,37 @@ from scipy import ndimage
 
 from datamodules.io.atomic import write_atomically
 
-PHANTOM_VERSION = 3  # in the phantom's cache folder name: raise it whenever a generated voxel changes
+PHANTOM_VERSION = 4  # in the phantom's cache folder name: raise it whenever a generated voxel changes
 
 _REF_FOV_MM = (384.0, 384.0, 240.0)
+#: in-plane field of view of a volume, as a factor of the reference 384 mm: LiTS' 512 x 512 slices at
+#: ~0.55-1.0 mm span ~280-510 mm, so the same body fills more or less of the slice
+FOV_SCALE_RANGE = (0.9, 1.25)
+#: lesion radius range (mm) and mean count per lesion-bearing volume (see ``lesion_statistics``)
+LESION_RADIUS_MM = (3.0, 35.0)
 AIR, FAT, GAS = -1000.0, -100.0, -900.0
 _BLUR_SIGMA = (0.6, 0.6, 0.0)  # in-plane voxels; CT reconstruction kernels blur in-plane only
 
 
-def _axes(shape):
-    """Voxel-centre coordinates (reference mm, FOV-centred) as broadcastable (X,1,1), (1,Y,1), (1,1,Z)."""
+def field_of_view_scale(seed: int) -> float:
+    """The volume's in-plane field of view over the reference one, from its own random stream, so that the
+    writer (for the affine's spacing) and the painter (for the anatomy) agree without passing it around."""
+    return float(np.random.default_rng((seed, 2)).uniform(*FOV_SCALE_RANGE))
+
+
+def phantom_spacing(seed: int, spacing) -> tuple[float, float, float]:
+    """The voxel spacing (mm) volume ``seed`` is written with: the nominal in-plane spacing times its
+    field-of-view scale; slices keep the nominal thickness."""
+    scale = field_of_view_scale(seed)
+    return (float(spacing[0]) * scale, float(spacing[1]) * scale, float(spacing[2]))
+
+
+def _axes(shape, scale: float = 1.0):
+    """Voxel-centre coordinates (mm, FOV-centred) as broadcastable (X,1,1), (1,Y,1), (1,1,Z), for a field of
+    view of the reference one times ``scale`` in-plane."""
     out = []
-    for axis, (n, fov) in enumerate(zip(shape, _REF_FOV_MM)):
+    fovs = (_REF_FOV_MM[0] * scale, _REF_FOV_MM[1] * scale, _REF_FOV_MM[2])
+    for axis, (n, fov) in enumerate(zip(shape, fovs)):
         c = ((np.arange(n) + 0.5) / n - 0.5) * fov
         out.append(c.astype(np.float32).reshape([-1 if a == axis else 1 for a in range(3)]))
     return out
@@ -103,7 +126,12 @@ def make_phantom_volume(seed: int, shape: tuple[int, int, int] = (192, 192, 48),
     rng = np.random.default_rng(seed)
     u = rng.uniform
     shape = tuple(int(n) for n in shape)
-    x, y, z = _axes(shape)
+    x, y, z = _axes(shape, field_of_view_scale(seed))
+    # Contrast phase: LiTS is mostly portal-venous CT (the liver ~100-130 HU, the spleen as bright or
+    # brighter, vessels and kidneys brighter still), with some unenhanced scans (the liver ~55-65 HU, the
+    # spleen ~10 HU below it; the real sample in tests/data is one) and every timing and dose between.
+    # 0 = unenhanced, 1 = full enhancement; continuous, so that a few training volumes cover the range.
+    enhance = u()
     hu = np.full(shape, AIR, np.float32)
     paint = lambda mask, value: np.copyto(hu, value, where=mask)  # noqa: E731 - broadcasts both
 
@@ -114,11 +142,11 @@ def make_phantom_volume(seed: int, shape: tuple[int, int, int] = (192, 192, 48),
     depth = (1 - _ellipse(x, y, (bx, by), (ax, ay))) * np.sqrt(ax * ay)  # ~ mm under the skin
     fat_mm, wall_mm = u(12, 28), u(8, 14)
     paint(depth > 0, FAT + u(-10, 10))
-    paint(depth > fat_mm, u(40, 50))
+    paint(depth > fat_mm, u(40, 50) + 5 * enhance)
     cavity = depth > fat_mm + wall_mm
 
     # Interior: mottled soft tissue / bowel with mesenteric fat pockets and scattered gas.
-    soft = u(15, 30) + 12 * _smooth_field(rng, shape, (20, 20, 10))
+    soft = u(15, 30) + enhance * u(10, 25) + 12 * _smooth_field(rng, shape, (20, 20, 10))
     np.copyto(soft, FAT, where=_smooth_field(rng, shape, (14, 14, 8)) > 1.0)
     np.copyto(soft, GAS, where=_smooth_field(rng, shape, (24, 24, 10)) > 2.3)
     paint(cavity, soft)
@@ -147,23 +175,23 @@ def make_phantom_volume(seed: int, shape: tuple[int, int, int] = (192, 192, 48),
     ribs = (np.abs(depth - fat_mm - wall_mm * 0.5) < 3) & (np.sin(7 * angle + z / 12) > 0.7)
     paint(ribs & (np.abs(angle - np.pi / 2) > 0.6) & (z > liver_z - 40), u(400, 600))  # gap at the front midline
 
-    # Great vessels in front of the spine: aorta (patient's left), IVC (right). Unenhanced, ~40-60 HU.
-    paint(_ellipse(x, y, (vx - u(12, 20), vy + vry + 14), (12, 12)) < 1, u(40, 60))
-    paint(_ellipse(x, y, (vx + u(18, 26), vy + vry + 12), (13, 10)) < 1, u(40, 55))
+    # Great vessels in front of the spine: aorta (patient's left), IVC (right); ~40-60 HU unenhanced.
+    paint(_ellipse(x, y, (vx - u(12, 20), vy + vry + 14), (12, 12)) < 1, u(40, 60) + enhance * u(90, 140))
+    paint(_ellipse(x, y, (vx + u(18, 26), vy + vry + 12), (13, 10)) < 1, u(40, 55) + enhance * u(60, 100))
 
     # Kidneys in perirenal fat, posterior either side of the spine; the right one sits lower.
     kz_right = u(-65, -40)
     for side, kz in ((1, kz_right), (-1, kz_right + u(10, 25))):
         c, r = (vx + side * u(60, 72), vy + u(0, 10), kz), (u(26, 32), u(22, 27), u(50, 60))
         paint(_ellipse(x, y, c, [1.35 * v for v in r], z) < 1 + 0.1 * organ_shape, FAT)
-        paint(_ellipse(x, y, c, r, z) < 1 + 0.05 * organ_shape, u(30, 50) + 5 * texture)
+        paint(_ellipse(x, y, c, r, z) < 1 + 0.05 * organ_shape, u(30, 50) + enhance * u(100, 150) + 5 * texture)
         sinus = (c[0] - side * 0.45 * r[0], c[1] + 3, kz)  # renal sinus opens medially
         paint(_ellipse(x, y, sinus, [0.4 * v for v in r], z) < 1, u(-80, -40))
 
     # Stomach (left, anterior, upper): fluid with a wall and an anterior gas cap (patient is supine).
     sc, sr = (bx - u(40, 60), by + u(25, 45), liver_z + u(10, 30)), (u(40, 55), u(30, 40), u(40, 55))
     stomach = _ellipse(x, y, sc, sr, z) / (1 + 0.1 * organ_shape)
-    paint(stomach < 1, u(35, 45))
+    paint(stomach < 1, u(35, 45) + enhance * u(20, 40))
     paint(stomach < 0.88, u(10, 20))
     paint((stomach < 0.88) & (y > sc[1] + 0.45 * sr[1]), GAS)
     del stomach
@@ -171,7 +199,7 @@ def make_phantom_volume(seed: int, shape: tuple[int, int, int] = (192, 192, 48),
     # Spleen: left posterolateral, overlapping the upper liver's z range.
     spc = (bx - ax0 + u(50, 65), by - u(15, 40), liver_z + u(20, 40))
     spleen = _ellipse(x, y, spc, (u(22, 30), u(45, 60), u(45, 60)), z) < 1 + 0.15 * organ_shape
-    paint(spleen & cavity, u(48, 58) + 4 * texture)
+    paint(spleen & cavity, u(45, 55) + enhance * u(60, 80) + 4 * texture)
 
     # Liver: big right lobe plus a thinner left lobe reaching across the midline anteriorly.
     right = _ellipse(x, y, (bx + u(0.35, 0.5) * ax0, by + u(0.0, 0.15) * ay0, liver_z), (u(80, 95), u(72, 85), u(60, 72)), z)
@@ -180,20 +208,27 @@ def make_phantom_volume(seed: int, shape: tuple[int, int, int] = (192, 192, 48),
     del right, left
     keep_out = _ellipse(x, y, (vx, vy + 10), (50, 45)) > 1  # spine and aorta stay outside
     liver = (score < 1) & (depth > fat_mm + wall_mm + 2) & keep_out & (np.abs(z) < 100)
-    liver_hu = u(55, 65)
+    liver_hu = u(55, 65) + enhance * u(40, 60)
     paint(liver, liver_hu + u(6, 10) * texture / 2)
     label = liver.astype(np.uint8)
 
-    # Lesions: hypodense, roughly spherical, centred deep inside the liver; 1-5 per volume, and 1 volume
-    # in 8 lesion-free (LiTS has such volumes). 40-70 HU below the liver, as hypodense metastases in
-    # portal-venous CT, i.e. a contrast-to-noise ratio of ~3-6 against the 10-15 HU noise below.
-    deep = np.flatnonzero(liver & (score < 0.7))
-    count = int(rng.integers(1, 6)) if rng.uniform() >= 1 / 8 else 0
+    # Lesions, anchored in LiTS' training set (Bilic et al., Med. Image Anal. 2023): 0 to 75 lesions a volume,
+    # from tens of mm3 to hundreds of cm3, mostly hypodense against the parenchyma, some volumes lesion-free.
+    # Here: 1 volume in 8 lesion-free; otherwise a geometric count (mean 3, at most 12) of near-spherical
+    # lesions with log-uniform radii of LESION_RADIUS_MM (0.1 to 180 cm3), lobulated by +-10 %, centred in
+    # the liver and cut to it; 20-35 HU below the parenchyma unenhanced, up to 70 HU in portal-venous phase
+    # (contrast-to-noise ~1.5-6 against the 10-15 HU noise below). ``lesion_statistics`` measures them.
+    deep = np.flatnonzero(liver & (score < 0.8))
+    count = 0 if u() < 1 / 8 else min(int(rng.geometric(1 / 3)), 12)
+    contrast = u(20, 35) + enhance * u(15, 35)
+    log_r = np.log(LESION_RADIUS_MM)
     for _ in range(count if deep.size else 0):
         i, j, k = np.unravel_index(rng.choice(deep), shape)
-        lesion = _ellipse(x, y, (x[i, 0, 0], y[0, j, 0], z[0, 0, k]), [u(6, 25)] * 3, z) < 1 + 0.15 * texture
+        radius = float(np.exp(u(*log_r)))
+        radii = [radius * u(0.85, 1.15) for _ in range(3)]
+        lesion = _ellipse(x, y, (x[i, 0, 0], y[0, j, 0], z[0, 0, k]), radii, z) < 1 + 0.04 * texture
         lesion &= liver
-        paint(lesion, liver_hu - u(40, 70) + 3 * texture)
+        paint(lesion, liver_hu - contrast + 3 * texture)
         label[lesion] = 2
 
     # CT noise (white, then correlated by the in-plane blur, which also mimics partial volume).
@@ -227,10 +262,29 @@ def _save_atomic(data, affine, spacing, path: pathlib.Path):
 
 def _write_pair(vol_path: pathlib.Path, seg_path: pathlib.Path, vol_seed: int, shape, spacing) -> None:
     hu, label = make_phantom_volume(vol_seed, shape, spacing)
+    spacing = phantom_spacing(vol_seed, spacing)
     affine = _lps_affine(vol_seed, shape, spacing)
     # Segmentation first: a pair counts as complete only once its volume exists.
     _save_atomic(label[::-1, ::-1, :].copy(), affine, spacing, seg_path)
     _save_atomic(hu[::-1, ::-1, :].copy(), affine, spacing, vol_path)
+
+
+def lesion_statistics(seeds, shape=(192, 192, 48), spacing=(2.0, 2.0, 5.0)) -> dict[str, float]:
+    """What the phantom draws, measured on the volumes of ``seeds`` (the table beside LiTS' in docs/data.md):
+    the share of lesion-free volumes, lesions per volume, and lesion volumes (cm3, one lesion = one
+    26-connected component of label 2; touching lesions count once, as a reader of the mask would see them)."""
+    counts, sizes = [], []
+    for seed in seeds:
+        _, label = make_phantom_volume(seed, shape, spacing)
+        voxel_cm3 = float(np.prod(phantom_spacing(seed, spacing))) / 1000.0
+        components, n = ndimage.label(label == 2, structure=np.ones((3, 3, 3)))
+        counts.append(n)
+        sizes.extend(np.bincount(components.ravel())[1:] * voxel_cm3)
+    counts, sizes = np.asarray(counts), np.asarray(sizes)
+    return {"volumes": len(counts), "lesion_free_share": float(np.mean(counts == 0)),
+            "lesions_median": float(np.median(counts)), "lesions_max": int(counts.max()),
+            "lesion_cm3_min": float(sizes.min()), "lesion_cm3_median": float(np.median(sizes)),
+            "lesion_cm3_max": float(sizes.max())}
 
 
 def write_phantom_dataset(out_dir: str | os.PathLike, volumes: int = 12, seed: int = 0,

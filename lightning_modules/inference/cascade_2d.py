@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from lightning_modules.inference.liver_guided import LiverGuided, region_probability
 from lightning_modules.metrics.slice_volume import largest_connected_component
 from lightning_modules.metrics.volume_scoring import reassemble_volume
 
@@ -52,11 +53,13 @@ def context_stack(slices: torch.Tensor, indices: torch.Tensor, context: int) -> 
 
 
 @torch.no_grad()
-def slice_probabilities(predict: Predictor, slices: torch.Tensor, in_channels: int, batch_size: int = 16) -> torch.Tensor:
+def slice_probabilities(predict: Predictor, slices: torch.Tensor, in_channels: int, batch_size: int = 16,
+                        guide: torch.Tensor | None = None) -> torch.Tensor:
     """Run a 2D network over every slice of a (Z, H, W) stack: (Z, C, H, W) float32 probabilities.
 
     Slices are zero-padded at the bottom and right to a multiple of 16 and cropped back, so any
-    region size works. ``in_channels`` = ``2 * context + 1`` of the network.
+    region size works. ``in_channels`` = ``2 * context + 1`` of the network; ``guide`` (Z, H, W), if given,
+    is one more input channel after them (the combined model's liver probability, ``liver_guided``).
     """
     if in_channels % 2 == 0:
         raise ValueError(f"a 2.5D network takes 2 * context + 1 input channels, got {in_channels}")
@@ -66,6 +69,8 @@ def slice_probabilities(predict: Predictor, slices: torch.Tensor, in_channels: i
     for start in range(0, depth, batch_size):
         indices = torch.arange(start, min(start + batch_size, depth), device=slices.device)
         batch = context_stack(slices, indices, in_channels // 2)
+        if guide is not None:
+            batch = torch.cat([batch, guide[indices, None]], dim=1)
         if pad_h or pad_w:
             batch = F.pad(batch, (0, pad_w, 0, pad_h))
         outputs.append(predict(batch).float()[..., :height, :width])
@@ -143,7 +148,9 @@ def predict_volume(
     if box is not None:
         region = tuple(slice(a, b) for a, b in box)
         crop = torch.from_numpy(np.ascontiguousarray(read_image(box), dtype=np.float32)).to(image.device)
-        lesion_probs = slice_probabilities(lesion, crop, lesion_in_channels, batch_size)[:, 0].cpu().numpy()
+        # a combined model's lesion network also sees its liver network's probability at the region's pixels
+        guide = region_probability(liver_probs, full_shape[1:], box) if isinstance(lesion, LiverGuided) else None
+        lesion_probs = slice_probabilities(lesion, crop, lesion_in_channels, batch_size, guide)[:, 0].cpu().numpy()
         allowed = dilate_in_plane(liver[region], lesion_dilation)
         found = (lesion_probs >= threshold) & allowed
         labels[region][found] = 2

@@ -107,8 +107,8 @@ class PixelWeightedCrossEntropy(torch.nn.Module):
     ``loss = sum(w * ce) / sum(w)``, ``w(x) = class_weights[errors(x)] * m(x)`` with m the U-Net distance map
     of the ground truth (:func:`unet_weight_map`, w_c = 1) when ``distance_weights`` else 1. Normalising by
     sum(w) rather than the pixel count keeps the scale of plain cross-entropy whatever the weights; with
-    class weights alone it equals ``F.cross_entropy(weight=class_weights)``. Distance maps are 2D only,
-    computed per slice on CPU with scipy; 3D inputs work without them.
+    class weights alone it equals ``F.cross_entropy(weight=class_weights)``. Distance maps are computed per slice
+    (2D) or per crop (3D) on the CPU with scipy.
     """
 
     def __init__(self, class_weights: Sequence[float] | None = None, distance_weights: bool = False,
@@ -123,16 +123,13 @@ class PixelWeightedCrossEntropy(torch.nn.Module):
         self.distance_weights, self.w0, self.sigma = distance_weights, w0, sigma
 
     def forward(self, logits: torch.Tensor, errors: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """logits (B, 4, H, W), errors (B, H, W) long, target (B, 1, H, W) ground truth -> scalar loss."""
+        """logits (B, 4, *spatial), errors (B, *spatial) long, target (B, 1, *spatial) ground truth -> scalar loss."""
         if logits.shape[1] != 4 or logits.shape[2:] != errors.shape[1:]:
             raise ValueError(f"expected logits (B, 4, *spatial) matching errors (B, *spatial), got "
                              f"{tuple(logits.shape)} and {tuple(errors.shape)}")
         ce = F.cross_entropy(logits, errors, reduction="none")
         weights = self.class_weights.to(logits.device, logits.dtype)[errors]
         if self.distance_weights:
-            if errors.ndim != 3:
-                raise ValueError(f"distance weights need 2D slices (B, H, W), got errors of shape "
-                                 f"{tuple(errors.shape)}")
             weights = weights * distance_weight_maps(target, self.w0, self.sigma)[:, 0].to(logits.dtype)
         # an all-zero weight (every present class weighted 0) gives 0, not NaN
         return weighted_mean(ce, weights)

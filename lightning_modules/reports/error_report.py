@@ -8,6 +8,9 @@ Written to the run folder for each evaluated stage (``error_types.*`` for valida
   the change in percent; then each volume's Dice before and after.
 * ``<prefix>error_types.png``: the counts as grouped bars, each group normalised to its larger bar
   as in the paper's figure, with the raw counts printed on the bars.
+
+A cascade has one such report per part (``<stage>_liver_error_types.*``, ``<stage>_lesion_error_types.*``) and
+one for both (``write_parts_report``: ``<stage>_error_types.md`` and ``.png``, liver and lesion rows side by side).
 """
 
 from __future__ import annotations
@@ -43,6 +46,12 @@ def error_table(before: dict[str, int], after: dict[str, int], dice: list[tuple[
 
 def error_figure(before: dict[str, int], after: dict[str, int], title: str) -> plt.Figure:
     figure, axis = plt.subplots(figsize=(5.5, 3.4))
+    _error_bars(axis, before, after, title)
+    figure.tight_layout()
+    return figure
+
+
+def _error_bars(axis, before: dict[str, int], after: dict[str, int], title: str) -> None:
     width = 0.38
     for offset, (label, counts, colour) in enumerate((("before mining", before, "#9e9e9e"), ("after mining", after, "#1f77b4"))):
         for i, t in enumerate(ERROR_TYPES):
@@ -54,8 +63,6 @@ def error_figure(before: dict[str, int], after: dict[str, int], title: str) -> p
     axis.set_ylim(0, 1.15)
     axis.set_title(title, fontsize=9)
     axis.legend(fontsize=8, loc="lower right")
-    figure.tight_layout()
-    return figure
 
 
 def write_error_report(
@@ -95,3 +102,33 @@ def write_error_report(
             rows = [[volume, b, a] for volume, b, a in dice]
             logger.log_table(key=f"{stage}/dice_before_after", columns=["volume", "dice_before", "dice_after"], data=rows, step=step)
     return {**{f"before/{t}_voxels": before[t] for t in ERROR_TYPES}, **{f"{t}_voxels": after[t] for t in ERROR_TYPES}}
+
+
+def parts_table(counts: dict[str, tuple[dict[str, int], dict[str, int]]]) -> str:
+    """One markdown table of every part's (``liver``, ``lesion``) FP / FN / TP voxels before and after mining."""
+    lines = ["| part | error type | before | after | change |", "|---|---|---|---|---|"]
+    for part, (before, after) in counts.items():
+        lines += [f"| {part} | {TITLES[t]} | {before[t]} | {after[t]} | {_change(before[t], after[t])} |" for t in ERROR_TYPES]
+    return "\n".join(lines) + "\n"
+
+
+def write_parts_report(
+    folder: Path,
+    stage: str,
+    per_volume: dict[str, tuple[dict[int, dict[str, float]], dict[int, dict[str, float]]]],
+    loggers=(),
+    step: int | None = None,
+) -> dict[str, dict[str, int]]:
+    """A cascade's error types for all its parts in one report (the paper's Fig. 4, liver and lesion):
+    ``<stage>_error_types.md`` (a row per part and error type) and ``.png`` (a panel per part). ``per_volume``: per
+    part, its per-volume counts before and after mining (``part_error_counts``). Returns the summed counts per part."""
+    counts = {part: (total_counts(before), total_counts(after)) for part, (before, after) in per_volume.items()}
+    (folder / f"{stage}_error_types.md").write_text(parts_table(counts))
+    figure, axes = plt.subplots(1, len(counts), figsize=(5.5 * len(counts), 3.4), squeeze=False)
+    stage_name = {"val": "validation", "test": "test"}.get(stage, stage)
+    for axis, (part, (before, after)) in zip(axes[0], counts.items()):
+        _error_bars(axis, before, after, f"{part} error types on the {stage_name} set ({len(per_volume[part][1])} volumes)")
+    figure.tight_layout()
+    save_figure(figure, folder / f"{stage}_error_types.png", loggers, f"{stage}/error_types", step)
+    return {part: {**{f"before/{t}_voxels": b[t] for t in ERROR_TYPES}, **{f"{t}_voxels": a[t] for t in ERROR_TYPES}}
+            for part, (b, a) in counts.items()}

@@ -54,7 +54,8 @@ def test_data_setting_reads_grouped_and_flat_checkpoints():
 
 def test_every_grouped_setting_has_its_flat_name():
     grouped = {f"{group}.{name}" for group, cls in SETTING_GROUPS.items() for name in cls.__dataclass_fields__}
-    assert grouped == set(FLAT_NAMES)
+    added_after_grouping = {"augmentation.intensity_shift", "augmentation.intensity_scale"}  # no flat checkpoint has them
+    assert grouped - added_after_grouping == set(FLAT_NAMES)
 
 
 @pytest.mark.parametrize("group", list(SETTING_GROUPS))

@@ -21,15 +21,15 @@ from experiments.commands.study import load_study, report
 from experiments.commands.study_tables import LITS_LIVER_LESION, before_and_after, markdown_table, summarize
 
 ROOT = Path(__file__).parents[2]
-PLAIN = "mask_mining_cascade_2d_dice"
-# experiment -> (block, se, norm) of every network of its chain; the plain one is the paper's 2D cascade
+TABLE1 = "mask_mining_cascade_2d_dice"
+# experiment -> (block, se, norm) of every network of its chain; the first is the paper's 2D cascade (Table 1)
 VARIANTS = {
-    PLAIN: ("plain", False, "batch"),
-    f"{PLAIN}_residual": ("residual", False, "batch"),
-    f"{PLAIN}_dense": ("dense", False, "batch"),
-    f"{PLAIN}_se": ("plain", True, "batch"),
-    f"{PLAIN}_residual_se": ("residual", True, "batch"),
-    f"{PLAIN}_instance_norm": ("plain", False, "instance"),
+    TABLE1: ("residual", True, "batch"),
+    f"{TABLE1}_plain": ("plain", False, "batch"),
+    f"{TABLE1}_residual": ("residual", False, "batch"),
+    f"{TABLE1}_dense": ("dense", False, "batch"),
+    f"{TABLE1}_se": ("plain", True, "batch"),
+    f"{TABLE1}_instance_norm": ("residual", True, "instance"),
 }
 STUDY = ROOT / "experiments" / "studies" / "mask_mining_architectures.yaml"
 
@@ -46,15 +46,16 @@ def built_variant(network: nn.Module) -> tuple[str, bool, str]:
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_every_stage_of_a_variant_chain_builds_its_variant(name, tmp_path, monkeypatch):
-    """Liver, lesion and mining stage as `lits run` starts them; the mined base is the lesion stage's network, so a
-    mining stage without the chain's variant fails here as on LiTS (MaskMining refuses another block or se)."""
+    """Liver, lesion and both mining stages as `lits run` starts them; the mined bases are the liver and lesion stages'
+    networks, so a mining stage without the chain's variant fails here as on LiTS (MaskMining refuses another block or
+    se)."""
     from experiments.commands.cli import LitsCLI
     from lightning_modules import MaskMining
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr("sys.argv", ["lits"])  # LightningCLI warns about pytest's own arguments beside args=
     _, stages = load_experiment(ROOT / "experiments" / f"{name}.yaml")
-    assert [s["name"] for s in stages] == ["liver", "lesion", "mine"]
+    assert [s["name"] for s in stages] == ["liver", "lesion", "mine_liver", "mine"]
     # narrow networks: the variant is in the layers' kinds, not their width
     overrides = ["--model.init_args.base_channels=4", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
                  "--trainer.accelerator=cpu", "--trainer.devices=1"]
@@ -71,9 +72,9 @@ def test_every_stage_of_a_variant_chain_builds_its_variant(name, tmp_path, monke
     assert isinstance(module, MaskMining) and module.hparams.loss == "dice" and module.model.error_head is not None
 
 
-@pytest.mark.parametrize("name", [n for n in VARIANTS if n != PLAIN])
-def test_a_variant_chain_is_the_plain_chain_with_its_overlays_stacked_on_every_stage(name):
-    _, plain = load_experiment(ROOT / "experiments" / f"{PLAIN}.yaml")
+@pytest.mark.parametrize("name", [n for n in VARIANTS if n != TABLE1])
+def test_a_variant_chain_is_the_table1_chain_with_its_overlays_stacked_on_every_stage(name):
+    _, plain = load_experiment(ROOT / "experiments" / f"{TABLE1}.yaml")
     _, variant = load_experiment(ROOT / "experiments" / f"{name}.yaml")
     overlays = variant[0]["config"][1:]
     assert overlays and all(c.parent.name == "variants" for c in overlays)
@@ -86,7 +87,9 @@ def test_variant_overlays_set_one_backbone_argument_and_nothing_else():
     overlays = {p.stem: yaml.safe_load(p.read_text()) for p in (ROOT / "experiments" / "variants").glob("*.yaml")}
     assert overlays == {"residual": {"model": {"init_args": {"block": "residual"}}},
                         "dense": {"model": {"init_args": {"block": "dense"}}},
+                        "plain": {"model": {"init_args": {"block": "plain"}}},
                         "se": {"model": {"init_args": {"se": True}}},
+                        "no_se": {"model": {"init_args": {"se": False}}},
                         "instance_norm": {"model": {"init_args": {"norm": "instance"}}}}
 
 
@@ -94,9 +97,9 @@ def test_the_study_runs_every_variant_chain_for_three_paired_seeds(monkeypatch):
     monkeypatch.chdir(ROOT)
     study = load_study(STUDY)
     assert {path.stem for path in study["models"].values()} == set(VARIANTS)
-    shipped = {p.stem for p in (ROOT / "experiments").glob(f"{PLAIN}_*.yaml")}
+    shipped = {p.stem for p in (ROOT / "experiments").glob(f"{TABLE1}_*.yaml")}
     assert shipped <= set(VARIANTS)  # a new variant file is a row of the study too
-    assert study["models"]["plain"].stem == PLAIN and study["baseline"] == "plain"
+    assert study["models"]["residual + SE"].stem == TABLE1 and study["baseline"] == "residual + SE"
     assert (study["table"], study["inc"], study["seeds"], study["rows"]) == ("lits_liver_lesion", True, [0, 1, 2], {m: m for m in study["models"]})
 
 

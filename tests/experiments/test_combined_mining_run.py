@@ -18,7 +18,7 @@ from tests.synthetic import tiny_experiment
 def test_combined_mining_run_reports_before_and_after_and_predicts(tmp_path):
     combined = tiny_experiment(tmp_path, "CombinedLiverLesion", volumes=4, split=(2, 1, 1), lr=0.003,
                                liver_loss="pwce", seg_loss="pwce_over_dice")
-    combined["data"].update(sampling="liver_roi", target="both", liver_roi={"crop_size": 32})
+    combined["data"].update(sampling="combined", target="both", liver_roi={"crop_size": 32})
     mine = yaml.safe_load(yaml.safe_dump(combined))
     mine["model"] = {"class_path": "lightning_modules.CombinedMaskMining", "init_args": {"loss": "pwce", "lr": 0.001}}
     (tmp_path / "combined.yaml").write_text(yaml.safe_dump(combined))

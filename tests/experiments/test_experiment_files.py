@@ -8,6 +8,7 @@ import yaml
 
 from experiments.commands.stages import load_experiment
 from experiments.commands.study import load_study
+from tests.experiments.test_table1_setup import CASCADES, PAPER_NETWORK, network_variant
 
 ROOT = Path(__file__).parents[2]
 
@@ -28,8 +29,9 @@ def checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpts")
     paths = {}
     modules = (("encoder", EncoderPretraining()), ("unet", BaselineUNet()), ("cmunet", CMUNet()),
-               ("lesion", BaselineUNet(in_channels=5, norm="batch")), ("combined", CombinedLiverLesion(in_channels=5, norm="batch")),
-               ("unet 3d", BaselineUNet(spatial_dims=3, norm="batch")))
+               ("lesion", BaselineUNet(in_channels=5, norm="batch")), ("combined", CombinedLiverLesion(in_channels=5, norm="batch", block="residual", se=True)),
+               ("unet 3d plain se=False", BaselineUNet(spatial_dims=3, norm="batch")),
+               ("unet 3d residual se=True", BaselineUNet(spatial_dims=3, norm="batch", block="residual", se=True)))
     # a cascade's lesion network of each backbone variant (experiments/variants/): mining refuses another block or se
     modules += tuple((f"lesion {block} se={se}", BaselineUNet(in_channels=5, norm="batch", block=block, se=se))
                      for block in ("plain", "residual", "dense") for se in (False, True))
@@ -50,17 +52,18 @@ def model_init_args(configs: list[Path]) -> dict:
 def handover(argument: str, sources, configs: list[Path], checkpoints: dict) -> str:
     """A stand-in for the checkpoint an earlier stage would hand over."""
     init_args = model_init_args(configs)
+    variant = f"{init_args.get('block', 'plain')} se={init_args.get('se', False)}"
     if init_args.get("spatial_dims", 2) == 3:  # the 3D cascade: 3D liver and lesion networks of one input channel
-        return checkpoints["unet 3d"]
+        return checkpoints[f"unet 3d {variant}"]
     if argument.endswith("encoder_checkpoint"):
         return checkpoints["encoder"]
     if argument.endswith("miner_checkpoints"):
         return "[" + ",".join([checkpoints["unet"]] * len(sources)) + "]"
     if any("combined" in c.name for c in configs):
         return checkpoints["combined"]
-    if argument.endswith("base_checkpoint") and any("lesion" in c.name for c in configs):
-        # a cascade's lesion network (2 context slices) of the stage's block and se
-        return checkpoints[f"lesion {init_args.get('block', 'plain')} se={init_args.get('se', False)}"]
+    if argument.endswith("base_checkpoint") and any("lesion" in c.name or "liver" in c.name for c in configs):
+        # a cascade's liver or lesion network (2 context slices) of the stage's block and se
+        return checkpoints[f"lesion {variant}"]
     return checkpoints["cmunet"] if any("cmunet" in c.name for c in configs) else checkpoints["unet"]
 
 
@@ -79,6 +82,9 @@ def test_every_stage_of_every_experiment_builds(path, checkpoints, tmp_path, mon
         args += ["--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu", "--trainer.devices=1"]
         cli = LitsCLI(args=args, run=False)
         assert cli.model.hparams.get("in_channels", 1) == 2 * cli.datamodule.hparams.context_slices + 1, stage["name"]
+        if path in CASCADES:  # Table 1: the paper's network, built as its layers show, 5 input slices in 2D
+            assert network_variant(cli.model.model) == PAPER_NETWORK, stage["name"]
+            assert cli.model.hparams.in_channels == (5 if cli.model.hparams.spatial_dims == 2 else 1), stage["name"]
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from scipy import stats
 
@@ -164,7 +165,8 @@ def test_table1_studies_name_the_table_and_the_dice_rows():
 
 
 def write_mining_cascade(folder):
-    """A tiny 3-stage experiment: liver, lesion (given the liver), mask mining of the lesion network (given both)."""
+    """A tiny 4-stage experiment: liver, lesion (given the liver), mask mining of the liver network, then of the lesion
+    network in the cascade of the mined liver network (given the lesion network and both liver networks)."""
     from tests.synthetic import tiny_experiment
 
     liver = tiny_experiment(folder, volumes=4, split=(2, 1, 1), lr=0.003)
@@ -174,13 +176,18 @@ def write_mining_cascade(folder):
     lesion["data"].update(sampling="liver_roi", target="lesion", liver_roi={"crop_size": 32})
     mine = yaml.safe_load(yaml.safe_dump(lesion))
     mine["model"] = {"class_path": "lightning_modules.MaskMining", "init_args": {"loss": "dice", "lr": 0.001}}
-    for name, config in (("liver", liver), ("lesion", lesion), ("mine", mine)):
+    mine_liver = yaml.safe_load(yaml.safe_dump(liver))
+    mine_liver["model"] = {"class_path": "lightning_modules.MaskMining", "init_args": {"loss": "dice", "lr": 0.01}}
+    mine_liver["trainer"]["limit_val_batches"] = 2  # its own validation is not what the study reads
+    for name, config in (("liver", liver), ("lesion", lesion), ("mine_liver", mine_liver), ("mine", mine)):
         (folder / f"{name}.yaml").write_text(yaml.safe_dump(config))
     (folder / "mm.yaml").write_text(yaml.safe_dump({"name": "mm", "stages": [
         {"name": "liver", "config": "liver.yaml"},
         {"name": "lesion", "config": "lesion.yaml", "weights_from": "liver", "weights_arg": "model.init_args.liver_checkpoint"},
-        {"name": "mine", "config": "mine.yaml",
-         "weights": {"model.init_args.base_checkpoint": "lesion", "model.init_args.liver_checkpoint": "liver"}}]}))
+        {"name": "mine_liver", "config": "mine_liver.yaml", "weights_from": "liver", "weights_arg": "model.init_args.base_checkpoint"},
+        {"name": "mine", "config": "mine.yaml", "weights": {"model.init_args.base_checkpoint": "lesion",
+                                                           "model.init_args.liver_checkpoint": "mine_liver",
+                                                           "model.init_args.base_liver_checkpoint": "liver"}}]}))
 
 
 def test_tiny_table1_study_end_to_end_and_resume(tmp_path, monkeypatch):
@@ -201,14 +208,20 @@ def test_tiny_table1_study_end_to_end_and_resume(tmp_path, monkeypatch):
     assert rows["2D"]["Lesion Dice (test) mean"] == pytest.approx(final["test/before/lesion/dice"])
     assert rows["2D Inc."]["Liver Dice (train) mean"] == pytest.approx(train_eval["test/liver/dice"])
     assert rows["2D"]["Lesion Dice (train) mean"] == pytest.approx(train_eval["test/before/lesion/dice"])
-    # mining a cascade's lesion network: "before" is the base lesion network in the same cascade, exactly the
-    # lesion stage's own figures; one error-type report for the liver and one for lesions
+    # both networks mined: "before" is the cascade as trained (the unmined liver network, the base lesion network),
+    # exactly the lesion stage's own figures; "after" runs the mined liver network, then the mined lesion network
     lesion_stage = json.loads((run / "lesion" / "metrics.json").read_text())
     for key in ("test/lesion/dice", "test/liver/dice", "test/lesion/dice_global", "val/lesion/dice"):
         assert final[key.replace("test/", "test/before/").replace("val/", "val/before/")] == pytest.approx(lesion_stage[key], abs=1e-6)
+    mined_liver = json.loads((run / "mine_liver" / "metrics.json").read_text())["best_checkpoint"]
+    hparams = torch.load(final["best_checkpoint"], map_location="cpu", weights_only=True)["hyper_parameters"]
+    assert hparams["liver_checkpoint"] == mined_liver and hparams["base_liver_checkpoint"].endswith("liver/checkpoints/best.ckpt")
+    # one error-type report for the liver, one for lesions (with per-volume rows), one for both
     for part in ("liver", "lesion"):
         report = list(csv.DictReader(open(run / "mine" / f"test_{part}_error_types.csv")))
         assert report[-1]["volume"] == "total" and int(report[-1]["tp_before"]) == sum(int(r["tp_before"]) for r in report[:-1])
+    rows = (run / "mine" / "test_error_types.md").read_text().splitlines()
+    assert [row.split(" | ")[0] for row in rows[2:]] == ["| liver"] * 3 + ["| lesion"] * 3
     table = (folder / "results.md").read_text()
     assert all(f"Dice ({split})" in table.splitlines()[0] for split in ("train", "val", "test")) and "| 2D Inc. | 1 |" in table
     assert (folder / "lesion_error_types.png").stat().st_size > 5_000 and not (folder / "qualitative.png").exists()

@@ -47,6 +47,7 @@ BEFORE = {
 # * every module chooses the backbone's variant (2D or 3D, block, squeeze-and-excitation); the defaults are the paper's.
 # * every segmentation module sets the 3D evaluation's sliding window (overlap, blending).
 # * every segmentation module chooses the worker processes of its per-volume metrics (null: automatic).
+# * MaskMining names the unmined liver network of a cascade whose liver network was mined too.
 SEG_LOSS = dict(seg_loss="dice", distance_weights=False, distance_w0=10.0, distance_sigma=5.0,
                 liver_checkpoint=None, region_margin=16, region_margin_slices=2, lesion_dilation=8,
                 sw_overlap=0.25, sw_mode="gaussian", metric_workers=None)
@@ -56,7 +57,7 @@ ADDED = {
     PretrainedUNet: dict(**SEG_LOSS, **VARIANT, init_checkpoint=None),
     CMUNet: dict(**SEG_LOSS, **VARIANT),
     EncoderPretraining: VARIANT,
-    MaskMining: dict(**SEG_LOSS, **VARIANT, base_channels=16, norm="instance"),
+    MaskMining: dict(**SEG_LOSS, **VARIANT, base_channels=16, norm="instance", base_liver_checkpoint=None),
 }
 EXPECTED = {cls: {**BEFORE[cls], **ADDED[cls]} for cls in BEFORE}
 # Modules added since: their whole schema.

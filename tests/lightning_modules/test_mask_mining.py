@@ -124,11 +124,29 @@ def test_bad_bases_and_settings_fail_in_one_line(tmp_path, base_ckpt):
         (dict(base_checkpoint=str(tmp_path / "absent.ckpt")), "does not exist"),
         (dict(base_checkpoint=base_ckpt, loss="focal"), "unknown mask-mining loss 'focal'; choose one of: dice, pwce"),
         (dict(base_checkpoint=base_ckpt, cls_weight=0.5), "has no classification head"),
+        (dict(base_checkpoint=base_ckpt, base_liver_checkpoint=base_ckpt), "base_liver_checkpoint is the unmined liver network"),
     ]
     for kwargs, message in cases:
         with pytest.raises(CheckpointError, match=message) as error:
             MaskMining(**kwargs)
         assert "\n" not in str(error.value)
+
+
+def test_the_cascade_before_mining_runs_the_unmined_liver_network(tmp_path, monkeypatch):
+    """Both networks of a cascade mined: after mining the cascade runs the mined liver network (liver_checkpoint),
+    before it the trained one (base_liver_checkpoint) with the base lesion network."""
+    base_ckpt = save(BaselineUNet(**TINY), tmp_path / "liver.ckpt")
+    lesion = save(BaselineUNet(**TINY), tmp_path / "lesion.ckpt", target="lesion")
+    mined_liver = save(MaskMining(base_checkpoint=base_ckpt), tmp_path / "mined_liver.ckpt")
+    module = MaskMining(base_checkpoint=lesion, liver_checkpoint=mined_liver, base_liver_checkpoint=base_ckpt)
+    assert module._liver_network[0].arch.has_error_head and not module._base_liver[0].arch.has_error_head
+    seen = []
+    monkeypatch.setattr(MaskMining, "predict_cascade", lambda self, sample, lesion=None, liver=None: seen.append(liver))
+    module.predict_base_cascade({"image": torch.zeros(3, 16, 16)})
+    assert seen == [module._base_liver[0]] and seen[0].path == base_ckpt
+    without = MaskMining(base_checkpoint=lesion, liver_checkpoint=mined_liver)
+    without.predict_base_cascade({"image": torch.zeros(3, 16, 16)})
+    assert seen[-1] is None  # no unmined liver network named: before and after share the cascade's liver network
 
 
 def attach(module, datamodule):

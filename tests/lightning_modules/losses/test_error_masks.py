@@ -189,8 +189,6 @@ def test_pwce_distance_weights_use_the_weight_map():
     assert loss.item() == pytest.approx(((weights * ce).sum() / weights.sum()).item(), rel=1e-5)
     without_map = PixelWeightedCrossEntropy([1, 2, 3, 4])(logits, errors, target)
     assert loss.item() != pytest.approx(without_map.item(), rel=1e-3)
-    with pytest.raises(ValueError, match="2D"):
-        PixelWeightedCrossEntropy(distance_weights=True)(logits[:, :, None], errors[:, None], target[:, :, None])
 
 
 def test_pwce_3d_without_distance_weights():
