@@ -4,7 +4,7 @@
     lits validate|test --config ... --ckpt_path RUN/checkpoints/best.ckpt
     lits preprocess --data.root DIR [--data.cache_dir DIR]
     lits synth --out DIR [--volumes N --seed S]
-    lits predict MODEL --input PATH --output DIR   (see experiments/commands/predict.py)
+    lits predict MODEL [MODEL ...] --input PATH --output DIR [--tta]   (see experiments/commands/predict.py)
     lits evaluate --pred DIR --truth DIR [--out DIR] [--workers N] [--no-lesions]   (see experiments/commands/evaluate.py)
     lits run experiments/pu_net.yaml [--key=value ...]     (multi-stage, see experiments/commands/stages.py)
     lits study experiments/studies/quickstart.yaml [--key=value ...]   (see experiments/commands/study.py)

@@ -12,6 +12,12 @@ says how it predicts: its ``predictor`` (one network) or its ``cascade_predictor
   and resampled along z to the networks' slice spacing exactly as the 3D cache is, then predicted with the sliding
   window of ``lits test`` (``lightning_modules.inference.cascade_3d``) and mapped back onto the input's own slices.
 
+Several MODELs (``lits predict RUN1 RUN2 ...``) are an ensemble: each network's foreground probabilities are averaged
+over the models, then thresholded once, as nnU-Net ensembles; the models must be of one kind (liver networks, cascades
+or combined models) with the same inputs and settings (``predict_models.check_compatible``). ``--tta`` mirrors each
+input along the in-plane axes (and the slice axis for 3D networks) and averages the predictions flipped back
+(``lightning_modules.inference.ensemble``).
+
 PATH is a NIfTI file or a folder: LiTS ``volume-<id>`` / ``test-volume-<id>`` files (any sub-folder),
 an MSD folder with ``imagesTs/``, or any ``*.nii[.gz]``. Each output has the input's shape, affine and
 orientation (not the canonical one the networks see), uint8, named as LiTS expects:
@@ -29,6 +35,7 @@ on where it stopped (the rules: ``experiments/commands/predict_outputs.py``).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,90 +45,42 @@ import torch
 from tqdm.auto import tqdm
 
 from datamodules.io.preprocess import read_box
-from datamodules.io.atomic import read_state, write_atomically
+from datamodules.io.atomic import write_atomically
 from datamodules.io.nifti import check_finite, open_nifti, read_voxels
 from datamodules.io.preprocess import PreprocessSettings, resize_image, to_display, window
 from datamodules.io.volume3d import interpolate_z, original_positions, resampled_positions
 from datamodules.settings import data_setting
-from datamodules.errors import CheckpointError, ConfigError
-from experiments.commands.predict_outputs import PREDICTION_MARK, Case, check_writable, find_inputs, plan_cases
-from lightning_modules.base import checkpoint_task_class
-from lightning_modules.inference.cascade_2d import CASCADE_DEFAULTS, Predictor, predict_volume
+from datamodules.errors import ConfigError
+from experiments.commands.predict_models import check_compatible, load_member, resolve_model
+from experiments.commands.predict_outputs import PREDICTION_MARK, Case, check_writable, find_inputs, plan_cases, prediction_mark
+from lightning_modules.inference.cascade_2d import CASCADE_DEFAULTS, predict_volume
 from lightning_modules.inference.cascade_3d import predict_volume_3d
-from lightning_modules.networks.checkpoints import BaseArchitecture, read_base_checkpoint, read_checkpoint
-
-
-@dataclass
-class Network:
-    """One trained network rebuilt from its checkpoint, with the data settings it was trained with."""
-
-    path: str
-    task: type  # the task class that saved it (``checkpoint_task_class``): what it predicts and how
-    predictor: Predictor  # its foreground probability on the device (``task.predictor``)
-    arch: BaseArchitecture
-    hparams: dict
-    image_size: int
-    hu_window: tuple[float, float]
-    data: dict  # the data module's hyperparameters it was trained with
-
-
-def load_network(path: str, device: torch.device) -> Network:
-    arch, _ = read_base_checkpoint(path)
-    checkpoint = read_checkpoint(path)
-    data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
-    hparams = dict(checkpoint["hyper_parameters"])
-    task = checkpoint_task_class(checkpoint, path)
-    if arch.out_channels != 1:
-        raise CheckpointError(f"{path} predicts {arch.out_channels} channels (data.target=both); lits predict takes a liver network or a cascade's lesion network")
-    return Network(path, task, task.predictor(path, device), arch, hparams,
-                   int(data.get("image_size", 256)), tuple(float(v) for v in data.get("hu_window", (-100.0, 600.0))), data)
-
-
-def resolve_model(model: str) -> str:
-    """A checkpoint path, or a ``lits run`` / ``lits fit`` folder's best checkpoint."""
-    path = Path(model)
-    if path.is_file():
-        return str(path)
-    if path.is_dir() and (path / "metrics.json").is_file():
-        figures = read_state(path / "metrics.json", "metrics.json") or {}  # an empty or cut file: not finished
-        if isinstance(figures.get("stages"), dict) and figures["stages"]:  # a `lits run` folder: its last stage holds the final network
-            path = path / Path(list(figures["stages"].values())[-1]).name  # recorded paths may be relative to another folder
-            figures = read_state(path / "metrics.json", "metrics.json") or {}
-        for best in (figures.get("best_checkpoint"), path / "checkpoints" / "best.ckpt"):
-            if best and Path(best).is_file():
-                return str(best)
-    raise CheckpointError(f"{model} is neither a checkpoint nor a finished run folder (with metrics.json naming its best checkpoint); pass <run>/checkpoints/best.ckpt or the run folder")
+from lightning_modules.inference.ensemble import mean_cascade, mean_predictor, mirror_axes
 
 
 class CascadePredictor:
-    """The liver network, and the lesion network when MODEL is a cascade's or a combined model: the same
-    inference as ``lits test``."""
+    """The liver network, and the lesion network when MODEL is a cascade's or a combined model: the same inference as
+    ``lits test``. Several MODELs (an ensemble) and ``tta`` (test-time mirroring) average each network's probabilities
+    over the models and the mirror images (``lightning_modules.inference.ensemble``) before the one threshold."""
 
-    def __init__(self, model: str, liver_checkpoint: str | None = None, device: str | None = None, batch_size: int = 16):
+    def __init__(self, model: str | Sequence[str], liver_checkpoint: str | None = None, device: str | None = None,
+                 batch_size: int = 16, tta: bool = False):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        path = resolve_model(model)
-        main = load_network(path, self.device)
-        # a checkpoint that holds the whole cascade (a combined model) predicts with it alone
-        self.cascade = main.task.cascade_predictor(path, self.device)
-        if self.cascade is not None:
-            liver_checkpoint = None
-        liver_path = liver_checkpoint or main.hparams.get("liver_checkpoint")
-        if liver_path:
-            if not Path(liver_path).is_file():
-                raise CheckpointError(f"{main.path} names its liver network {liver_path}, which does not exist; pass --liver_checkpoint=PATH")
-            self.liver, self.lesion = load_network(liver_path, self.device), main
-        elif self.cascade is not None:
-            self.liver, self.lesion = main, main
+        paths = [resolve_model(m) for m in ([model] if isinstance(model, (str, Path)) else model)]
+        self.members = [load_member(path, liver_checkpoint, self.device) for path in paths]
+        check_compatible(self.members)
+        self.mark = prediction_mark(paths, tta, liver_checkpoint)
+        first = self.members[0]  # the ensemble's settings: every member's are the same (check_compatible)
+        self.main, self.liver, self.lesion = first.main, first.liver, first.lesion
+        axes = mirror_axes(self.liver.arch.spatial_dims) if tta else ()
+        self.cascade = self.liver_predict = self.lesion_predict = None
+        if first.cascade is not None:  # a combined model: its networks come from its cascade, per volume
+            self.cascade = mean_cascade([m.cascade for m in self.members], axes)
         else:
-            if main.arch.target == "lesion":
-                raise CheckpointError(f"{main.path} is a lesion network without a liver network; pass --liver_checkpoint=PATH (the cascade's liver stage)")
-            self.liver, self.lesion = main, None
-        if self.lesion is not None and self.lesion.arch.spatial_dims != self.liver.arch.spatial_dims:
-            raise CheckpointError(f"{self.liver.path} is a {self.liver.arch.spatial_dims}D network but the lesion network {main.path} is "
-                                  f"{self.lesion.arch.spatial_dims}D; pass --liver_checkpoint with the liver network of the same cascade")
-        self.main = main
-        self.settings = {k: main.hparams.get(k, v) for k, v in CASCADE_DEFAULTS.items()}
-        self.threshold = float(main.hparams.get("threshold", 0.5))
+            self.liver_predict = mean_predictor([m.liver.predictor for m in self.members], axes)
+            self.lesion_predict = mean_predictor([m.lesion.predictor for m in self.members], axes) if self.lesion else None
+        self.settings = {k: self.main.hparams.get(k, v) for k, v in CASCADE_DEFAULTS.items()}
+        self.threshold = float(self.main.hparams.get("threshold", 0.5))
         self.batch_size = batch_size
 
     @torch.no_grad()
@@ -145,8 +104,8 @@ class CascadePredictor:
             sample = {"image": image, "full_shape": torch.tensor(hu_display.shape)}
             liver, liver_channels, lesion, lesion_channels = self.cascade(sample)
         else:
-            liver, liver_channels = self.liver.predictor, self.liver.arch.in_channels
-            lesion = self.lesion.predictor if self.lesion else None
+            liver, liver_channels = self.liver_predict, self.liver.arch.in_channels
+            lesion = self.lesion_predict
             lesion_channels = self.lesion.arch.in_channels if self.lesion else 1
         return predict_volume(liver, lesion, image, read_image, hu_display.shape, liver_in_channels=liver_channels,
                               lesion_in_channels=lesion_channels, threshold=self.threshold, batch_size=self.batch_size,
@@ -160,9 +119,8 @@ class CascadePredictor:
         target_spacing = float(data.get("slice_spacing_mm", 2.5))
         positions = resampled_positions(len(stack), slice_spacing, target_spacing)
         image = interpolate_z(torch.from_numpy(stack)[None], positions, "linear")[0].float().to(self.device)
-        lesion = self.lesion.predictor if self.lesion else None
         hparams = self.main.hparams
-        return predict_volume_3d(self.liver.predictor, lesion, image, original_positions(len(stack), slice_spacing, target_spacing),
+        return predict_volume_3d(self.liver_predict, self.lesion_predict, image, original_positions(len(stack), slice_spacing, target_spacing),
                                  hu_display.shape, data_setting(data, "volume_3d.crop_size", (64, 128, 128)), float(hparams.get("sw_overlap", 0.25)),
                                  str(hparams.get("sw_mode", "gaussian")), threshold=self.threshold, probabilities=probabilities,
                                  **self.settings)
@@ -194,12 +152,12 @@ def to_input_grid(canonical: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(nib.orientations.apply_orientation(canonical, transform))
 
 
-def save_atomically(array: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
+def save_atomically(array: np.ndarray, reference: nib.Nifti1Image, path: Path, mark: str = PREDICTION_MARK) -> None:
     image = nib.Nifti1Image(array, reference.affine)
     image.set_qform(reference.affine, code=int(reference.header["qform_code"]) or 1)
     image.set_sform(reference.affine, code=int(reference.header["sform_code"]) or 1)
     image.header.set_xyzt_units(*reference.header.get_xyzt_units())
-    image.header["descrip"] = PREDICTION_MARK  # what tells a resumed run its own outputs from the user's files
+    image.header["descrip"] = mark  # what tells a resumed run its own outputs from the user's files and other settings'
     write_atomically(path, lambda tmp: nib.save(image, tmp))
 
 
@@ -220,12 +178,13 @@ class Plan:
     first: tuple[nib.Nifti1Image, np.ndarray] | None
 
 
-def plan_prediction(inputs: list[Path], output: Path, probabilities: bool = False, overwrite: bool = False) -> Plan:
+def plan_prediction(inputs: list[Path], output: Path, probabilities: bool = False, overwrite: bool = False,
+                    mark: str = PREDICTION_MARK) -> Plan:
     """Every check before the first output is written (``predict_outputs.plan_cases``, a writable ``output``, and every
     input to predict read whole with finite voxels), so that a bad input ends the command with nothing written rather
     than after the volumes before it. Each input is therefore decoded twice, here and when it is predicted; only the
     first one's voxels are kept, since a folder of CTs does not fit in memory."""
-    cases = plan_cases(inputs, output, probabilities, overwrite)
+    cases = plan_cases(inputs, output, probabilities, overwrite, mark)
     check_writable(output)
     todo = [case for case in cases if case.outputs]
     first = read_checked(todo[0].input) if todo else None
@@ -245,7 +204,7 @@ def predict_cases(predictor: CascadePredictor, plan: Plan) -> list[Path]:
                            slice_spacing=canonical_slice_spacing(reference))
         for key, path in case.outputs.items():
             grid = to_input_grid(from_display(result[key]), reference.affine)
-            save_atomically(grid if key == "labels" else grid.astype(np.float32), reference, path)
+            save_atomically(grid if key == "labels" else grid.astype(np.float32), reference, path, predictor.mark)
             written.append(path)
     return written
 
@@ -253,7 +212,7 @@ def predict_cases(predictor: CascadePredictor, plan: Plan) -> list[Path]:
 def predict_files(predictor: CascadePredictor, inputs: list[Path], output: Path, probabilities: bool = False,
                   overwrite: bool = False) -> list[Path]:
     """``plan_prediction`` then ``predict_cases``: the whole of ``lits predict`` for a predictor already built."""
-    return predict_cases(predictor, plan_prediction(inputs, output, probabilities, overwrite))
+    return predict_cases(predictor, plan_prediction(inputs, output, probabilities, overwrite, predictor.mark))
 
 
 def check_device(name: str | None) -> None:
@@ -273,7 +232,7 @@ def check_device(name: str | None) -> None:
 
 def predict_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="lits predict", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="a checkpoint (.ckpt) or a lits run / lits fit folder")
+    parser.add_argument("model", nargs="+", help="a checkpoint (.ckpt) or a lits run / lits fit folder; several: an ensemble")
     parser.add_argument("--input", required=True, help="a NIfTI file or a folder (LiTS, MSD imagesTs/, any *.nii[.gz])")
     parser.add_argument("--output", required=True, help="folder for the label maps (cases already predicted there are skipped)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input or its ground truth)")
@@ -281,16 +240,24 @@ def predict_main(argv: list[str]) -> None:
     parser.add_argument("--probabilities", action="store_true", help="also write float32 probability maps")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--batch_size", type=int, default=16, help="slices per forward pass")
+    parser.add_argument("--tta", action="store_true", help="test-time mirroring: average over the flips of the in-plane axes (and slices in 3D)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise ConfigError(f"--batch_size {args.batch_size}: pass at least 1 slice per forward pass")
     check_device(args.device)
     output = Path(args.output)
-    plan = plan_prediction(find_inputs(args.input, skip=output), output, args.probabilities, args.overwrite)
+    paths = [resolve_model(model) for model in args.model]
+    resolved = [Path(path).resolve() for path in paths]
+    for model, path in zip(args.model, resolved):
+        if resolved.count(path) > 1:
+            raise ConfigError(f"{model} is given twice (checkpoint {path}); an ensemble averages different models: name each once")
+    mark = prediction_mark(paths, args.tta, args.liver_checkpoint)
+    plan = plan_prediction(find_inputs(args.input, skip=output), output, args.probabilities, args.overwrite, mark)
     if not plan.cases:
         print(f"nothing to predict: every case already has its outputs in {output}")
         return
-    predictor = CascadePredictor(args.model, args.liver_checkpoint, args.device, args.batch_size)
+    predictor = CascadePredictor(paths, args.liver_checkpoint, args.device, args.batch_size, args.tta)
     written = predict_cases(predictor, plan)
     kind = "liver and lesion (0/1/2)" if predictor.lesion else "liver (0/1)"
-    print(f"predicted {len(plan.cases)} case(s), {kind}: wrote {len(written)} file(s) to {output}")
+    how = (f", mean of {len(paths)} models" if len(paths) > 1 else "") + (", mirrored" if args.tta else "")
+    print(f"predicted {len(plan.cases)} case(s), {kind}{how}: wrote {len(written)} file(s) to {output}")

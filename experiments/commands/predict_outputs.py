@@ -8,17 +8,21 @@ Checked before any voxel is predicted; each violation is one ``DataError`` namin
   ``--overwrite``. Files are compared by resolved folder and name without suffix, so ``segmentation-3.nii`` is
   refused beside a truth ``segmentation-3.nii.gz`` too (it would make the truth's id ambiguous);
 * an existing output is never replaced without ``--overwrite``. One that is a complete prediction of its input (a
-  NIfTI that nibabel reads whole, of the input's shape, marked as lits predict's: ``PREDICTION_MARK`` in the
-  header's ``descrip``) was written by an earlier run that stopped part way (outputs are written atomically, so a
-  final name is whole): its case is skipped, and the prediction goes on where it stopped. Anything else under an
-  output's name is refused, a ground truth of the same shape (a truth folder given as ``--output``) included;
+  NIfTI that nibabel reads whole, of the input's shape, marked in the header's ``descrip`` as lits predict's with the
+  same models and test-time mirroring: ``prediction_mark``) was written by an earlier run that stopped part way
+  (outputs are written atomically, so a final name is whole): its case is skipped, and the prediction goes on where
+  it stopped. Anything else under an output's name is refused: a ground truth of the same shape (a truth folder given
+  as ``--output``), and a prediction made with other models or without ``--tta`` (or with it), which a resumed run
+  would otherwise mix with its own;
 * the suite's temporary files (``.tmp-*``, ``datamodules.io.atomic``), which a killed run leaves, are never inputs,
   nor is anything in the output folder when that lies inside the input folder (``--output <input>/predictions``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +33,7 @@ from datamodules.io.nifti import NIFTI_SUFFIXES, open_nifti, read_voxels
 LITS_NAMES = (("test-volume-", "test-segmentation-"), ("volume-", "segmentation-"))  # longest first
 MSD_FOLDERS = {"imagesTs": "labelsTs", "imagesTr": "labelsTr"}
 PROBABILITIES = ("liver_probability", "lesion_probability")
-PREDICTION_MARK = "lits-suite: lits predict"  # the NIfTI header's descrip of every file lits predict writes
+PREDICTION_MARK = "lits-suite: lits predict"  # the start of the NIfTI header's descrip of every file lits predict writes
 
 
 @dataclass
@@ -112,8 +116,27 @@ def protected_files(inputs: list[Path], output: Path) -> dict[tuple[Path, str], 
     return {_key(q): p for p in files for q in (p, p.resolve())}  # a link's target too: a rename would not spare it
 
 
-def incomplete(path: Path, shape: tuple[int, ...]) -> str | None:
-    """Why ``path`` is not a complete prediction of an input of ``shape``; None when it is."""
+def file_digest(path: str | Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prediction_mark(checkpoints: Sequence[str | Path], tta: bool = False, liver_checkpoint: str | Path | None = None) -> str:
+    """The ``descrip`` of the files a prediction writes: ``PREDICTION_MARK``, how many models, whether mirrored, and a
+    digest of the checkpoints' contents (in any order: an ensemble's mean does not depend on it; the liver network
+    given by ``--liver_checkpoint`` included), so that a resumed run tells its own outputs from another setting's.
+    At most 80 characters, the field's size."""
+    members = sorted(file_digest(path) for path in checkpoints)
+    liver = file_digest(liver_checkpoint) if liver_checkpoint and Path(liver_checkpoint).is_file() else str(liver_checkpoint)
+    digest = hashlib.sha1("\n".join([*members, liver]).encode()).hexdigest()[:12]
+    return f"{PREDICTION_MARK} {len(members)} model{'s' if len(members) > 1 else ''}{' tta' if tta else ''} #{digest}"
+
+
+def incomplete(path: Path, shape: tuple[int, ...], mark: str = PREDICTION_MARK) -> str | None:
+    """Why ``path`` is not a complete prediction of an input of ``shape`` marked ``mark``; None when it is."""
     try:
         image = open_nifti(path)
         read_voxels(image, path)
@@ -121,15 +144,19 @@ def incomplete(path: Path, shape: tuple[int, ...]) -> str | None:
         return "not a readable NIfTI"
     if image.shape != shape:
         return f"shape {image.shape}, not the input's {shape}"
-    if image.header["descrip"].item().decode(errors="replace") != PREDICTION_MARK:
+    found = image.header["descrip"].item().decode(errors="replace")
+    if not found.startswith(PREDICTION_MARK):
         return "not written by lits predict"
+    if found != mark:
+        return f"predicted with other models or mirroring: {found!r}, this run {mark!r}"
     return None
 
 
-def plan_cases(inputs: list[Path], output: Path, probabilities: bool = False, overwrite: bool = False) -> list[Case]:
+def plan_cases(inputs: list[Path], output: Path, probabilities: bool = False, overwrite: bool = False,
+               mark: str = PREDICTION_MARK) -> list[Case]:
     """Every input's case, with the outputs still to write; DataError (nothing written) for an output that would land
     on an input or its truth, two inputs with one output name, an unreadable input header, or an existing output
-    that is not a complete prediction while ``overwrite`` is off."""
+    that is not a complete prediction marked ``mark`` (``prediction_mark``) while ``overwrite`` is off."""
     names = [output_name(p) for p in inputs]
     if len(set(names)) != len(names):
         raise DataError(f"--input {inputs[0].parent}: several inputs map to the same output name; predict them into separate folders")
@@ -144,9 +171,9 @@ def plan_cases(inputs: list[Path], output: Path, probabilities: bool = False, ov
         shape = open_nifti(path).shape
         if not overwrite:
             for target in (t for t in files.values() if t.exists()):
-                reason = incomplete(target, shape)
+                reason = incomplete(target, shape, mark)
                 if reason:
-                    raise DataError(f"{target} exists and is not a prediction of {path.name} ({reason}); pass --overwrite to replace "
+                    raise DataError(f"{target} exists and is not this command's prediction of {path.name} ({reason}); pass --overwrite to replace "
                                     "it, or another --output")
             files = {key: target for key, target in files.items() if not target.exists()}
         cases.append(Case(path, shape, files))
