@@ -52,3 +52,13 @@ def tiny_experiment(folder: Path, model: str = "BaselineUNet", volumes: int = 3,
                  "num_workers": 0, "preprocess_workers": 1},
         "trainer": {"max_epochs": max_epochs, "accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False},
     }
+
+
+def fitted_datamodule(root, tmp_path, **options):
+    """A ``LiTSDataModule`` on ``root`` with its cache under ``tmp_path``, prepared and set up for fitting."""
+    from datamodules import LiTSDataModule
+
+    module = LiTSDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), num_workers=0, **options)
+    module.prepare_data()
+    module.setup("fit")
+    return module

@@ -11,15 +11,13 @@ from datamodules.datasets.combined_slices import CombinedSliceDataset, draw_affi
 from datamodules.datasets.liver_region import VolumeDataset
 from datamodules.errors import ConfigError
 from datamodules.settings import Augmentation, LiverRoi
+from tests.synthetic import fitted_datamodule
 
 
 def make(root, tmp_path, **kwargs):
-    options = dict(root=str(root), cache_dir=str(tmp_path / "cache"), split=[3, 1, 2], image_size=16, batch_size=4, num_workers=0,
-                   target="both", sampling="combined", liver_roi=LiverRoi(crop_size=16, crop_margin=0), augmentation=Augmentation(enabled=False))
-    datamodule = LiTSDataModule(**(options | kwargs))
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    return datamodule
+    options = dict(split=[3, 1, 2], image_size=16, batch_size=4, target="both", sampling="combined",
+                   liver_roi=LiverRoi(crop_size=16, crop_margin=0), augmentation=Augmentation(enabled=False))
+    return fitted_datamodule(root, tmp_path, **(options | kwargs))
 
 
 def test_the_liver_network_trains_on_every_whole_slice_at_the_evaluations_scale(tiny_lits, tmp_path):

@@ -10,17 +10,15 @@ import yaml
 
 from datamodules import LiTSDataModule
 from datamodules.errors import ConfigError
+from tests.synthetic import fitted_datamodule
 
 ROOT = Path(__file__).parents[3]
 
 
 def datamodule(root, tmp_path, **kwargs) -> LiTSDataModule:
-    options = dict(root=str(root), cache_dir=str(tmp_path / "cache"), split=[4, 1, 1], image_size=32, batch_size=12,
-                   num_workers=0, context_slices=1, augmentation={"enabled": False}, preprocess_workers=1)
-    module = LiTSDataModule(**(options | kwargs))
-    module.prepare_data()
-    module.setup("fit")
-    return module
+    options = dict(split=[4, 1, 1], image_size=32, batch_size=12, context_slices=1, augmentation={"enabled": False},
+                   preprocess_workers=1)
+    return fitted_datamodule(root, tmp_path, **(options | kwargs))
 
 
 def test_training_samples_random_crops_while_evaluation_sees_whole_slices(tiny_lits, tmp_path):
