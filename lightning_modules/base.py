@@ -135,8 +135,12 @@ class BaseTask(pl.LightningModule):
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.model(image)
 
+    def training_outputs(self, batch: dict) -> dict:
+        """What ``compute_losses`` scores in training; a task whose networks see more than the image overrides it."""
+        return self(batch["image"])
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        losses = self.compute_losses(self(batch["image"]), batch)
+        losses = self.compute_losses(self.training_outputs(batch), batch)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=losses_in_progress_bar(self.device),
                       batch_size=len(batch["image"]))
         return losses["loss"]

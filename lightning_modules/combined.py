@@ -21,7 +21,6 @@ import torch
 
 from datamodules import DataError
 from datamodules.errors import CheckpointError
-from lightning_modules.base import losses_in_progress_bar
 from lightning_modules.inference.cascade_2d import Predictor
 from lightning_modules.inference.liver_guided import LiverGuided, crop_probability
 from lightning_modules.losses.segmentation import SEG_LOSSES, build_segmentation_loss
@@ -78,12 +77,10 @@ class CombinedLiverLesion(SegmentationTask):
         guide = crop_probability(self.foreground_probability(liver)[valid], batch["crop_origin"][valid], batch["full_size"][valid], crops.shape[-1])
         return self.model(torch.cat([crops, guide.to(crops.dtype)], dim=1))
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_outputs(self, batch: dict) -> dict[str, dict[str, torch.Tensor]]:
+        """The liver network on the whole slices, the lesion network on the crops fed its probability."""
         liver = self(batch["image"])
-        losses = self.compute_losses({"liver": liver, "lesion": self.lesion_outputs(batch, liver)}, batch)
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=losses_in_progress_bar(self.device),
-                      batch_size=len(batch["image"]))
-        return losses["loss"]
+        return {"liver": liver, "lesion": self.lesion_outputs(batch, liver)}
 
     def compute_losses(self, outputs: dict[str, dict[str, torch.Tensor]], batch: dict) -> dict[str, torch.Tensor]:
         """Liver loss on the whole slices; lesion loss on the valid crops (0 for a batch without one)."""
