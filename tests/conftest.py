@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -28,3 +29,16 @@ def tiny_lits(tmp_path) -> Path:
     for i in range(6):
         write_pair(root, str(i), *tiny_volume(i))
     return root
+
+
+@functools.cache
+def _starts_processes(path: Path) -> bool:
+    """Whether a test file runs `lits` commands or other processes: the suite's slowest files."""
+    return any(word in path.read_text() for word in ("tests.lits_commands", "subprocess", "torch.distributed.run"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The files that start processes first: under `pytest -n 2 --dist loadfile` each file goes to one worker, and a
+    long file handed out last keeps one worker busy while the other idles (see `--no-loadscope-reorder` in
+    pyproject.toml, which keeps this order instead of xdist's most-tests-first)."""
+    items.sort(key=lambda item: not _starts_processes(Path(item.fspath)))

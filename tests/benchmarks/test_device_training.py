@@ -17,7 +17,7 @@ from benchmarks.device_training import (
 
 @pytest.fixture(scope="module")
 def rows():
-    return bench_training("cpu", batch_sizes=(2, 3), size=32, steps=2, warmup=1, compile_modes=(False,),
+    return bench_training("cpu", batch_sizes=(2, 3), size=32, steps=1, warmup=1, compile_modes=(False,),
                          precisions=("32-true", "bf16-mixed"))
 
 

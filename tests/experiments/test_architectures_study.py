@@ -63,7 +63,9 @@ def test_every_stage_of_a_variant_chain_builds_its_variant(name, tmp_path, monke
     for stage in stages:
         command = stage_command(stage, tmp_path / stage["name"], tmp_path, overrides, handed_over)
         assert command[0] == "fit"
-        module = LitsCLI(args=command[1:], run=False).model
+        cli = LitsCLI(args=command[1:], run=False)
+        module = cli.model
+        assert module.hparams.in_channels == 2 * cli.datamodule.hparams.context_slices + 1 == 5, stage["name"]
         assert built_variant(module.model) == VARIANTS[name], stage["name"]
         assert (module.hparams.block, module.hparams.se, module.hparams.norm) == VARIANTS[name], stage["name"]
         path = tmp_path / f"{stage['name']}.ckpt"

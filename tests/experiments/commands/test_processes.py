@@ -48,7 +48,9 @@ def test_a_forked_call_leaves_with_its_exit_code_and_a_one_line_error(tmp_path, 
 def test_forked_commands_leave_no_semaphore_for_the_resource_tracker_to_report(tmp_path):
     # tqdm's progress bar creates a multiprocessing lock in the child; the child's exit must unregister it, or the
     # parent's resource tracker prints "There appear to be 1 leaked semaphore objects" when the parent ends
-    script = (f"from experiments.commands import processes\nimport os\nif __name__ == '__main__':\n"
+    # (the server preloads only this module: `lits synth` needs no torch, and the lock is the child's own)
+    script = (f"from experiments.commands import processes\nimport os\nprocesses._PRELOAD[:] = ['experiments.commands.processes']\n"
+              f"if __name__ == '__main__':\n"
               f"    assert processes.run_cli(['synth', '--out', {str(tmp_path / 'p')!r}, '--volumes', '1', '--shape', '16', '16', '4'],"
               f" dict(os.environ, LITS_FORK='1')) == 0\n")
     (tmp_path / "parent.py").write_text(script)

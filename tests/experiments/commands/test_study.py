@@ -77,7 +77,8 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
         return result.stdout
 
-    first = study()
+    first = study("--jobs=2")  # two runs side by side; their figures are compared with a run alone below
+    assert first.count(": started") == 4 and first.count(": done") == 4
     folder = tmp_path / "out" / "tiny"
     rows = json.loads((folder / "results.json").read_text())
     assert [row["model"] for row in rows] == ["U-Net", "CMU-Net"] and rows[1]["runs"] == 2
@@ -103,16 +104,14 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     assert "finished earlier, skipped" in capsys.readouterr().out
     assert json.loads((folder / "results.json").read_text()) == rows
 
-    # the U-Net's two seeds side by side (--jobs=2): the same figures as run one by one; one line per run
-    # start and end, each run's console in its run folder
-    (tmp_path / "study_unet.yaml").write_text(yaml.safe_dump({"name": "tiny", "seeds": 2, "models": {"U-Net": "unet.yaml"}}))
-    parallel = study("--jobs=2", root="parallel", file="study_unet.yaml")
-    assert parallel.count(": started") == 2 and parallel.count(": done") == 2
+    # a run alone (seed 1 of the U-Net) gives the figures it gave side by side; each side-by-side run's console is in
+    # its run folder
+    (tmp_path / "study_unet.yaml").write_text(yaml.safe_dump({"name": "tiny", "seeds": [1], "models": {"U-Net": "unet.yaml"}}))
+    study(root="alone", file="study_unet.yaml")
+    side_by_side, alone = (json.loads((tmp_path / root / "tiny" / "U-Net" / "seed_1" / "metrics.json").read_text()) for root in ("out", "alone"))
+    assert {k: v for k, v in side_by_side.items() if k.startswith(("val/", "test/"))} == {k: v for k, v in alone.items() if k.startswith(("val/", "test/"))}
     for seed in (0, 1):
-        one_by_one, side_by_side = (json.loads((tmp_path / root / "tiny" / "U-Net" / f"seed_{seed}" / "metrics.json").read_text())
-                                    for root in ("out", "parallel"))
-        assert {k: v for k, v in side_by_side.items() if k.startswith(("val/", "test/"))} == {k: v for k, v in one_by_one.items() if k.startswith(("val/", "test/"))}
-        assert "Final figures" in (tmp_path / "parallel" / "tiny" / "U-Net" / f"seed_{seed}" / "console.log").read_text()
+        assert "Final figures" in (folder / "U-Net" / f"seed_{seed}" / "console.log").read_text()
 
 
 def test_table_from_a_wandb_sweep(tmp_path, monkeypatch):
