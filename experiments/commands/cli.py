@@ -39,7 +39,7 @@ COMMANDS = {
     "validate": LITS_CLI,
     "test": LITS_CLI,
     "preprocess": LITS_CLI,
-    "synth": "experiments.commands.lightning_cli:synth_main",
+    "synth": "experiments.commands.synth:synth_main",
     "predict": "experiments.commands.predict:predict_main",
     "evaluate": "experiments.commands.evaluate:evaluate_main",
     "run": "experiments.commands.stages:run_main",

@@ -1,13 +1,12 @@
 """The ``lits`` command's training side: LightningCLI over the suite's modules and the LiTS DataModule.
 
-``lits fit|validate|test|preprocess`` (``LitsCLI``) and ``lits synth`` run here; ``experiments/commands/cli.py``
+``lits fit|validate|test|preprocess`` (``LitsCLI``) run here; ``experiments/commands/cli.py``
 is the entry point, which imports this module (torch, Lightning, MONAI, W&B: ~6 s on a 2-core CPU) only for
 these commands.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -250,20 +249,6 @@ class LitsCLI(LightningCLI):
 
     def after_test(self) -> None:
         self._write_metrics(dict(self.trainer.callback_metrics), checkpoint=self._get(self.config, "ckpt_path"))
-
-
-def synth_main(argv: list[str]) -> None:
-    from datamodules.io.phantom import write_phantom_dataset
-
-    parser = argparse.ArgumentParser(prog="lits synth", description="Write the synthetic LiTS-like phantom dataset (LiTS layout).")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--volumes", type=int, default=17, help="number of volumes (default 17, CMU-Net's 10/2/5 split)")
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
-    parser.add_argument("--shape", type=int, nargs=3, default=(192, 192, 48), metavar=("X", "Y", "Z"), help="voxels per volume")
-    parser.add_argument("--spacing", type=float, nargs=3, default=(2.0, 2.0, 5.0), metavar=("SX", "SY", "SZ"), help="voxel spacing in mm")
-    args = parser.parse_args(argv)
-    paths = write_phantom_dataset(args.out, args.volumes, args.seed, tuple(args.shape), tuple(args.spacing), progress=True)
-    print(f"wrote {len(paths)} phantom volumes with masks to {args.out}")
 
 
 def lits_cli_main(argv: list[str]) -> None:

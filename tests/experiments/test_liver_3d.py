@@ -53,7 +53,7 @@ def fitted(workspace):
     run = workspace / "runs" / "fit3d"
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(workspace)
-        patch.setenv("WANDB_MODE", "offline")
+        patch.setenv("WANDB_MODE", "disabled")  # W&B offline is exercised in test_cli.py
         code, _ = lits_main("fit", "--config", "tiny3d.yaml", f"--run_dir={run}")
     assert code == 0
     return run
@@ -91,7 +91,7 @@ def _one_error(code: int, stderr: str) -> str:
 )
 def test_inconsistent_3d_settings_are_one_line_errors(workspace, monkeypatch, capsys, args, message):
     monkeypatch.chdir(workspace)
-    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # W&B offline is exercised in test_cli.py
     line = _one_error(*lits_main("fit", "--config", "tiny3d.yaml", f"--run_dir={workspace / 'runs' / 'bad'}", *args, capsys=capsys))
     assert message in line, line
     assert not list((workspace / "runs" / "bad").rglob("*.ckpt"))
@@ -103,7 +103,7 @@ def test_volumes_thinner_than_the_crop_train_padded(workspace, monkeypatch):
     import nibabel as nib
 
     monkeypatch.chdir(workspace)
-    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # W&B offline is exercised in test_cli.py
     run = workspace / "runs" / "thin3d"
     code, _ = lits_main("fit", "--config", "tiny3d.yaml", f"--run_dir={run}", "--data.volume_3d.crop_size=[64,32,32]",
                         "--trainer.limit_train_batches=1", "--model.init_args.num_overlays=0")
@@ -124,7 +124,7 @@ def test_3d_test_under_ddp_matches_one_process(fitted, workspace):
     figures equal the fit's one-process test of the same checkpoint (3 test volumes: rank 1 gets a padded repeat)."""
     fit = json.loads((fitted / "metrics.json").read_text())
     result = lits("test", "--config", "tiny3d.yaml", f"--ckpt_path={fit['best_checkpoint']}", f"--run_dir={workspace / 'runs' / 'ddp3d'}",
-                  "--trainer.devices=2", "--trainer.strategy=ddp_fork", "--trainer.accelerator=cpu", cwd=workspace, env={"WANDB_MODE": "offline"})  # ddp_fork: the other rank forked, not a new interpreter; the launch itself is tested in test_stages.py
+                  "--trainer.devices=2", "--trainer.strategy=ddp_fork", "--trainer.accelerator=cpu", cwd=workspace, env={"WANDB_MODE": "disabled"})  # ddp_fork: the other rank forked, not a new interpreter; the launch itself is tested in test_stages.py
     assert result.returncode == 0, result.stderr[-5000:]
     ddp = json.loads((workspace / "runs" / "ddp3d" / "metrics.json").read_text())
     assert ddp["world_size"] == 2

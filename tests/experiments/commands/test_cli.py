@@ -151,11 +151,11 @@ def test_the_console_script_import_does_not_import_lightning():
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
 
 
-def test_run_study_and_sweep_orchestrate_without_torch_lightning_monai_or_wandb():
+def test_run_study_sweep_and_synth_import_neither_torch_lightning_monai_nor_wandb():
     # `lits run`, `study` and `sweep` only read YAML and start processes: their process imports none of the heavy
-    # libraries (the fork server that starts their stages does, once)
+    # libraries (the fork server that starts their stages does, once); `lits synth` writes NIfTI files with numpy
     code = ("import sys; from experiments.commands.cli import COMMANDS, command_function\n"
-            "for name in ('run', 'study', 'sweep'): command_function(COMMANDS[name])\n"
+            "for name in ('run', 'study', 'sweep', 'synth'): command_function(COMMANDS[name])\n"
             "print(sorted(m for m in ('torch', 'pytorch_lightning', 'monai', 'wandb', 'experiments.commands.lightning_cli') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[3])
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
