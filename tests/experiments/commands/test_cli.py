@@ -174,3 +174,17 @@ def test_bad_names_and_batch_sizes_are_one_line_and_write_nothing_outside(tmp_pa
     lines = [line for line in stderr.splitlines() if line.startswith("lits: error:")]
     assert code == 2 and len(lines) == 1 and message in lines[0], stderr[-2000:]
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if "runs" not in p.parts) in ([], ["a"])
+
+
+def test_help_lists_every_subcommand_and_a_subcommand_gets_its_whole_parser(capsys):
+    from experiments.commands.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in ("fit", "validate", "test", "preprocess"))
+    for name in ("fit", "test"):  # only the subcommand asked for builds the Trainer's, model's and data's arguments
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        help_text = capsys.readouterr().out
+        assert f"[options] {name} " in help_text and "--trainer.max_epochs" in help_text and "--data.batch_size" in help_text
